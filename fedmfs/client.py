@@ -1,0 +1,305 @@
+"""One client of FedMFS on the training side: local training, Stage #1 fusion + Shapley, selection,
+Stage #2 personalised fusion, evaluation. Pure computation: no sockets, threads or clocks, so the
+in-process engine and the MQTT edge daemon drive the very same object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmfs.data.format import ClientData
+from fedmfs.errors import ConfigError
+from fedmfs.modality import DatasetSpec
+from fedmfs.models import FusionModel, ModalityModel, numpy_to_state, state_to_numpy
+from fedmfs.payload import Codec, ModelHeader, encode_model, encoded_size
+from fedmfs.selection import SelectionInput, Selector
+
+__all__ = ["TrainConfig", "LocalUpdate", "Choice", "LocalClient", "seed_for"]
+
+State = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    """Local training and scoring settings (paper defaults where the paper gives one)."""
+
+    epochs: int = 5
+    lr: float = 0.1
+    batch_size: int = 32
+    fusion_hidden: int = 64
+    fusion_steps: int = 200
+    fusion_lr: float = 0.01
+    shapley_samples: int = 50
+    value_kind: str = "prob"  # "prob" (paper) or "loglik"
+    hard_labels: bool = False  # the paper feeds one-hot predicted labels to the fusion model
+    # "onnx": the ONNX Runtime engine (the device's path); "numpy": the reference. Hard labels use numpy.
+    shapley_backend: str = "onnx"
+    codec: str = "fp32"
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.value_kind not in ("prob", "loglik"):
+            raise ConfigError(f"value_kind must be 'prob' or 'loglik', got {self.value_kind!r}")
+        if self.shapley_backend not in ("onnx", "numpy"):
+            raise ConfigError(f"shapley_backend must be 'onnx' or 'numpy', got {self.shapley_backend!r}")
+        Codec(self.codec)
+        for k in ("epochs", "batch_size", "fusion_hidden", "fusion_steps", "shapley_samples", "threads"):
+            if getattr(self, k) <= 0 and not (k == "epochs" and getattr(self, k) == 0):
+                raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")
+
+
+@dataclass(slots=True)
+class LocalUpdate:
+    """What a client produced in one round, before choosing what to upload."""
+
+    round_index: int
+    states: dict[str, State]
+    sizes: dict[str, int]
+    shapley: dict[str, float]
+    samples: int
+    stage1_accuracy: float
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    modalities: tuple[str, ...]
+    priorities: dict[str, float]
+
+
+def seed_for(*parts: int) -> int:
+    """A 32-bit seed derived from integers (stable across runs and processes)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _to_probs(logp: torch.Tensor, hard: bool) -> torch.Tensor:
+    if hard:
+        return nn.functional.one_hot(logp.argmax(-1), logp.shape[-1]).float()
+    return logp.exp()
+
+
+@dataclass
+class _History:
+    last_upload: dict[str, int] = field(default_factory=dict)
+
+
+class LocalClient:
+    """A device's models and data. ``index`` seeds its randomness together with the run seed."""
+
+    def __init__(self, spec: DatasetSpec, data: ClientData, config: TrainConfig, seed: int, index: int = 0):
+        self.spec = spec
+        self.data = data
+        self.config = config
+        self.seed = seed
+        self.index = index
+        self.present = [m for m in spec.names if m in data.x]
+        self.mask = np.array([m in data.x for m in spec.names], dtype=bool)
+        torch.manual_seed(seed_for(seed, index, 0xA11))
+        self.models: dict[str, ModalityModel] = {m: ModalityModel(spec[m], spec.num_classes) for m in self.present}
+        self.fusion: FusionModel | None = None
+        self.history = _History()
+        self.xtr, self.ytr = data.split(True)
+        self.xte, self.yte = data.split(False)
+
+    # -- local training ---------------------------------------------------------------------------
+    def _train_modality(self, m: str, round_index: int) -> None:
+        cfg = self.config
+        model = self.models[m]
+        x = torch.from_numpy(self.xtr[m])
+        y = torch.from_numpy(self.ytr)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, self.spec.index(m)))
+        loss_fn = nn.NLLLoss()
+        model.train()
+        for _ in range(cfg.epochs):
+            order = rng.permutation(len(y))
+            for i in range(0, len(order), cfg.batch_size):
+                b = torch.from_numpy(order[i:i + cfg.batch_size])
+                opt.zero_grad()
+                loss_fn(model(x[b]), y[b]).backward()
+                opt.step()
+        model.eval()
+
+    def _probs(self, models: dict[str, nn.Module], x: dict[str, np.ndarray]) -> np.ndarray:
+        """(N, M, C) modality outputs as fusion inputs (zeros for absent modalities)."""
+        n = len(next(iter(x.values())))
+        out = np.zeros((n, len(self.spec.names), self.spec.num_classes), np.float32)
+        with torch.no_grad():
+            for m in self.present:
+                p = _to_probs(models[m](torch.from_numpy(x[m])), self.config.hard_labels)
+                out[:, self.spec.index(m)] = p.numpy()
+        return out
+
+    def _fit_fusion(self, probs: np.ndarray, y: np.ndarray, tag: int) -> FusionModel:
+        cfg = self.config
+        torch.manual_seed(seed_for(self.seed, self.index, tag))
+        f = FusionModel(len(self.spec.names), self.spec.num_classes, cfg.fusion_hidden)
+        opt = torch.optim.Adam(f.parameters(), lr=cfg.fusion_lr)
+        p = torch.from_numpy(probs)
+        mk = torch.from_numpy(np.broadcast_to(self.mask.astype(np.float32), probs.shape[:2]).copy())
+        yt = torch.from_numpy(y)
+        loss_fn = nn.NLLLoss()
+        f.train()
+        for _ in range(cfg.fusion_steps):
+            opt.zero_grad()
+            loss_fn(f(p, mk), yt).backward()
+            opt.step()
+        f.eval()
+        return f
+
+    def _fusion_accuracy(self, f: FusionModel, probs: np.ndarray, y: np.ndarray) -> float:
+        mk = torch.from_numpy(np.broadcast_to(self.mask.astype(np.float32), probs.shape[:2]).copy())
+        with torch.no_grad():
+            pred = f(torch.from_numpy(probs), mk).argmax(-1).numpy()
+        return float((pred == y).mean()) if len(y) else 0.0
+
+    def _shapley(self, f: FusionModel, probs: np.ndarray, round_index: int) -> np.ndarray:
+        """Per-modality impact (M,) on a subsample of the training set, background = the same rows."""
+        cfg = self.config
+        rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, 0x5A))
+        n = len(self.ytr)
+        idx = np.sort(rng.choice(n, size=min(cfg.shapley_samples, n), replace=False))
+        if cfg.shapley_backend == "onnx" and not cfg.hard_labels:
+            from fedmfs.export.builder import model_set_runtime
+
+            rt = model_set_runtime(
+                self.spec,
+                {m: state_to_numpy(self.models[m]) for m in self.present},
+                state_to_numpy(f), cfg.fusion_hidden, threads=cfg.threads,
+            )
+            xs = {m: self.xtr[m][idx] for m in self.present}
+            res = rt.shapley(xs, xs, kind=cfg.value_kind, y=self.ytr[idx], method="exact")
+            return np.asarray(res.scores, dtype=np.float64)
+        from fedmfs.shapley import exact_shapley, modality_scores
+
+        def fusion_fn(z: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return f(torch.from_numpy(np.ascontiguousarray(z, np.float32)),
+                         torch.from_numpy(np.ascontiguousarray(mask, np.float32))).exp().numpy()
+
+        sub = probs[idx]
+        phi = exact_shapley(fusion_fn, sub, sub, self.mask, cfg.value_kind, self.ytr[idx])
+        return modality_scores(phi)
+
+    def local_round(self, round_index: int, globals: dict[str, State]) -> LocalUpdate:
+        """Train every modality model from the current globals, fit Stage #1 fusion, score modalities."""
+        for m in self.present:
+            if m in globals:
+                numpy_to_state(self.models[m], globals[m])
+            self._train_modality(m, round_index)
+        probs = self._probs(self.models, self.xtr)
+        f1 = self._fit_fusion(probs, self.ytr, seed_for(round_index, 1))
+        scores = self._shapley(f1, probs, round_index)
+        states = {m: state_to_numpy(self.models[m]) for m in self.present}
+        return LocalUpdate(
+            round_index=round_index,
+            states=states,
+            sizes={m: encoded_size(states[m], self.config.codec, m) for m in self.present},
+            shapley={m: float(scores[self.spec.index(m)]) for m in self.present},
+            samples=self.data.n_train,
+            stage1_accuracy=self._fusion_accuracy(f1, probs, self.ytr),
+        )
+
+    # -- selection and upload --------------------------------------------------------------------
+    def choose(self, update: LocalUpdate, selector: Selector, gamma: int, cap_bytes: int | None,
+               round_index: int) -> Choice:
+        mods = tuple(self.present)
+        since = np.array([round_index - self.history.last_upload.get(m, -1) for m in mods], dtype=np.float64)
+        inp = SelectionInput(
+            modalities=mods,
+            shapley=np.array([update.shapley[m] for m in mods]),
+            sizes=np.array([update.sizes[m] for m in mods]),
+            rounds_since_upload=since,
+            round_index=round_index,
+            gamma=gamma,
+            cap_bytes=cap_bytes,
+        )
+        rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, 0x5E1))
+        chosen, prio = selector.select(inp, rng)
+        return Choice(tuple(chosen), {m: float(p) for m, p in zip(mods, prio)})
+
+    def mark_uploaded(self, modalities, round_index: int) -> None:
+        for m in modalities:
+            self.history.last_upload[m] = round_index
+
+    def payload(self, update: LocalUpdate, modality: str, round_index: int) -> bytes:
+        return encode_model(update.states[modality], ModelHeader(
+            round=round_index, modality=modality, samples=update.samples, codec=Codec(self.config.codec)))
+
+    # -- Stage #2 and evaluation ----------------------------------------------------------------
+    def deployed_models(self, globals: dict[str, State]) -> dict[str, nn.Module]:
+        """Global models for every modality that has one; the local model where none exists yet."""
+        out: dict[str, nn.Module] = {}
+        for m in self.present:
+            if m in globals:
+                g = ModalityModel(self.spec[m], self.spec.num_classes)
+                numpy_to_state(g, globals[m])
+                g.eval()
+                out[m] = g
+            else:
+                out[m] = self.models[m]
+        return out
+
+    def stage2(self, globals: dict[str, State], round_index: int) -> None:
+        """Deploy the global models and refit the personalised fusion on their predictions."""
+        self.deployed = self.deployed_models(globals)
+        probs = self._probs(self.deployed, self.xtr)
+        self.fusion = self._fit_fusion(probs, self.ytr, seed_for(round_index, 2))
+
+    def evaluate(self) -> float:
+        """Accuracy of the personalised model (deployed modality models + fusion) on the test split."""
+        if self.fusion is None:
+            raise RuntimeError("stage2 has not run yet")
+        probs = self._probs(self.deployed, self.xte)
+        return self._fusion_accuracy(self.fusion, probs, self.yte)
+
+    def personalised_states(self) -> tuple[dict[str, State], State]:
+        """The deployed modality models and fusion model as numpy states (for ONNX export)."""
+        if self.fusion is None:
+            raise RuntimeError("stage2 has not run yet")
+        return {m: state_to_numpy(v) for m, v in self.deployed.items()}, state_to_numpy(self.fusion)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Local models, fusion and history as safetensors + JSON (atomic per file)."""
+        from safetensors.numpy import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        for m in self.present:
+            tmp = d / f".{m}.safetensors.tmp"
+            save_file(state_to_numpy(self.models[m]), str(tmp))
+            os.replace(tmp, d / f"local_{m}.safetensors")
+        if self.fusion is not None:
+            tmp = d / ".fusion.safetensors.tmp"
+            save_file(state_to_numpy(self.fusion), str(tmp))
+            os.replace(tmp, d / "fusion.safetensors")
+        tmp = d / ".client.json.tmp"
+        tmp.write_text(json.dumps({"last_upload": self.history.last_upload, "config": asdict(self.config)}))
+        os.replace(tmp, d / "client.json")
+
+    def restore(self, directory: str | os.PathLike, globals: dict[str, State] | None = None) -> None:
+        """Reload what :meth:`save` wrote (missing files are simply not restored)."""
+        from safetensors.numpy import load_file
+
+        d = Path(directory)
+        for m in self.present:
+            p = d / f"local_{m}.safetensors"
+            if p.exists():
+                numpy_to_state(self.models[m], load_file(str(p)))
+        p = d / "client.json"
+        if p.exists():
+            self.history.last_upload = {k: int(v) for k, v in json.loads(p.read_text())["last_upload"].items()}
+        p = d / "fusion.safetensors"
+        if p.exists():
+            f = FusionModel(len(self.spec.names), self.spec.num_classes, self.config.fusion_hidden)
+            numpy_to_state(f, load_file(str(p)))
+            f.eval()
+            self.fusion = f
+            self.deployed = self.deployed_models(globals or {})

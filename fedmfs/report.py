@@ -1,0 +1,121 @@
+"""The run report: ``report.json``, PNG plots and a short markdown summary.
+
+Headline fields scripts may rely on: ``rounds[i].accuracy`` (mean test accuracy over clients, 0..1)
+and ``rounds[i].upload_bytes`` (bytes uploaded by all clients in round i).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_report", "plot_report", "summary_markdown"]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, out: str | os.PathLike, plots: bool = True) -> Path:
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_text(d / "report.json", json.dumps(report, indent=1, sort_keys=False))
+    if plots:
+        report["plots"] = plot_report(report, d)
+    _atomic_text(d / "summary.md", summary_markdown(report))
+    return d / "report.json"
+
+
+def _modalities(report: dict) -> list[str]:
+    return [m["name"] for m in report["dataset"]["spec"]["modalities"]]
+
+
+def plot_report(report: dict, d: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = report["rounds"]
+    mods = _modalities(report)
+    files = []
+    cum = np.array([r["cumulative_bytes"] for r in rounds]) / 1e6
+    acc = np.array([r["accuracy"] for r in rounds]) * 100
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(cum, acc, marker="o", label=report["config"]["method"])
+    ax.set_xlabel("cumulative upload (MB)")
+    ax.set_ylabel("mean test accuracy over clients (%)")
+    ax.set_title("Accuracy vs communication")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(d / "accuracy_vs_mb.png", dpi=110)
+    plt.close(fig)
+    files.append("accuracy_vs_mb.png")
+
+    if any(r["clients"] for r in rounds):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in mods:
+            vals = []
+            for r in rounds:
+                v = [c["shapley"][m] for c in r["clients"].values() if m in c["shapley"]]
+                vals.append(np.mean(v) if v else np.nan)
+            ax.plot(range(len(rounds)), vals, marker=".", label=m)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean |Shapley| over clients")
+        ax.set_title("Modality impact per round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(d / "shapley_per_round.png", dpi=110)
+        plt.close(fig)
+        files.append("shapley_per_round.png")
+
+    counts = {m: 0 for m in mods}
+    for r in rounds:
+        for u in r["uploads"]:
+            counts[u["modality"]] = counts.get(u["modality"], 0) + 1
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(list(counts), list(counts.values()), color="tab:blue")
+    ax.set_ylabel("uploads over the run")
+    ax.set_title("Uploads per modality")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(d / "uploads_per_modality.png", dpi=110)
+    plt.close(fig)
+    files.append("uploads_per_modality.png")
+    return files
+
+
+def summary_markdown(report: dict) -> str:
+    cfg = report["config"]
+    rounds = report["rounds"]
+    lines = [
+        f"# fedmfs run: {cfg['method']}",
+        "",
+        f"- rounds: {cfg['rounds']}, gamma: {cfg['gamma']}, alphas: {cfg['alphas']}, cap: {cfg['cap_bytes']}, "
+        f"seed: {cfg['seed']}, transport: {report.get('transport', 'inproc')}",
+        f"- clients: {len(report['dataset']['clients'])}, modalities: {', '.join(_modalities(report))}",
+        f"- final mean accuracy: **{report['final_accuracy'] * 100:.2f}%**",
+        f"- total upload: **{report['total_upload_bytes'] / 1e6:.3f} MB** "
+        f"({report['total_upload_bytes'] / max(1, len(rounds)) / 1e6:.3f} MB per round)",
+        "",
+        "| round | accuracy | upload MB | cumulative MB |",
+        "|---|---|---|---|",
+    ]
+    for r in rounds:
+        lines.append(f"| {r['round']} | {r['accuracy'] * 100:.2f}% | {r['upload_bytes'] / 1e6:.4f} | "
+                     f"{r['cumulative_bytes'] / 1e6:.4f} |")
+    counts: dict[str, int] = {}
+    for r in rounds:
+        for u in r["uploads"]:
+            counts[u["modality"]] = counts.get(u["modality"], 0) + 1
+    lines += ["", "Uploads per modality: " + ", ".join(f"{m} {n}" for m, n in sorted(counts.items())), ""]
+    for p in report.get("plots", []):
+        lines.append(f"![{p}]({p})")
+    return "\n".join(lines) + "\n"
