@@ -1,0 +1,85 @@
+"""Priority and selection: hand-computed priorities, knapsack against brute force (hypothesis)."""
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmfs.selection import (AllSelector, Alphas, NoneSelector, PrioritySelector, RandomSelector,
+                              SelectionInput, knapsack, minmax, priority, top_gamma)
+
+
+def test_priority_by_hand():
+    phi = np.array([1.0, 3.0, 2.0])
+    sizes = np.array([100, 300, 500])
+    p = priority(phi, sizes, Alphas(0.2, 0.8))
+    # norm phi = [0, 1, .5]; norm size = [0, .5, 1]
+    np.testing.assert_allclose(p, [0.2 * 0 + 0.8 * 1, 0.2 * 1 + 0.8 * 0.5, 0.2 * 0.5 + 0.8 * 0])
+    pr = priority(phi, sizes, Alphas(0, 0, 1), rounds_since_upload=np.array([1, 4, 2]), round_index=3)
+    np.testing.assert_allclose(pr, [0.25, 1.0, 0.5])
+
+
+def test_minmax_constant_is_zero():
+    assert np.all(minmax(np.array([2.0, 2.0])) == 0)
+
+
+def test_top_gamma_ties_and_bounds():
+    assert top_gamma(np.array([0.5, 0.9, 0.9, 0.1]), 2) == [1, 2]
+    assert top_gamma(np.array([0.5, 0.9]), 5) == [0, 1]
+    assert top_gamma(np.array([0.5, 0.9]), 0) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prio=st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=8),
+    data=st.data(),
+)
+def test_knapsack_equals_brute_force(prio, data):
+    m = len(prio)
+    sizes = data.draw(st.lists(st.integers(1, 1000), min_size=m, max_size=m))
+    cap = data.draw(st.integers(0, 3000))
+    gamma = data.draw(st.one_of(st.none(), st.integers(1, m)))
+    chosen = knapsack(np.array(prio), sizes, cap, gamma)
+    assert sum(sizes[i] for i in chosen) <= cap
+    if gamma is not None:
+        assert len(chosen) <= gamma
+    best = 0.0
+    for k in range(1, (gamma or m) + 1):
+        for s in combinations(range(m), k):
+            if sum(sizes[i] for i in s) <= cap:
+                best = max(best, sum(prio[i] for i in s))
+    assert abs(sum(prio[i] for i in chosen) - best) < 1e-6
+    if any(sz <= cap for sz in sizes):
+        assert chosen, "something fits, so something is chosen"
+
+
+def _inp(cap=None, gamma=1):
+    return SelectionInput(("eye", "emg", "tactile"), np.array([1.0, 5.0, 9.0]), np.array([100, 200, 5000]),
+                          np.ones(3), 0, gamma, cap)
+
+
+def test_selectors():
+    rng = np.random.default_rng(0)
+    # small + informative emg wins with alpha_s = alpha_c = .5: eye .5, emg .5*.5+.5*.98, tactile .5
+    chosen, p = PrioritySelector(Alphas(0.5, 0.5)).select(_inp(), rng)
+    assert chosen == ["emg"]
+    chosen, _ = PrioritySelector(Alphas(1.0, 0.0)).select(_inp(), rng)
+    assert chosen == ["tactile"]
+    chosen, _ = PrioritySelector(Alphas(0.5, 0.5)).select(_inp(cap=1000, gamma=3), rng)
+    assert chosen == ["eye", "emg"]
+    assert AllSelector().select(_inp(), rng)[0] == ["eye", "emg", "tactile"]
+    assert AllSelector().select(_inp(cap=400), rng)[0] == ["eye", "emg"]
+    assert NoneSelector().select(_inp(), rng)[0] == []
+    picks = {tuple(RandomSelector().select(_inp(gamma=1), np.random.default_rng(s))[0]) for s in range(40)}
+    assert picks == {("eye",), ("emg",), ("tactile",)}
+    assert all(len(RandomSelector().select(_inp(cap=150, gamma=2), np.random.default_rng(s))[0]) <= 1
+               for s in range(10))
+
+
+def test_bad_alphas():
+    with pytest.raises(ValueError):
+        Alphas(-1, 1)
+    with pytest.raises(ValueError):
+        Alphas(0, 0, 0)
