@@ -1,0 +1,296 @@
+"""The on-device runtime: ONNX Runtime sessions for the modality models and the fusion model.
+
+Prediction with the personalised fusion model and the Shapley engine, with numpy and onnxruntime
+only: nothing here (nor in the fedmfs modules it imports) pulls in torch, so an inference-only
+device install needs no training stack. ``tests/edge/test_runtime_torchfree.py`` proves it.
+
+Absent modalities: a client lacking modality m passes no ``x[m]``; its probabilities are zeros and
+its mask entry False (the fusion model multiplies them away and sees the mask).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from fedmfs.edge.shapley_engine import (
+    DEFAULT_CHUNK_ELEMENTS, ShapleyMethod, ShapleyResult, engine_shapley, fusion_coalition_fn,
+    graph_coalition_fn,
+)
+from fedmfs.errors import ConfigError, DataError, ManifestError, PayloadError
+from fedmfs.modality import DatasetSpec
+
+__all__ = ["EdgeRuntime", "ShapleyResult", "ShapleyMethod", "ModelSource", "session_options"]
+
+ModelSource = bytes | str | os.PathLike
+_FUSION_IN = ("probs", "mask")
+_FUSION_OUT = "class_probs"
+_COALITION_IN = ("x_probs", "bg_probs", "mask", "coalitions")
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Session options for a small shared device: ``threads`` intra-op threads, no inter-op pool,
+    no spinning (a spinning pool burns the CPU the trainer and the MQTT client need)."""
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def _open(source: ModelSource, what: str, so: ort.SessionOptions) -> ort.InferenceSession:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        p = Path(source)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ManifestError(f"{what}: cannot read {p}: {e}") from e
+    try:
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...) for bad bytes
+        raise PayloadError(f"{what}: not a loadable ONNX model: {e}") from e
+
+
+def _check_io(sess: ort.InferenceSession, what: str, inputs: dict[str, tuple], outputs: dict[str, tuple]) -> None:
+    """Check input/output names and static dims (strings/None are dynamic and match anything)."""
+    problems = []
+    for kind, have, want in (("input", sess.get_inputs(), inputs), ("output", sess.get_outputs(), outputs)):
+        got = {a.name: tuple(a.shape) for a in have}
+        if set(got) != set(want):
+            problems.append(f"{kind}s are {sorted(got)}, need {sorted(want)}")
+            continue
+        for name, shape in want.items():
+            g = got[name]
+            if len(g) != len(shape) or any(isinstance(w, int) and isinstance(d, int) and d != w
+                                           for d, w in zip(g, shape)):
+                problems.append(f"{kind} {name!r} has shape {list(g)}, need {list(shape)}")
+    if problems:
+        raise PayloadError(f"{what} does not fit the dataset spec: " + "; ".join(problems))
+
+
+class EdgeRuntime:
+    """ONNX Runtime sessions for one device's model set.
+
+    ``modality_models`` maps modality names (a subset of the spec's) to ONNX bytes or paths;
+    ``fusion_model`` is the fusion graph (None: ``modality_probs`` only); ``coalition_model`` the
+    optional coalition graph of :func:`fedmfs.export.builder.fusion_coalition_onnx` that makes
+    Shapley values cheap (without it the engine uses the fusion graph on materialised rows, with
+    equal results). ``threads`` is ONNX Runtime's intra-op thread count.
+    """
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        modality_models: Mapping[str, ModelSource],
+        fusion_model: ModelSource | None = None,
+        threads: int = 1,
+        coalition_model: ModelSource | None = None,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ):
+        self.spec = spec
+        self.threads = threads
+        self.chunk_elements = int(chunk_elements)
+        unknown = sorted(set(modality_models) - set(spec.names))
+        if unknown:
+            raise ManifestError(f"models for unknown modalities {unknown}; the spec has {list(spec.names)}")
+        so = session_options(threads)
+        c, m = spec.num_classes, len(spec.modalities)
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        for ms in spec.modalities:
+            if ms.name not in modality_models:
+                continue
+            sess = _open(modality_models[ms.name], f"modality model {ms.name!r}", so)
+            _check_io(sess, f"modality model {ms.name!r}", {ms.onnx_input: (None, None, *ms.feature_shape)},
+                      {ms.onnx_output: (None, c)})
+            self._sessions[ms.name] = sess
+        self._fusion = None
+        if fusion_model is not None:
+            self._fusion = _open(fusion_model, "fusion model", so)
+            _check_io(self._fusion, "fusion model", {"probs": (None, m, c), "mask": (None, m)},
+                      {_FUSION_OUT: (None, c)})
+        self._coalitions = None
+        self._coalition_hidden = 0
+        if coalition_model is not None:
+            self._coalitions = _open(coalition_model, "coalition graph", so)
+            _check_io(self._coalitions, "coalition graph",
+                      {"x_probs": (None, m, c), "bg_probs": (None, m, c), "mask": (m,), "coalitions": (None, m)},
+                      {"coalition_probs": (None, None, None, c)})
+            # the hidden width sizes the chunks (the builder records it; 256 is a safe default)
+            meta = self._coalitions.get_modelmeta().custom_metadata_map
+            try:
+                self._coalition_hidden = max(1, int(meta.get("fusion_hidden", "256")))
+            except ValueError as e:
+                raise PayloadError(f"coalition graph: bad fusion_hidden metadata {meta.get('fusion_hidden')!r}") from e
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modalities this runtime has a model for, in the spec's canonical order."""
+        return tuple(n for n in self.spec.names if n in self._sessions)
+
+    @property
+    def has_fusion(self) -> bool:
+        return self._fusion is not None
+
+    @property
+    def has_coalition_graph(self) -> bool:
+        return self._coalitions is not None
+
+    # ------------------------------------------------------------------ inference
+    def _validate(self, x: Mapping[str, np.ndarray], what: str) -> tuple[dict[str, np.ndarray], int]:
+        if not isinstance(x, Mapping):
+            raise DataError(f"{what} must map modality names to arrays, got {type(x).__name__}")
+        problems, arrays, n = [], {}, None
+        for name, arr in x.items():
+            if name not in self.spec.names:
+                problems.append(f"unknown modality {name!r} (the spec has {', '.join(self.spec.names)})")
+                continue
+            if name not in self._sessions:
+                problems.append(f"no model for modality {name!r} (models: {', '.join(self.modalities) or 'none'})")
+                continue
+            a = np.asarray(arr)
+            want = (self.spec.steps, *self.spec[name].feature_shape)
+            if a.ndim != len(want) + 1 or tuple(a.shape[1:]) != want:
+                problems.append(f"{name} must have shape (N, {', '.join(map(str, want))}), got {a.shape}")
+                continue
+            if a.dtype.kind not in "fiu":
+                problems.append(f"{name} must be numeric, got {a.dtype}")
+                continue
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            if not np.isfinite(a).all():
+                problems.append(f"{name} has NaN or infinite values")
+                continue
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                problems.append(f"{name} has {a.shape[0]} samples, other modalities {n}")
+            arrays[name] = a
+        if not problems and not arrays:
+            problems.append("no modality given")
+        if problems:
+            raise DataError(f"{what}: " + "; ".join(problems))
+        return arrays, int(n)
+
+    def _run_modalities(self, arrays: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """One session call per present modality over all ``n`` rows; (n, M, C) probabilities + mask."""
+        m, c = len(self.spec.modalities), self.spec.num_classes
+        probs = np.zeros((n, m, c), dtype=np.float32)
+        mask = np.zeros(m, dtype=bool)
+        for j, ms in enumerate(self.spec.modalities):
+            if ms.name in arrays:
+                (logp,) = self._sessions[ms.name].run([ms.onnx_output], {ms.onnx_input: arrays[ms.name]})
+                probs[:, j] = np.exp(logp)
+                mask[j] = True
+        return probs, mask
+
+    def modality_probs(self, x: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Each modality model's class probabilities (N, M, C) float32 over all the spec's modalities
+        (canonical order; absent ones are zeros) and the presence mask (M,) bool."""
+        arrays, n = self._validate(x, "modality_probs input")
+        return self._run_modalities(arrays, n)
+
+    def fuse(self, probs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The fusion model's class probabilities (N, C) for modality probabilities (N, M, C) and a
+        mask (M,) shared by all rows or (N, M) per row."""
+        if self._fusion is None:
+            raise ManifestError("this model set has no fusion model")
+        m, c = len(self.spec.modalities), self.spec.num_classes
+        probs = np.ascontiguousarray(probs, dtype=np.float32)
+        if probs.ndim != 3 or probs.shape[1:] != (m, c):
+            raise DataError(f"probs must have shape (N, {m}, {c}), got {probs.shape}")
+        mask = np.asarray(mask, dtype=np.float32)
+        if mask.shape == (m,):
+            mask = np.broadcast_to(mask, (probs.shape[0], m))
+        if mask.shape != (probs.shape[0], m):
+            raise DataError(f"mask must have shape ({m},) or ({probs.shape[0]}, {m}), got {mask.shape}")
+        (out,) = self._fusion.run([_FUSION_OUT], {"probs": probs, "mask": np.ascontiguousarray(mask)})
+        return out
+
+    def predict(self, x: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Class probabilities (N, C) of the personalised model (modality models + fusion)."""
+        return self.fuse(*self.modality_probs(x))
+
+    # ------------------------------------------------------------------ Shapley
+    def shapley(
+        self,
+        x: Mapping[str, np.ndarray],
+        background_x: Mapping[str, np.ndarray],
+        kind: str = "prob",
+        y: np.ndarray | None = None,
+        method: ShapleyMethod | str = "auto",
+        permutations: int = 64,
+        seed: int = 0,
+    ) -> ShapleyResult:
+        """Modality-level Shapley values of the explained samples ``x`` against ``background_x``.
+
+        Each modality model runs once, over explained and background rows together; then the
+        fusion model is evaluated for the coalitions in batched calls (see
+        :mod:`fedmfs.edge.shapley_engine`). ``x`` and ``background_x`` must hold the same
+        modalities: the client's present ones are the players.
+        """
+        arrays, n = self._validate(x, "explained samples")
+        bg_arrays, b = self._validate(background_x, "background samples")
+        if set(arrays) != set(bg_arrays):
+            raise DataError(f"explained samples have modalities {sorted(arrays)}, the background "
+                            f"{sorted(bg_arrays)}; they must match")
+        both = {k: np.concatenate([arrays[k], bg_arrays[k]]) for k in arrays}
+        probs, mask = self._run_modalities(both, n + b)
+        return self.shapley_from_probs(probs[:n], probs[n:], mask, kind, y, method, permutations, seed)
+
+    def shapley_from_probs(
+        self,
+        x_probs: np.ndarray,
+        bg_probs: np.ndarray,
+        mask: np.ndarray,
+        kind: str = "prob",
+        y: np.ndarray | None = None,
+        method: ShapleyMethod | str = "auto",
+        permutations: int = 64,
+        seed: int = 0,
+    ) -> ShapleyResult:
+        """Shapley values from modality probabilities already computed: x (N,M,C), background
+        (B,M,C), the client's mask (M,) bool. Same semantics as :meth:`shapley`."""
+        if self._fusion is None:
+            raise ManifestError("Shapley values need a fusion model; this model set has none")
+        m, c = len(self.spec.modalities), self.spec.num_classes
+        x_probs = np.ascontiguousarray(x_probs, dtype=np.float32)
+        bg_probs = np.ascontiguousarray(bg_probs, dtype=np.float32)
+        mask = np.asarray(mask, dtype=bool)
+        if x_probs.ndim != 3 or x_probs.shape[1:] != (m, c) or bg_probs.ndim != 3 or bg_probs.shape[1:] != (m, c):
+            raise DataError(f"probabilities must have shape (N, {m}, {c}); got {x_probs.shape} and {bg_probs.shape}")
+        if mask.shape != (m,):
+            raise DataError(f"mask must have shape ({m},), got {mask.shape}")
+        if x_probs.shape[0] == 0 or bg_probs.shape[0] == 0:
+            raise DataError("need at least one explained and one background sample")
+        if kind not in ("prob", "loglik"):
+            raise ConfigError(f"unknown value function {kind!r}; use 'prob' or 'loglik'")
+        if kind == "loglik":
+            if y is None:
+                raise DataError("the 'loglik' value function needs the true labels y")
+            y = np.asarray(y)
+            if y.shape != (x_probs.shape[0],) or y.dtype.kind not in "iu" or (y.size and (y.min() < 0 or y.max() >= c)):
+                raise DataError(f"y must be ({x_probs.shape[0]},) integer labels in [0, {c}), got {y.dtype} {y.shape}")
+            y = y.astype(np.int64)
+        players = np.nonzero(mask)[0]
+        if self._coalitions is not None:
+            sess = self._coalitions
+
+            def run_graph(feeds: dict[str, np.ndarray]) -> np.ndarray:
+                return sess.run(["coalition_probs"], feeds)[0]
+
+            evaluate = graph_coalition_fn(run_graph, x_probs, bg_probs, players, mask, self._coalition_hidden,
+                                          kind, y, self.chunk_elements)
+        else:
+            evaluate = fusion_coalition_fn(self.fuse, x_probs, bg_probs, players, mask, kind, y, self.chunk_elements)
+        return engine_shapley(evaluate, players, m, method, permutations, seed)
