@@ -1,5 +1,11 @@
 """Client data: the on-disk format, loaders for public data sets, a synthetic generator, partitioning."""
 
 from fedmfs.data.format import ClientData, Fleet, load_fleet, save_fleet
+from fedmfs.data.partition import by_subject, dirichlet_label_skew, drop_modalities, stratified_split
+from fedmfs.data.synthetic import PRESETS, SyntheticPreset, make_synthetic
 
-__all__ = ["ClientData", "Fleet", "load_fleet", "save_fleet"]
+__all__ = [
+    "ClientData", "Fleet", "load_fleet", "save_fleet",
+    "make_synthetic", "PRESETS", "SyntheticPreset",
+    "by_subject", "dirichlet_label_skew", "drop_modalities", "stratified_split",
+]

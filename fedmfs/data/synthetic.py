@@ -1,0 +1,239 @@
+"""A synthetic fleet shaped like ActionSense, with a known ground truth of modality informativeness.
+
+Why: the paper's data cannot be downloaded here, and a system that selects modalities by their Shapley
+value needs data whose modalities are *known* to differ in usefulness, so that tests can check the
+ranking the system finds against the truth.
+
+The generative model (per modality ``m``, class ``c``, window ``n``, step ``t``)::
+
+    x[n, t] = g_k * (a_m * e_c(t) * P_m[c] + s_w * z_n + s_e * eps[n, t]) + o_k      then clipped to [-1, 1]
+
+* ``P_m[c]`` is a unit-norm class prototype over the flattened feature vector (a random pattern on a
+  random subset of channels; a Gaussian blob on the grid for the tactile modalities). Only a subset of
+  the classes is encoded by a modality (``P_m[c] = 0`` for the others), so modalities carry information
+  the others lack.
+* ``a_m`` is the modality's signal amplitude (its tier); ``e_c(t) = 1 + 0.5 sin(2 pi f_c t / T + p_c)``
+  is a class-specific temporal envelope with a whole number of cycles (so the time mean of the signal
+  is ``a_m P_m[c]``, and an LSTM reading the last step can still learn it).
+* ``z_n`` is window-level noise, constant over the window (it does not average away over time, which
+  keeps the tiers distinct for any number of steps), ``eps`` is white noise per step.
+* ``g_k``, ``o_k`` are a client-specific gain and offset per channel (sensor placement differs between
+  people), and each client has its own class counts (label skew); every class stays present at every
+  client.
+
+The ground truth goes to ``fleet.metadata``: ``informativeness`` (the accuracy of the oracle
+nearest-prototype classifier on time-averaged windows, estimated by Monte Carlo; higher is more
+informative), ``informativeness_order`` (most -> least), the per-modality amplitudes and encoded classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedmfs.data.format import ClientData, Fleet
+from fedmfs.data.partition import stratified_split
+from fedmfs.modality import ACTIONSENSE_MODALITIES, DatasetSpec, ModalitySpec
+
+__all__ = ["SyntheticPreset", "ModalityTruth", "PRESETS", "SUBJECTS", "TACTILE_MISSING", "make_synthetic",
+           "GENERATOR"]
+
+GENERATOR = "fedmfs.synthetic/1"
+
+# The paper's nine subjects (S01 is absent from ActionSense) and the four without tactile gloves.
+SUBJECTS = ("S00", "S02", "S03", "S04", "S05", "S06", "S07", "S08", "S09")
+TACTILE_MISSING = ("S06", "S07", "S08", "S09")
+
+NUM_CLASSES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ModalityTruth:
+    """How one modality is generated: its amplitude (signal tier) and how many classes it encodes."""
+
+    amplitude: float
+    classes: int
+    active_fraction: float = 0.5  # share of channels a prototype uses (vector modalities)
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticPreset:
+    """A size of synthetic fleet; the truth table is shared so every preset has the same ranking."""
+
+    name: str
+    steps: int
+    windows_per_class: int
+    tactile_shape: tuple[int, int]
+    hidden: int
+    description: str
+    window_noise: float = 0.25
+    step_noise: float = 0.15
+    # Most -> least informative; amplitudes spaced by about a factor 2 between neighbouring tiers.
+    truth: dict[str, ModalityTruth] = field(default_factory=lambda: {
+        "xsens": ModalityTruth(amplitude=1.8, classes=20),
+        "emg_right": ModalityTruth(amplitude=2.2, classes=14),
+        "eye": ModalityTruth(amplitude=1.6, classes=10, active_fraction=1.0),
+        "tactile_right": ModalityTruth(amplitude=1.4, classes=9),
+        "tactile_left": ModalityTruth(amplitude=0.8, classes=4),
+        "emg_left": ModalityTruth(amplitude=0.05, classes=20),
+    })
+
+    def spec(self) -> DatasetSpec:
+        """The DatasetSpec of this preset: the feature shapes actually generated and the hidden size."""
+        mods = []
+        for m in ACTIONSENSE_MODALITIES:
+            shape = self.tactile_shape if m.name.startswith("tactile") else m.feature_shape
+            mods.append(ModalitySpec(m.name, tuple(shape), self.hidden))
+        return DatasetSpec(tuple(mods), NUM_CLASSES, self.steps, tuple(f"class{c:02d}" for c in range(NUM_CLASSES)))
+
+    def order(self) -> list[str]:
+        """Modalities from most to least informative: the declaration order of ``truth``."""
+        return list(self.truth)
+
+
+PRESETS: dict[str, SyntheticPreset] = {
+    "small": SyntheticPreset(
+        name="small", steps=20, windows_per_class=6, tactile_shape=(8, 8), hidden=32,
+        description="fast: tests and the default demo (T=20, ~6 windows/class/client, 8x8 tactile grids)",
+    ),
+    "actionsense": SyntheticPreset(
+        name="actionsense", steps=100, windows_per_class=20, tactile_shape=(32, 32), hidden=64,
+        description="the paper's size (T=100, ~20 windows/class/client, 32x32 tactile grids, hidden 64)",
+    ),
+}
+
+
+def _rng(seed: int, *parts: int) -> np.random.Generator:
+    """An independent, stable stream per (seed, purpose, ...): changing one client never shifts another."""
+    return np.random.default_rng([int(seed), *map(int, parts)])
+
+
+def _prototypes(spec: ModalitySpec, truth: ModalityTruth, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    """Unit-norm class prototypes (C, F) for the classes this modality encodes, zero rows for the rest."""
+    f = spec.features
+    encoded = sorted(rng.choice(NUM_CLASSES, size=truth.classes, replace=False).tolist())
+    protos = np.zeros((NUM_CLASSES, f), dtype=np.float64)
+    if len(spec.feature_shape) == 2:
+        # Tactile: one Gaussian pressure blob per class, at a class-specific place and width.
+        h, w = spec.feature_shape
+        yy, xx = np.mgrid[0:h, 0:w]
+        for c in encoded:
+            cy, cx = rng.uniform(0, h - 1), rng.uniform(0, w - 1)
+            width = rng.uniform(0.08, 0.18) * max(h, w)
+            protos[c] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2)).ravel()
+    elif f == 2:
+        # Gaze (2-D): prototypes evenly spaced on the unit circle, in a random class order.
+        angles = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(len(encoded)) / len(encoded)
+        for c, a in zip(rng.permutation(encoded), angles):
+            protos[c] = (np.cos(a), np.sin(a))
+    else:
+        k = max(1, int(round(truth.active_fraction * f)))
+        for c in encoded:
+            ch = rng.choice(f, size=k, replace=False)
+            protos[c, ch] = rng.standard_normal(k)
+    norms = np.linalg.norm(protos, axis=1, keepdims=True)
+    protos = np.divide(protos, norms, out=np.zeros_like(protos), where=norms > 0)
+    return protos, encoded
+
+
+def _oracle_accuracy(protos: np.ndarray, amplitude: float, noise: float, rng: np.random.Generator,
+                     per_class: int = 40) -> float:
+    """Accuracy of the nearest-true-prototype classifier on time-averaged windows (Monte Carlo).
+
+    Classes a modality does not encode share the zero prototype; ties are broken uniformly, so such a
+    modality scores the chance rate on those classes.
+    """
+    centres = amplitude * protos  # (C, F)
+    c = centres.shape[0]
+    y = np.repeat(np.arange(c), per_class)
+    x = centres[y] + noise * rng.standard_normal((y.size, centres.shape[1]))
+    d = (x**2).sum(1)[:, None] - 2 * x @ centres.T + (centres**2).sum(1)[None, :]
+    d += 1e-9 * rng.random(d.shape)  # random tie-break among identical (zero) prototypes
+    return float((d.argmin(1) == y).mean())
+
+
+def _class_counts(preset: SyntheticPreset, rng: np.random.Generator) -> np.ndarray:
+    """Per-client label skew: each class count is drawn around windows_per_class, never below 3."""
+    w = preset.windows_per_class
+    counts = np.rint(w * np.exp(rng.normal(0.0, 0.35, NUM_CLASSES))).astype(np.int64)
+    return np.clip(counts, max(3, w // 2), 2 * w)
+
+
+def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
+    """Generate the synthetic ActionSense-shaped fleet ``preset`` (see ``PRESETS``), deterministic in ``seed``.
+
+    Nine clients named like the paper's subjects; ``tactile_left``/``tactile_right`` are absent on
+    S06-S09; a stratified 80/20 train/test split per client; float32 arrays in [-1, 1].
+    """
+    try:
+        p = PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown synthetic preset {preset!r}; known: {', '.join(PRESETS)}") from None
+    spec = p.spec()
+    t = p.steps
+    steps = np.arange(t, dtype=np.float64)
+
+    # Fleet-level truth: prototypes, encoded classes, temporal envelopes (shared by every client).
+    protos: dict[str, np.ndarray] = {}
+    encoded: dict[str, list[int]] = {}
+    informativeness: dict[str, float] = {}
+    # Noise of a time-averaged window: window-level noise plus the white noise averaged over T steps.
+    avg_noise = math.sqrt(p.window_noise**2 + p.step_noise**2 / t)
+    for j, ms in enumerate(spec.modalities):
+        truth = p.truth[ms.name]
+        protos[ms.name], encoded[ms.name] = _prototypes(ms, truth, _rng(seed, 1, j))
+        informativeness[ms.name] = round(_oracle_accuracy(protos[ms.name], truth.amplitude, avg_noise,
+                                                          _rng(seed, 2, j)), 4)
+    env_rng = _rng(seed, 3)
+    freq = env_rng.integers(1, 4, NUM_CLASSES)
+    phase = env_rng.uniform(0, 2 * np.pi, NUM_CLASSES)
+    envelope = 1.0 + 0.5 * np.sin(2 * np.pi * freq[:, None] * steps[None, :] / t + phase[:, None])  # (C, T)
+
+    clients = []
+    for k, name in enumerate(SUBJECTS):
+        crng = _rng(seed, 4, k)
+        counts = _class_counts(p, crng)
+        y = np.repeat(np.arange(NUM_CLASSES), counts)
+        y = y[crng.permutation(y.size)]
+        train = stratified_split(y, 0.8, _rng(seed, 5, k))
+        xs: dict[str, np.ndarray] = {}
+        for j, ms in enumerate(spec.modalities):
+            if name in TACTILE_MISSING and ms.name.startswith("tactile"):
+                continue
+            mrng = _rng(seed, 6, k, j)
+            f = ms.features
+            amp = p.truth[ms.name].amplitude
+            gain = (1.0 + 0.15 * mrng.standard_normal(f)).astype(np.float32)
+            offset = (0.1 * mrng.standard_normal(f)).astype(np.float32)
+            signal = (amp * protos[ms.name][y]).astype(np.float32)  # (N, F)
+            x = mrng.standard_normal((y.size, t, f), dtype=np.float32)
+            x *= np.float32(p.step_noise)
+            x += (p.window_noise * mrng.standard_normal((y.size, 1, f), dtype=np.float32))
+            x += envelope[y][:, :, None].astype(np.float32) * signal[:, None, :]
+            # One scale per modality (SNR unchanged) so that values stay in [-1, 1] up to rare outliers.
+            peak = 1.5 * amp * float(np.abs(protos[ms.name]).max()) + 3.0 * math.hypot(p.window_noise, p.step_noise)
+            x *= gain * np.float32(1.0 / peak)
+            x += offset
+            np.clip(x, -1.0, 1.0, out=x)
+            xs[ms.name] = x.reshape(y.size, t, *ms.feature_shape)
+        clients.append(ClientData(name, xs, y.astype(np.int64), train))
+
+    order = sorted(informativeness, key=lambda m: (-informativeness[m], p.order().index(m)))
+    metadata = {
+        "generator": GENERATOR,
+        "preset": p.name,
+        "seed": int(seed),
+        "informativeness": informativeness,
+        "informativeness_order": p.order(),
+        "oracle_order": order,
+        "amplitude": {m: tr.amplitude for m, tr in p.truth.items()},
+        "encoded_classes": encoded,
+        "tactile_missing": list(TACTILE_MISSING),
+        "window_noise": p.window_noise,
+        "step_noise": p.step_noise,
+    }
+    fleet = Fleet(spec, clients, metadata)
+    fleet.validate()
+    return fleet
