@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from fedmfs.errors import PayloadError
 
 __all__ = [
-    "PROTOCOL_VERSION", "TOPIC_ROOT", "MAX_CONTROL_BYTES", "MAX_CHUNK_BYTES", "DEFAULT_CHUNK_BYTES",
+    "PROTOCOL_VERSION", "TOPIC_ROOT", "SELECTION_METHODS", "MAX_CONTROL_BYTES", "MAX_CHUNK_BYTES", "DEFAULT_CHUNK_BYTES",
     "MAX_UPLOAD_BYTES", "MAX_CHUNKS", "CHUNK_HEADER_BYTES",
     "TopicKind", "ParsedTopic", "Topics", "parse_topic",
     "RoundState", "AckReason", "DeviceState",
@@ -42,6 +42,7 @@ DEFAULT_CHUNK_BYTES = 64 * 1024         # payload bytes per chunk frame
 MAX_CHUNK_BYTES = 4 * 1024 * 1024       # largest chunk a receiver accepts
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024     # largest model payload (= fedmfs.payload.MAX_PAYLOAD_BYTES)
 MAX_CHUNKS = 65536
+SELECTION_METHODS = ("fedmfs", "all", "random", "size_only", "shapley_only", "local")
 MAX_MISSING_LISTED = 1024               # an ack lists at most this many missing chunk indices
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -315,6 +316,7 @@ class DeviceConfig:
     alpha_r: float = 0.0
     cap_bytes: int | None = None
     codec: str = "fp32"
+    method: str = "fedmfs"
     type = "config"
 
     def __post_init__(self) -> None:
@@ -327,16 +329,20 @@ class DeviceConfig:
             raise PayloadError("cap_bytes must be >= 0")
         if self.codec not in ("fp32", "fp16", "int8"):
             raise PayloadError(f"codec must be fp32, fp16 or int8, got {self.codec!r}")
+        if self.method not in SELECTION_METHODS:
+            raise PayloadError(f"method must be one of {', '.join(SELECTION_METHODS)}, got {self.method!r}")
 
     def to_dict(self) -> dict:
         return {"device": self.device, "gamma": self.gamma, "alpha_s": self.alpha_s, "alpha_c": self.alpha_c,
-                "alpha_r": self.alpha_r, "cap_bytes": self.cap_bytes, "codec": self.codec}
+                "alpha_r": self.alpha_r, "cap_bytes": self.cap_bytes, "codec": self.codec,
+                "method": self.method}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "DeviceConfig":
         return cls(device=_get(d, "device", str), gamma=_nonneg_int(d, "gamma"),
                    alpha_s=_finite(d, "alpha_s"), alpha_c=_finite(d, "alpha_c"), alpha_r=_finite(d, "alpha_r"),
-                   cap_bytes=_nonneg_int(d, "cap_bytes", optional=True), codec=_get(d, "codec", str))
+                   cap_bytes=_nonneg_int(d, "cap_bytes", optional=True), codec=_get(d, "codec", str),
+                   method=_get(d, "method", str))
 
 
 @dataclass(frozen=True, slots=True)
