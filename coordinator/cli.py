@@ -1,0 +1,118 @@
+"""``fedmfs-coordinator``: ``run`` the service, show ``status`` from the ledger, ``keygen`` a signing key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from fedmfs.errors import ConfigError, FedMFSError
+
+__all__ = ["main"]
+
+
+def _status(args) -> int:
+    from .config import load_coordinator_config
+    from .ledger import Ledger
+
+    state_dir = Path(args.state_dir) if args.state_dir else load_coordinator_config(args.config).state_dir
+    if not (state_dir / "ledger.sqlite").exists():
+        raise ConfigError(f"no ledger in {state_dir}: the coordinator has not run there yet")
+    led = Ledger(state_dir, readonly=True)
+    try:
+        last = led.last_round()
+        rounds = led.rounds()
+        out = {
+            "round": None if last is None else last.round,
+            "state": None if last is None else last.state.value,
+            "deadline": None if last is None else last.deadline,
+            "expected": [] if last is None else list(last.expected),
+            "reported": [] if last is None else [r.device for r in led.reports(last.round)],
+            "bytes_this_round": {} if last is None else led.bytes_by_device(last.round),
+            "bytes_total": led.bytes_by_device(),
+            "uploads_total": len(led.uploads()),
+            "refusals_total": len(led.refusals()),
+            "rounds_closed": sum(1 for r in rounds if r.closed_at is not None),
+            "globals": {g["modality"]: {"version": g["version"], "sha256": g["sha256"]} for g in led.latest_globals()},
+            "devices": {d["device"]: "online" if d["online"] else "offline" for d in led.devices()},
+        }
+    finally:
+        led.close()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if out["round"] is None:
+        print("no round yet")
+        return 0
+    left = max(0.0, out["deadline"] - time.time())
+    print(f"round {out['round']} {out['state']}" + (f", {left:.0f} s to the deadline" if out["state"] == "open" else ""))
+    print(f"reported {len(out['reported'])}/{len(out['expected'])}: {', '.join(out['reported']) or '-'}")
+    waiting = sorted(set(out["expected"]) - set(out["reported"]))
+    print(f"waiting for: {', '.join(waiting) or '-'}")
+    for d, st in out["devices"].items():
+        print(f"  {d:20s} {st:8s} {out['bytes_this_round'].get(d, 0):>10d} B this round "
+              f"{out['bytes_total'].get(d, 0):>12d} B total")
+    print(f"globals: " + ", ".join(f"{m} v{g['version']}" for m, g in out["globals"].items()))
+    print(f"{out['uploads_total']} uploads accepted, {out['refusals_total']} refusals, "
+          f"{out['rounds_closed']} rounds closed")
+    return 0
+
+
+def _keygen(args) -> int:
+    from fedmfs.protocol import generate_keypair
+
+    priv, pub = generate_keypair()
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} exists; pass --force to replace it (devices then need the new public key)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(priv + "\n")
+    Path(str(out) + ".pub").write_text(pub + "\n")
+    print(f"private key: {out} (mode 600); public key for the devices' edge.toml: {pub}")
+    return 0
+
+
+def _run(args) -> int:
+    from .config import load_coordinator_config
+    from .service import CoordinatorService
+
+    cfg = load_coordinator_config(args.config)
+    logging.getLogger().setLevel(args.log_level or cfg.log_level)
+    return CoordinatorService(cfg, exit_when_done=args.exit_when_done).run(connect_timeout=args.connect_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fedmfs-coordinator", description="The fedmfs coordinator (rounds over MQTT).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the coordinator service")
+    r.add_argument("--config", required=True, type=Path, help="coordinator.toml (see examples/coordinator.toml)")
+    r.add_argument("--exit-when-done", action="store_true", help="exit once the last round closed (simulations)")
+    r.add_argument("--connect-timeout", type=float, default=300.0, help="seconds to reach the broker at start")
+    r.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (overrides the file)")
+    s = sub.add_parser("status", help="current round, who reported, bytes (reads the ledger)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", type=Path)
+    g.add_argument("--state-dir", type=Path)
+    s.add_argument("--json", action="store_true")
+    k = sub.add_parser("keygen", help="create the Ed25519 key that signs global models")
+    k.add_argument("--out", required=True, type=Path)
+    k.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    # journald adds its own timestamps; keep lines short
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"run": _run, "status": _status, "keygen": _keygen}[args.cmd](args)
+    except FedMFSError as e:
+        print(f"fedmfs-coordinator: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The coordinator's SQLite ledger and model files: rounds, uploads (sha256 + status), refusals,
+reports, devices and global models. Model bytes live in files written atomically (temp, fsync,
+rename) before the ledger row that points at them; a restart rebuilds the open round from both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmfs.protocol import DeviceConfig, Report, RoundState, decode_message
+
+__all__ = ["Ledger", "RoundRow", "atomic_write"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+  round INTEGER PRIMARY KEY, state TEXT NOT NULL, deadline REAL NOT NULL, opened_at REAL NOT NULL,
+  closed_at REAL, expected TEXT NOT NULL, caps TEXT NOT NULL, aggregated TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS uploads (
+  round INTEGER NOT NULL, device TEXT NOT NULL, modality TEXT NOT NULL, sha256 TEXT NOT NULL,
+  nbytes INTEGER NOT NULL, samples INTEGER NOT NULL, status TEXT NOT NULL, path TEXT NOT NULL,
+  at REAL NOT NULL, PRIMARY KEY (round, device, modality));
+CREATE TABLE IF NOT EXISTS refusals (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, device TEXT NOT NULL, modality TEXT,
+  reason TEXT NOT NULL, nbytes INTEGER NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS reports (
+  round INTEGER NOT NULL, device TEXT NOT NULL, body BLOB NOT NULL, at REAL NOT NULL,
+  PRIMARY KEY (round, device));
+CREATE TABLE IF NOT EXISTS devices (
+  device TEXT PRIMARY KEY, config TEXT NOT NULL, online INTEGER NOT NULL DEFAULT 0, last_seen REAL);
+CREATE TABLE IF NOT EXISTS globals (
+  modality TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL, sha256 TEXT NOT NULL,
+  path TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (modality, version));
+"""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRow:
+    round: int
+    state: RoundState
+    deadline: float
+    opened_at: float
+    closed_at: float | None
+    expected: tuple[str, ...]
+    caps: dict
+    aggregated: dict
+
+
+class Ledger:
+    """One coordinator's persistent state under ``state_dir`` (ledger.sqlite + models/)."""
+
+    def __init__(self, state_dir: str | os.PathLike, readonly: bool = False):
+        self.dir = Path(state_dir)
+        self.path = self.dir / "ledger.sqlite"
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=10)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writes -----------------------------------------------------------------------------------
+    def put_meta(self, key: str, value: str) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        r = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return r[0] if r else None
+
+    def put_round(self, r: int, state: RoundState, deadline: float, opened_at: float, expected, caps,
+                  closed_at: float | None = None, aggregated: dict | None = None) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?)",
+                            (r, state.value, deadline, opened_at, closed_at, json.dumps(list(expected)),
+                             json.dumps(caps), json.dumps(aggregated or {})))
+
+    def put_upload(self, r: int, device: str, modality: str, payload: bytes, sha256: str, samples: int) -> bool:
+        """File first, then the row; False (and nothing written) if this upload is already recorded."""
+        if self.db.execute("SELECT 1 FROM uploads WHERE round=? AND device=? AND modality=?",
+                           (r, device, modality)).fetchone():
+            return False
+        rel = f"uploads/r{r:05d}/{device}.{modality}.safetensors"
+        atomic_write(self.dir / rel, payload)
+        with self.db:
+            self.db.execute("INSERT INTO uploads VALUES (?,?,?,?,?,?,?,?,?)",
+                            (r, device, modality, sha256, len(payload), samples, "accepted", rel, time.time()))
+        return True
+
+    def put_refusal(self, r: int, device: str, modality: str | None, reason: str, nbytes: int, detail: str) -> None:
+        with self.db:
+            self.db.execute("INSERT INTO refusals (round, device, modality, reason, nbytes, detail, at) "
+                            "VALUES (?,?,?,?,?,?,?)", (r, device, modality, reason, nbytes, detail[:500], time.time()))
+
+    def put_report(self, r: int, device: str, body: bytes) -> None:
+        with self.db:
+            self.db.execute("INSERT OR IGNORE INTO reports VALUES (?,?,?,?)", (r, device, body, time.time()))
+
+    def put_global(self, modality: str, version: int, r: int, sha256: str, frame: bytes) -> None:
+        rel = f"globals/{modality}.v{version:05d}.fmg"
+        atomic_write(self.dir / rel, frame)
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO globals VALUES (?,?,?,?,?,?)",
+                            (modality, version, r, sha256, rel, time.time()))
+
+    def put_devices(self, devices: tuple[DeviceConfig, ...]) -> None:
+        with self.db:
+            for d in devices:
+                self.db.execute("INSERT INTO devices (device, config) VALUES (?, ?) ON CONFLICT(device) "
+                                "DO UPDATE SET config = excluded.config", (d.device, json.dumps(d.to_dict())))
+
+    def set_online(self, device: str, online: bool) -> None:
+        with self.db:
+            self.db.execute("INSERT INTO devices (device, config, online, last_seen) VALUES (?, '{}', ?, ?) "
+                            "ON CONFLICT(device) DO UPDATE SET online = excluded.online, last_seen = excluded.last_seen",
+                            (device, int(online), time.time()))
+
+    # -- reads ------------------------------------------------------------------------------------
+    def last_round(self) -> RoundRow | None:
+        r = self.db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
+        if r is None:
+            return None
+        return RoundRow(r[0], RoundState(r[1]), r[2], r[3], r[4], tuple(json.loads(r[5])), json.loads(r[6]),
+                        json.loads(r[7]))
+
+    def rounds(self) -> list[RoundRow]:
+        return [RoundRow(r[0], RoundState(r[1]), r[2], r[3], r[4], tuple(json.loads(r[5])), json.loads(r[6]),
+                         json.loads(r[7])) for r in self.db.execute("SELECT * FROM rounds ORDER BY round")]
+
+    def uploads(self, r: int | None = None) -> list[dict]:
+        q = "SELECT round, device, modality, sha256, nbytes, samples, status, path FROM uploads"
+        rows = self.db.execute(q + (" WHERE round = ?" if r is not None else "") + " ORDER BY round, device, modality",
+                               (() if r is None else (r,))).fetchall()
+        keys = ("round", "device", "modality", "sha256", "nbytes", "samples", "status", "path")
+        return [dict(zip(keys, x)) for x in rows]
+
+    def upload_payload(self, row: dict) -> bytes:
+        return (self.dir / row["path"]).read_bytes()
+
+    def refusals(self, r: int | None = None) -> list[dict]:
+        q = "SELECT round, device, modality, reason, nbytes, detail FROM refusals"
+        rows = self.db.execute(q + (" WHERE round = ?" if r is not None else "") + " ORDER BY id",
+                               (() if r is None else (r,))).fetchall()
+        keys = ("round", "device", "modality", "reason", "nbytes", "detail")
+        return [dict(zip(keys, x)) for x in rows]
+
+    def reports(self, r: int | None = None) -> list[Report]:
+        q = "SELECT body FROM reports" + (" WHERE round = ?" if r is not None else "") + " ORDER BY round, device"
+        return [decode_message(b[0], Report) for b in self.db.execute(q, (() if r is None else (r,)))]
+
+    def latest_globals(self) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT g.modality, g.version, g.round, g.sha256, g.path FROM globals g JOIN "
+            "(SELECT modality, MAX(version) v FROM globals GROUP BY modality) l "
+            "ON g.modality = l.modality AND g.version = l.v ORDER BY g.modality").fetchall()
+        return [dict(zip(("modality", "version", "round", "sha256", "path"), x)) for x in rows]
+
+    def global_frame(self, row: dict) -> bytes:
+        return (self.dir / row["path"]).read_bytes()
+
+    def devices(self) -> list[dict]:
+        rows = self.db.execute("SELECT device, config, online, last_seen FROM devices ORDER BY device").fetchall()
+        return [{"device": d, "config": json.loads(c), "online": bool(o), "last_seen": s} for d, c, o, s in rows]
+
+    def bytes_by_device(self, r: int | None = None) -> dict[str, int]:
+        q = "SELECT device, SUM(nbytes) FROM uploads" + (" WHERE round = ?" if r is not None else "") + " GROUP BY device"
+        return {d: int(n) for d, n in self.db.execute(q, (() if r is None else (r,)))}

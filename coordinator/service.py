@@ -1,0 +1,223 @@
+"""The coordinator service: the round machine wrapped with MQTT, the SQLite ledger, a clock,
+Prometheus metrics and systemd notify. One thread owns the machine and the ledger; paho's network
+thread only enqueues inbound messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+from fedmfs.errors import ConfigError, PayloadError
+from fedmfs.mqtt import Inbound, MqttLink
+from fedmfs.protocol import RoundState, Signer, TopicKind, parse_topic, encode_message
+from fedmfs.rounds import (
+    ChunkArrived, FleetChanged, PersistGlobal, PersistReport, PersistRound, PersistUpload, Publish, Refused,
+    ReportArrived, RoundClosed, RoundMachine, Start, StatusArrived, Tick,
+)
+from fedmfs.sdnotify import Notifier, Watchdog
+
+from .config import CoordinatorConfig, load_fleet_file
+from .ledger import Ledger
+from .metrics import Metrics
+
+__all__ = ["CoordinatorService", "load_signer"]
+
+log = logging.getLogger("fedmfs.coordinator")
+
+
+def load_signer(path: Path) -> Signer:
+    try:
+        return Signer(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"signing key {path} does not exist; create one with "
+                          f"`fedmfs-coordinator keygen --out {path}`") from e
+    except PayloadError as e:
+        raise ConfigError(f"signing key {path}: {e}") from e
+
+
+class CoordinatorService:
+    def __init__(self, cfg: CoordinatorConfig, exit_when_done: bool = False, notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.exit_when_done = exit_when_done
+        self.signer = load_signer(cfg.signing_key)
+        self.ledger = Ledger(cfg.state_dir)
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier()
+        self.watchdog = Watchdog(self.notifier)
+        self.inbox: "queue.Queue[Inbound]" = queue.Queue()
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.machine = self._build_machine()
+        t = self.machine.topics
+        self.link = MqttLink(cfg.broker, f"fedmfs-coordinator-{cfg.fleet}",
+                             [(t.all_uploads(), 1), (t.all_reports(), 1), (t.all_status(), 1)],
+                             self.inbox, persistent=True)
+
+    # -- state -------------------------------------------------------------------------------------
+    def _build_machine(self) -> RoundMachine:
+        cfg, led = self.cfg, self.ledger
+        fleet = led.get_meta("fleet")
+        if fleet is not None and fleet != cfg.fleet:
+            raise ConfigError(f"state_dir {cfg.state_dir} belongs to fleet {fleet!r}, not {cfg.fleet!r}; "
+                              "use another state_dir")
+        m = RoundMachine(cfg.fleet, cfg.spec, cfg.devices, cfg.policy, self.signer)
+        led.put_devices(cfg.devices)
+        last = led.last_round()
+        if last is None:
+            led.put_meta("fleet", cfg.fleet)
+            self.execute(m.seed_globals(self._initial_globals()))
+            return m
+        for g in led.latest_globals():
+            m.restore_global(g["modality"], g["version"], g["round"], led.global_frame(g))
+        m.restore_round(last.round, last.state, last.deadline, last.opened_at, last.expected, last.caps)
+        if last.state is RoundState.OPEN:
+            n = 0
+            for row in led.uploads(last.round):
+                m.restore_upload(row["device"], row["modality"], led.upload_payload(row))
+                n += 1
+            for rep in led.reports(last.round):
+                m.restore_report(rep)
+            log.info("resumed open round %d with %d accepted uploads and %d reports", last.round, n,
+                     len(m.reported))
+        else:
+            log.info("resumed after round %d (%s)", last.round, last.state.value)
+        return m
+
+    def _initial_globals(self) -> dict:
+        try:
+            from fedmfs.engine import initial_globals
+        except ImportError:
+            log.warning("torch is not installed: no initial global models; devices start from their own")
+            return {}
+        return initial_globals(self.cfg.spec, self.cfg.seed)
+
+    # -- actions -----------------------------------------------------------------------------------
+    def execute(self, actions) -> None:
+        for a in actions:
+            if isinstance(a, Publish):
+                link = getattr(self, "link", None)
+                if link is not None:
+                    link.publish(a.topic, a.payload, a.qos, a.retain)
+            elif isinstance(a, PersistUpload):
+                if self.ledger.put_upload(a.round, a.device, a.modality, a.payload, a.sha256, a.samples):
+                    self.metrics.accepted.labels(a.modality).inc()
+                    self.metrics.bytes.labels(a.device, a.modality).inc(len(a.payload))
+            elif isinstance(a, Refused):
+                self.ledger.put_refusal(a.round, a.device, a.modality, a.reason.value, a.nbytes, a.detail)
+                self.metrics.refused.labels(a.reason.value).inc()
+            elif isinstance(a, PersistReport):
+                self.ledger.put_report(a.round, a.device, encode_message(a.report))
+                self.metrics.reports.inc()
+            elif isinstance(a, PersistRound):
+                self.ledger.put_round(a.round, a.state, a.deadline, a.opened_at, a.expected, dict(a.caps),
+                                      a.closed_at, dict(a.aggregated))
+                self.metrics.round.set(a.round)
+                if a.state is RoundState.OPEN:
+                    log.info("round %d open until %.0f, expecting %s", a.round, a.deadline, ", ".join(a.expected))
+            elif isinstance(a, PersistGlobal):
+                self.ledger.put_global(a.modality, a.version, a.round, a.sha256, a.frame)
+            elif isinstance(a, RoundClosed):
+                self.metrics.rounds.labels("met" if a.quorum_met else "missed").inc()
+                self.metrics.duration.observe(a.duration)
+                log.info("round %d closed after %.1f s: %d reports, aggregated %s", a.round, a.duration,
+                         len(a.reported), a.aggregated or "nothing")
+
+    def _event_for(self, msg: Inbound, now: float):
+        try:
+            t = parse_topic(msg.topic)
+        except PayloadError as e:
+            log.info("ignoring message on %r: %s", msg.topic, e)
+            self.metrics.refused.labels("bad_topic").inc()
+            return None
+        if t.fleet != self.cfg.fleet or t.device is None:
+            return None
+        if t.kind is TopicKind.UPLOAD:
+            return ChunkArrived(t.device, t.round, t.modality, msg.payload, now)
+        if t.kind is TopicKind.REPORT:
+            return ReportArrived(t.device, msg.payload, now)
+        if t.kind is TopicKind.STATUS:
+            if msg.payload:
+                self.ledger.set_online(t.device, b'"online"' in msg.payload)
+            return StatusArrived(t.device, msg.payload, now)
+        return None
+
+    def handle(self, event) -> None:
+        try:
+            self.execute(self.machine.handle(event))
+        except Exception:   # a bug must not take the fleet down: log, count, go on
+            log.exception("error while handling %s", type(event).__name__)
+            self.metrics.errors.labels(type(event).__name__).inc()
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
+
+    def run(self, connect_timeout: float = 60.0) -> int:
+        self._signals()
+        self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+        self.link.start(timeout=connect_timeout)
+        self.handle(Start(time.time()))
+        self.notifier.ready(self._status_line())
+        last_status = 0.0
+        try:
+            while not self.stop_event.is_set():
+                self.watchdog.beat("main")
+                self.watchdog.maybe_ping()
+                try:
+                    msg = self.inbox.get(timeout=0.2)
+                except queue.Empty:
+                    msg = None
+                n = 0
+                while msg is not None and n < 1000:
+                    ev = self._event_for(msg, time.time())
+                    if ev is not None:
+                        self.handle(ev)
+                    n += 1
+                    try:
+                        msg = self.inbox.get_nowait()
+                    except queue.Empty:
+                        msg = None
+                self.handle(Tick(time.time()))
+                if self.reload_event.is_set():
+                    self.reload_event.clear()
+                    self._reload()
+                if time.monotonic() - last_status > 5:
+                    last_status = time.monotonic()
+                    self.notifier.status(self._status_line())
+                if self.exit_when_done and self.machine.state is RoundState.DONE and self.inbox.empty():
+                    self._drain_publishes()
+                    break
+        finally:
+            self.notifier.stopping()
+            self.link.stop()
+            self.ledger.close()
+        return 0
+
+    def _drain_publishes(self, timeout: float = 10.0) -> None:
+        """Before exiting: make sure the final round message and globals reached the broker."""
+        m = self.machine
+        self.link.publish(m.topics.round(), encode_message(m.announcement()), 1, True, timeout=timeout)
+
+    def _reload(self) -> None:
+        try:
+            devices = load_fleet_file(self.cfg.fleet_file)
+        except ConfigError as e:
+            log.error("fleet file not reloaded: %s", e)
+            return
+        self.ledger.put_devices(devices)
+        self.handle(FleetChanged(devices, time.time()))
+        log.info("fleet file reloaded: %d devices (caps apply from the next round)", len(devices))
+
+    def _status_line(self) -> str:
+        m = self.machine
+        return (f"round {m.round} {m.state.value}: {len(m.reported)}/{len(m.expected)} reported, "
+                f"{sum(m.used.values())} bytes accepted")
