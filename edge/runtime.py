@@ -34,7 +34,8 @@ _COALITION_IN = ("x_probs", "bg_probs", "mask", "coalitions")
 
 def session_options(threads: int) -> ort.SessionOptions:
     """Session options for a small shared device: ``threads`` intra-op threads, no inter-op pool,
-    no spinning (a spinning pool burns the CPU the trainer and the MQTT client need)."""
+    no spinning (a spinning pool burns the CPU the trainer and the MQTT client need), and memory
+    returned after each call rather than cached in an arena."""
     if threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     so = ort.SessionOptions()
@@ -43,6 +44,10 @@ def session_options(threads: int) -> ort.SessionOptions:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # no arena and no memory-pattern pre-planning: both keep the largest activations ever seen
+    # (the transposed tactile windows) allocated for the session's life; a device wants them back
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 import numpy as np
 
@@ -146,10 +147,17 @@ def coalition_values_from_probs(p: np.ndarray, kind: ValueKind, y: np.ndarray | 
     return np.log(np.clip(pt, 1e-12, None)).mean(axis=2)
 
 
+@lru_cache(maxsize=16)
+def _weights(p: int) -> np.ndarray:
+    w = shapley_matrix(p)
+    w.setflags(write=False)
+    return w
+
+
 def exact_from_coalitions(evaluate: CoalitionFn, p: int) -> np.ndarray:
     """Exact Shapley values of the P players, (P, N[, C]), from all 2^P coalitions at once."""
     v = evaluate(coalition_masks(p))
-    return np.tensordot(shapley_matrix(p), v, axes=(1, 0))
+    return np.tensordot(_weights(p), v, axes=(1, 0))
 
 
 def permutation_from_coalitions(
