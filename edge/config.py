@@ -1,0 +1,78 @@
+"""edge.toml, parsed once into a typed object; errors name the key and the fix.
+
+Precedence: command line > environment (``FEDMFS_BROKER``) > file > defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmfs.config import check_keys, load_toml
+from fedmfs.errors import ConfigError, PayloadError
+from fedmfs.mqtt import BrokerConfig
+from fedmfs.protocol import validate_name
+
+__all__ = ["EdgeConfig", "load_edge_config"]
+
+_TOP = {"device": str, "fleet": str, "data": str, "spec": str, "state_dir": str, "spool": str,
+        "coordinator_key": str, "coordinator_key_file": str, "seed": int, "index": int, "ack_timeout": float,
+        "max_attempts": int, "train": dict, "broker": dict, "log_level": str}
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    device: str
+    fleet: str
+    data: Path                 # the client's .npz (docs/data.md)
+    spec: Path                 # fleet.json or spec JSON
+    state_dir: Path
+    coordinator_key: str       # hex Ed25519 public key that signs global models
+    broker: BrokerConfig
+    train: dict = field(default_factory=dict)   # TrainConfig fields (validated when training starts)
+    spool: Path | None = None
+    seed: int = 0
+    index: int = 0
+    ack_timeout: float = 10.0
+    max_attempts: int = 30
+    log_level: str = "INFO"
+
+
+def load_edge_config(path: str | os.PathLike) -> EdgeConfig:
+    from fedmfs.coordinator.config import broker_from_table   # one broker-table parser for both services
+
+    p = Path(path)
+    raw = load_toml(p)
+    check_keys(raw, _TOP, str(p))
+    base = p.parent
+    rel = lambda s: (Path(s).expanduser() if Path(s).expanduser().is_absolute() else base / s)
+    for key in ("device", "fleet", "data", "spec", "state_dir"):
+        if key not in raw:
+            raise ConfigError(f"{p}: missing key {key!r}; see examples/edge.toml")
+    try:
+        validate_name("device", raw["device"])
+        validate_name("fleet", raw["fleet"])
+    except PayloadError as e:
+        raise ConfigError(f"{p}: {e}") from e
+    if "coordinator_key" in raw:
+        key = raw["coordinator_key"]
+    elif "coordinator_key_file" in raw:
+        try:
+            key = rel(raw["coordinator_key_file"]).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{p}: coordinator_key_file unreadable: {e}") from e
+    else:
+        raise ConfigError(f"{p}: missing key 'coordinator_key' (the hex public key printed by "
+                          "`fedmfs-coordinator keygen`) or 'coordinator_key_file'")
+    if len(key) != 64 or any(ch not in "0123456789abcdef" for ch in key):
+        raise ConfigError(f"{p}: coordinator_key must be 64 lower-case hex digits, got {key[:16]!r}...")
+    if raw.get("ack_timeout", 10.0) <= 0 or raw.get("max_attempts", 30) < 1:
+        raise ConfigError(f"{p}: ack_timeout must be > 0 and max_attempts >= 1")
+    return EdgeConfig(
+        device=raw["device"], fleet=raw["fleet"], data=rel(raw["data"]), spec=rel(raw["spec"]),
+        state_dir=rel(raw["state_dir"]), coordinator_key=key,
+        broker=broker_from_table(raw.get("broker", {}), f"{p} [broker]", base), train=dict(raw.get("train", {})),
+        spool=rel(raw["spool"]) if "spool" in raw else None, seed=raw.get("seed", 0), index=raw.get("index", 0),
+        ack_timeout=float(raw.get("ack_timeout", 10.0)), max_attempts=raw.get("max_attempts", 30),
+        log_level=raw.get("log_level", "INFO"))
