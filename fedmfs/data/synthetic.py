@@ -70,13 +70,18 @@ class SyntheticPreset:
     description: str
     window_noise: float = 0.25
     step_noise: float = 0.15
+    # Grids (tactile): noise of the same power but in the span of a few smooth fields (a glove's map
+    # moves in a few ways, not pixel by pixel), plus a little white noise per cell.
+    grid_noise_rank: int = 4
+    grid_white_noise: float = 0.02
+    grid_step_noise: float = 0.0
     # Most -> least informative; amplitudes spaced by about a factor 2 between neighbouring tiers.
     truth: dict[str, ModalityTruth] = field(default_factory=lambda: {
         "xsens": ModalityTruth(amplitude=1.8, classes=20),
         "emg_right": ModalityTruth(amplitude=2.2, classes=14),
         "eye": ModalityTruth(amplitude=1.6, classes=10, active_fraction=1.0),
-        "tactile_right": ModalityTruth(amplitude=1.8, classes=9),
-        "tactile_left": ModalityTruth(amplitude=1.4, classes=5),
+        "tactile_right": ModalityTruth(amplitude=3.0, classes=9),
+        "tactile_left": ModalityTruth(amplitude=2.0, classes=5),
         "emg_left": ModalityTruth(amplitude=0.05, classes=20),
     })
 
@@ -138,8 +143,31 @@ def _prototypes(spec: ModalitySpec, truth: ModalityTruth, rng: np.random.Generat
     return protos, encoded
 
 
+def _smooth_basis(shape: tuple[int, int], k: int, rng: np.random.Generator) -> np.ndarray:
+    """K unit-norm smooth fields on a grid (Gaussian bumps): the few ways a glove's pressure map moves."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.empty((k, h * w), dtype=np.float32)
+    for i in range(k):
+        cy, cx = rng.uniform(0, h - 1), rng.uniform(0, w - 1)
+        width = rng.uniform(0.1, 0.3) * max(h, w)
+        b = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2)).ravel()
+        out[i] = b / np.linalg.norm(b)
+    return out
+
+
+def _noise(shape: tuple[int, ...], scale: float, basis: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise of mean per-feature variance ``scale**2``: isotropic, or in the span of ``basis`` (K, F)."""
+    if basis is None:
+        return scale * rng.standard_normal(shape, dtype=np.float32)
+    k, f = basis.shape
+    coef = rng.standard_normal((*shape[:-1], k), dtype=np.float32)
+    return (coef @ basis) * np.float32(scale * math.sqrt(f / k))
+
+
 def _expected_accuracy(protos: np.ndarray, amplitude: float, noise: float, n_train: int,
-                       rng: np.random.Generator, per_class: int = 20, reps: int = 3) -> float:
+                       rng: np.random.Generator, basis: np.ndarray | None = None,
+                       per_class: int = 20, reps: int = 3) -> float:
     """Expected accuracy of a nearest-class-centroid classifier on time-averaged windows (Monte Carlo).
 
     Centroids are estimated from ``n_train`` windows per class, as one client has them, so the score
@@ -151,9 +179,9 @@ def _expected_accuracy(protos: np.ndarray, amplitude: float, noise: float, n_tra
     c, f = centres.shape
     hits = 0.0
     for _ in range(reps):
-        cent = centres + noise * rng.standard_normal((n_train, c, f)).mean(0)
+        cent = centres + _noise((n_train, c, f), noise, basis, rng).mean(0)
         y = np.repeat(np.arange(c), per_class)
-        x = centres[y] + noise * rng.standard_normal((y.size, f))
+        x = centres[y] + _noise((y.size, f), noise, basis, rng)
         d = (x**2).sum(1)[:, None] - 2 * x @ cent.T + (cent**2).sum(1)[None, :]
         hits += float((d.argmin(1) == y).mean())
     return hits / reps
@@ -187,11 +215,14 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
     # Noise of a time-averaged window: window-level noise plus the white noise averaged over T steps.
     avg_noise = math.sqrt(p.window_noise**2 + p.step_noise**2 / t)
     n_train = max(2, int(round(0.8 * p.windows_per_class)))
+    bases: dict[str, np.ndarray | None] = {}
     for j, ms in enumerate(spec.modalities):
         truth = p.truth[ms.name]
         protos[ms.name], encoded[ms.name] = _prototypes(ms, truth, _rng(seed, 1, j))
+        grid = len(ms.feature_shape) == 2 and p.grid_noise_rank > 0
+        bases[ms.name] = _smooth_basis(ms.feature_shape, p.grid_noise_rank, _rng(seed, 7, j)) if grid else None
         informativeness[ms.name] = round(_expected_accuracy(
-            protos[ms.name], truth.amplitude, avg_noise, n_train, _rng(seed, 2, j)), 4)
+            protos[ms.name], truth.amplitude, avg_noise, n_train, _rng(seed, 2, j), bases[ms.name]), 4)
     env_rng = _rng(seed, 3)
     freq = env_rng.integers(1, 4, NUM_CLASSES)
     phase = env_rng.uniform(0, 2 * np.pi, NUM_CLASSES)
@@ -214,12 +245,16 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
             gain = (1.0 + 0.15 * mrng.standard_normal(f)).astype(np.float32)
             offset = (0.1 * mrng.standard_normal(f)).astype(np.float32)
             signal = (amp * protos[ms.name][y]).astype(np.float32)  # (N, F)
-            # White noise: uniform with std step_noise, drawn as int8 (10x faster than normals: the
-            # paper-size preset draws ~0.5 G values for the tactile grids alone).
+            basis = bases[ms.name]
+            # White noise: uniform, drawn as int8 (10x faster than normals: the paper-size preset draws
+            # ~0.5 G values for the tactile grids alone). On grids most of the noise is smooth instead.
+            white = p.step_noise if basis is None else p.grid_white_noise
             x = mrng.integers(-128, 128, (y.size, t, f), dtype=np.int8).astype(np.float32)
-            x *= np.float32(p.step_noise * math.sqrt(3.0) / 128.0)
-            centre = np.float32(0.5 * p.step_noise * math.sqrt(3.0) / 128.0)  # the int8 draw's mean is -0.5
-            x += p.window_noise * mrng.standard_normal((y.size, 1, f), dtype=np.float32) + centre
+            x *= np.float32(white * math.sqrt(3.0) / 128.0)
+            centre = np.float32(0.5 * white * math.sqrt(3.0) / 128.0)  # the int8 draw's mean is -0.5
+            x += _noise((y.size, 1, f), p.window_noise, basis, mrng) + centre
+            if basis is not None and p.grid_step_noise:
+                x += _noise((y.size, t, f), p.grid_step_noise, basis, mrng)
             x += envelope[y][:, :, None].astype(np.float32) * signal[:, None, :]
             # One scale per modality (SNR unchanged) so that values stay in [-1, 1] up to rare outliers.
             peak = 1.5 * amp * float(np.abs(protos[ms.name]).max()) + 3.0 * math.hypot(p.window_noise, p.step_noise)
