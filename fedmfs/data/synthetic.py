@@ -80,8 +80,8 @@ class SyntheticPreset:
         "xsens": ModalityTruth(amplitude=1.8, classes=20),
         "emg_right": ModalityTruth(amplitude=2.2, classes=14),
         "eye": ModalityTruth(amplitude=1.6, classes=10, active_fraction=1.0),
-        "tactile_right": ModalityTruth(amplitude=3.0, classes=9),
-        "tactile_left": ModalityTruth(amplitude=2.0, classes=5),
+        "tactile_right": ModalityTruth(amplitude=5.0, classes=9),
+        "tactile_left": ModalityTruth(amplitude=3.0, classes=5),
         "emg_left": ModalityTruth(amplitude=0.05, classes=20),
     })
 
