@@ -67,7 +67,8 @@ def broker_from_table(t: dict, where: str, base: Path) -> BrokerConfig:
     if env:
         return parse_broker_url(env)
     if "url" in t:
-        return parse_broker_url(t["url"])
+        from dataclasses import replace
+        return replace(parse_broker_url(t["url"]), protocol=t.get("protocol", "auto"))
     password = None
     if "password_file" in t:
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
 import threading
@@ -78,6 +79,9 @@ class EdgeDaemon:
         self.report_attempts = 0
         self.accuracy: float | None = None
         self.wire_bytes = 0     # MQTT PUBLISH bytes of upload chunks this round (this process)
+        # fault injection for the restart tests: exit abruptly after publishing this many chunk frames
+        self._exit_after_frames = int(os.environ.get("FEDMFS_FAULT_EXIT_AFTER_FRAMES", "0") or 0)
+        self._frames_published = 0
         self.finished = False
         self._client = None
         self._load_globals()
@@ -203,6 +207,11 @@ class EdgeDaemon:
         for f in frames:
             self.link.publish(topic, f, 1, False)
             self.wire_bytes += publish_packet_bytes(topic, len(f), 1, v5)
+            self._frames_published += 1
+            if self._exit_after_frames and self._frames_published >= self._exit_after_frames:
+                log.error("fault injection: exiting after %d chunk frames", self._frames_published)
+                time.sleep(0.2)
+                os._exit(17)
 
     # -- the round ---------------------------------------------------------------------------------
     def _have_globals(self, ann: RoundAnnouncement) -> bool:

@@ -52,8 +52,9 @@ class EmbeddedBroker:
         except ImportError as e:
             raise FedMFSError("the embedded broker needs amqtt (pip install fedmfs[broker]); "
                               "or pass --broker mqtt://HOST:PORT") from e
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
-        logging.getLogger("transitions").setLevel(logging.WARNING)
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        self._loop.set_exception_handler(lambda loop, ctx: log.debug("amqtt: %s", ctx.get("message")))
         cfg = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 0}},
                "sys_interval": 0, "auth": {"allow-anonymous": True}, "topic-check": {"enabled": False}}
         self._thread.start()
@@ -80,7 +81,8 @@ class EmbeddedBroker:
 
 
 def write_fleet_configs(fleet: Fleet, cfg, work: Path, broker_url: str, fleet_name: str,
-                        round_seconds: float = 3600.0, chunk_bytes: int = 64 * 1024) -> dict:
+                        round_seconds: float = 3600.0, chunk_bytes: int = 64 * 1024,
+                        protocol: str = "auto") -> dict:
     """Write data, keys, coordinator.toml, fleet.toml and one edge.toml per client under ``work``."""
     data = save_fleet(fleet, work / "data")
     priv, pub = generate_keypair()
@@ -98,7 +100,7 @@ def write_fleet_configs(fleet: Fleet, cfg, work: Path, broker_url: str, fleet_na
         f"fleet = {tq(fleet_name)}\nstate_dir = \"coordinator\"\nspec = {tq(data / 'fleet.json')}\n"
         f"fleet_file = \"fleet.toml\"\nsigning_key = \"coordinator.key\"\nseed = {cfg.seed}\n"
         f"[rounds]\ntotal = {cfg.rounds}\nseconds = {round_seconds}\nquorum = {len(fleet.clients)}\n"
-        f"chunk_bytes = {chunk_bytes}\n[broker]\nurl = {tq(broker_url)}\n")
+        f"chunk_bytes = {chunk_bytes}\n[broker]\nurl = {tq(broker_url)}\nprotocol = {tq(protocol)}\n")
     train = "\n".join(f"{k} = {json.dumps(v)}" for k, v in asdict(cfg.train).items())
     edges = {}
     for i, c in enumerate(fleet.clients):
@@ -106,7 +108,7 @@ def write_fleet_configs(fleet: Fleet, cfg, work: Path, broker_url: str, fleet_na
         p.write_text(f"device = {tq(c.name)}\nfleet = {tq(fleet_name)}\ndata = {tq(data / (c.name + '.npz'))}\n"
                      f"spec = {tq(data / 'fleet.json')}\nstate_dir = {tq(work / 'edge' / c.name)}\n"
                      f"coordinator_key = {tq(pub)}\nseed = {cfg.seed}\nindex = {i}\nack_timeout = 10.0\n"
-                     f"[broker]\nurl = {tq(broker_url)}\n[train]\n{train}\n")
+                     f"[broker]\nurl = {tq(broker_url)}\nprotocol = {tq(protocol)}\n[train]\n{train}\n")
         edges[c.name] = p
     return {"coordinator": work / "coordinator.toml", "edges": edges, "public_key": pub}
 
@@ -135,7 +137,9 @@ def run_mqtt_simulation(fleet: Fleet, config, broker_url: str | None = None, wor
         broker = EmbeddedBroker().start()
         broker_url = broker.url
     fleet_name = f"sim-{uuid.uuid4().hex[:8]}"
-    files = write_fleet_configs(fleet, config, work, broker_url, fleet_name, chunk_bytes=chunk_bytes)
+    # amqtt speaks MQTT 3.1.1 only: skip the MQTT 5 attempt there
+    files = write_fleet_configs(fleet, config, work, broker_url, fleet_name, chunk_bytes=chunk_bytes,
+                                protocol="3.1.1" if broker is not None else "auto")
     procs: dict[str, subprocess.Popen] = {}
     t0 = time.monotonic()
     try:
