@@ -4,10 +4,12 @@ Layout of a model-set directory::
 
     manifest.json              {"format": "fedmfs-onnx-modelset", "version": 1, "spec": {...},
                                 "modalities": {"<name>": ENTRY, ...}, "fusion": ENTRY | null,
-                                "coalitions": ENTRY | null}
+                                "coalitions": ENTRY | null, "personalised": ENTRY | null}
     <modality>.onnx            one per modality model the device has
     fusion.onnx                the personalised fusion model (optional)
     fusion_coalitions.onnx     its coalition graph, the Shapley fast path (optional)
+    personalised.onnx          modality models + fusion in one graph, the prediction fast path
+                               (optional; manifests without the key read as null)
 
     ENTRY = {"file": "eye.onnx", "sha256": "<hex>", "bytes": 12345, "version": 7, "codec": "fp32"}
 
@@ -38,6 +40,7 @@ MODELSET_FORMAT = "fedmfs-onnx-modelset"
 MODELSET_VERSION = 1
 FUSION_FILE = "fusion.onnx"
 COALITIONS_FILE = "fusion_coalitions.onnx"
+PERSONALISED_FILE = "personalised.onnx"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +64,16 @@ class Manifest:
     modalities: dict[str, FileEntry]
     fusion: FileEntry | None
     coalitions: FileEntry | None
+    personalised: FileEntry | None = None
 
     def entries(self) -> dict[str, FileEntry]:
-        """All entries by role: modality names, then "fusion" and "coalitions" if present."""
+        """All entries by role: modality names, then "fusion", "coalitions" and "personalised" if
+        present."""
         out = {f"modality {k}": v for k, v in self.modalities.items()}
-        if self.fusion:
-            out["fusion"] = self.fusion
-        if self.coalitions:
-            out["coalitions"] = self.coalitions
+        for role in ("fusion", "coalitions", "personalised"):
+            e = getattr(self, role)
+            if e:
+                out[role] = e
         return out
 
 
@@ -104,17 +109,22 @@ def write_model_set(
     coalition_model: bytes | None = None,
     versions: Mapping[str, int] | None = None,
     codecs: Mapping[str, str] | None = None,
+    personalised_model: bytes | None = None,
 ) -> Path:
     """Write ONNX bytes and the manifest into ``directory`` (created if needed); returns it.
 
-    ``versions`` and ``codecs`` are keyed by modality name, "fusion" and "coalitions" (default 0
-    and "fp32"). ONNX files of an earlier set that the new manifest does not list are removed.
+    ``versions`` and ``codecs`` are keyed by modality name, "fusion", "coalitions" and
+    "personalised" (default 0 and "fp32"). ``personalised_model`` is the one-graph model of
+    :func:`fedmfs.export.builder.personalised_model_onnx`. ONNX files of an earlier set that the
+    new manifest does not list are removed.
     """
     unknown = sorted(set(modality_models) - set(spec.names))
     if unknown:
         raise ManifestError(f"models for unknown modalities {unknown}; the spec has {list(spec.names)}")
     if coalition_model is not None and fusion_model is None:
         raise ManifestError("a coalition graph without its fusion model makes no sense")
+    if personalised_model is not None and fusion_model is None:
+        raise ManifestError("a personalised model without its fusion model makes no sense")
     versions, codecs = dict(versions or {}), dict(codecs or {})
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -127,6 +137,8 @@ def write_model_set(
     mods = {n: put(n, f"{n}.onnx", bytes(modality_models[n])) for n in spec.names if n in modality_models}
     fusion = put("fusion", FUSION_FILE, bytes(fusion_model)) if fusion_model is not None else None
     coal = put("coalitions", COALITIONS_FILE, bytes(coalition_model)) if coalition_model is not None else None
+    pers = (put("personalised", PERSONALISED_FILE, bytes(personalised_model))
+            if personalised_model is not None else None)
     doc = {
         "format": MODELSET_FORMAT,
         "version": MODELSET_VERSION,
@@ -134,9 +146,10 @@ def write_model_set(
         "modalities": {k: v.to_dict() for k, v in mods.items()},
         "fusion": fusion.to_dict() if fusion else None,
         "coalitions": coal.to_dict() if coal else None,
+        "personalised": pers.to_dict() if pers else None,
     }
     atomic_write(d / MANIFEST, (json.dumps(doc, indent=2) + "\n").encode())
-    keep = {e.file for e in mods.values()} | {e.file for e in (fusion, coal) if e}
+    keep = {e.file for e in mods.values()} | {e.file for e in (fusion, coal, pers) if e}
     for stale in d.glob("*.onnx"):
         if stale.name not in keep:
             stale.unlink()
@@ -192,9 +205,12 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
             mods[name] = e
     fusion = _entry(doc["fusion"], "fusion", problems) if doc.get("fusion") is not None else None
     coal = _entry(doc["coalitions"], "coalitions", problems) if doc.get("coalitions") is not None else None
+    pers = _entry(doc["personalised"], "personalised", problems) if doc.get("personalised") is not None else None
+    if pers is not None and fusion is None:
+        problems.append("personalised: listed without a fusion model")
     if problems:
         raise ManifestError(f"{mp}: " + "; ".join(problems))
-    return Manifest(spec, mods, fusion, coal)
+    return Manifest(spec, mods, fusion, coal, pers)
 
 
 def check_model_set(directory: str | os.PathLike) -> tuple[Manifest, dict[str, bytes]]:
@@ -202,7 +218,7 @@ def check_model_set(directory: str | os.PathLike) -> tuple[Manifest, dict[str, b
 
     Raises :class:`ManifestError` listing every missing file and every mismatch at once.
     Returns the manifest and the verified bytes keyed by role ("modality <name>", "fusion",
-    "coalitions"), so nothing is read twice (no check-then-use race with a writer)."""
+    "coalitions", "personalised"), so nothing is read twice (no check-then-use race with a writer)."""
     d = Path(directory)
     man = read_manifest(d)
     problems, blobs = [], {}
@@ -238,4 +254,5 @@ def load_model_set(directory: str | os.PathLike, threads: int = 1):
         blobs.get("fusion"),
         threads=threads,
         coalition_model=blobs.get("coalitions"),
+        personalised_model=blobs.get("personalised"),
     )

@@ -10,6 +10,8 @@ its mask entry False (the fusion model multiplies them away and sees the mask).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,12 +26,57 @@ from fedmfs.edge.shapley_engine import (
 from fedmfs.errors import ConfigError, DataError, ManifestError, PayloadError
 from fedmfs.modality import DatasetSpec
 
-__all__ = ["EdgeRuntime", "ShapleyResult", "ShapleyMethod", "ModelSource", "session_options"]
+__all__ = ["EdgeRuntime", "ShapleyResult", "ShapleyMethod", "ModelSource", "session_options",
+           "DEFAULT_INPUT_CHUNK_ELEMENTS"]
 
 ModelSource = bytes | str | os.PathLike
 _FUSION_IN = ("probs", "mask")
 _FUSION_OUT = "class_probs"
 _COALITION_IN = ("x_probs", "bg_probs", "mask", "coalitions")
+
+# Bound on the float32 elements ORT allocates in one modality-model call (its time-major copy of the
+# input and the LSTM workspace, see EdgeRuntime._rows_per_call): 2^19 = 2 MiB, i.e. 3 tactile windows
+# of 100 x 32 x 32 per call on ActionSense shapes, 16 eye windows.
+DEFAULT_INPUT_CHUNK_ELEMENTS = 1 << 19
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _load_glibc():
+    """glibc's ``malloc_trim`` and ``mallinfo2`` (None where absent: musl, macOS, glibc < 2.33)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None, None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    info = getattr(libc, "mallinfo2", None)
+    if info is not None:
+        info.argtypes, info.restype = [], _MallInfo2
+    return trim, info
+
+
+_MALLOC_TRIM, _MALLINFO2 = _load_glibc()
+_TRIM_MIN_FREE = 1 << 20
+
+
+def release_free_heap() -> None:
+    """Hand freed heap memory back to the OS when more than 1 MiB of it is held (glibc
+    ``malloc_trim(0)``; a no-op elsewhere).
+
+    Why: after a large array (a modality's windows) is freed, glibc raises its mmap and trim
+    thresholds to that size, so the following multi-MB buffers (ORT's per-call copies) come from
+    the heap and stay resident after being freed: measured +12 MB of peak RSS on ActionSense
+    shapes. Only when that much is free, because re-touching trimmed pages costs page faults.
+    """
+    if _MALLOC_TRIM is None:
+        return
+    if _MALLINFO2 is not None and _MALLINFO2().fordblks < _TRIM_MIN_FREE:
+        return
+    _MALLOC_TRIM(0)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -52,15 +99,18 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def _open(source: ModelSource, what: str, so: ort.SessionOptions) -> ort.InferenceSession:
+def _read(source: ModelSource, what: str) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-    else:
-        p = Path(source)
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise ManifestError(f"{what}: cannot read {p}: {e}") from e
+        return bytes(source)
+    p = Path(source)
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{what}: cannot read {p}: {e}") from e
+
+
+def _open(source: ModelSource, what: str, so: ort.SessionOptions) -> ort.InferenceSession:
+    data = _read(source, what)
     try:
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...) for bad bytes
@@ -102,10 +152,15 @@ class EdgeRuntime:
         threads: int = 1,
         coalition_model: ModelSource | None = None,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        personalised_model: ModelSource | None = None,
+        input_chunk_elements: int = DEFAULT_INPUT_CHUNK_ELEMENTS,
     ):
         self.spec = spec
         self.threads = threads
         self.chunk_elements = int(chunk_elements)
+        if input_chunk_elements < 1:
+            raise ConfigError(f"input_chunk_elements must be >= 1, got {input_chunk_elements}")
+        self.input_chunk_elements = int(input_chunk_elements)
         unknown = sorted(set(modality_models) - set(spec.names))
         if unknown:
             raise ManifestError(f"models for unknown modalities {unknown}; the spec has {list(spec.names)}")
@@ -137,6 +192,29 @@ class EdgeRuntime:
                 self._coalition_hidden = max(1, int(meta.get("fusion_hidden", "256")))
             except ValueError as e:
                 raise PayloadError(f"coalition graph: bad fusion_hidden metadata {meta.get('fusion_hidden')!r}") from e
+        # the one-graph model is checked now but kept as bytes and opened on the first predict that
+        # can use it: its session holds a second copy of every modality model's weights (+7 MB on
+        # ActionSense shapes), which a process that only scores modalities never needs
+        self._personalised = None
+        self._personalised_bytes: bytes | None = None
+        self._personalised_names: tuple[str, ...] = ()
+        if personalised_model is not None:
+            self._personalised_bytes = _read(personalised_model, "personalised model")
+            sess = _open(self._personalised_bytes, "personalised model", so)
+            by_input = {ms.onnx_input: ms for ms in spec.modalities}
+            got = [a.name for a in sess.get_inputs()]
+            foreign = [g for g in got if g not in by_input]
+            if foreign or not got:
+                raise PayloadError(f"personalised model has inputs {got}; each must be a modality input "
+                                   f"of the spec ({', '.join(by_input)})")
+            names = tuple(ms.name for ms in spec.modalities if ms.onnx_input in got)
+            _check_io(sess, "personalised model",
+                      {spec[k].onnx_input: (None, None, *spec[k].feature_shape) for k in names},
+                      {_FUSION_OUT: (None, c)})
+            del sess
+            release_free_heap()
+            self._personalised_names = names
+            self._session_options = so
 
     # ------------------------------------------------------------------ properties
     @property
@@ -152,12 +230,19 @@ class EdgeRuntime:
     def has_coalition_graph(self) -> bool:
         return self._coalitions is not None
 
+    @property
+    def personalised_modalities(self) -> tuple[str, ...]:
+        """Modalities of the one-graph personalised model (empty without one): :meth:`predict`
+        uses it when given exactly these modalities."""
+        return self._personalised_names
+
     # ------------------------------------------------------------------ inference
-    def _check(self, name: str, arr: object) -> tuple[np.ndarray | None, str | None]:
-        """One modality's windows as float32 (N, T, *feature_shape), or the reason they are refused."""
+    def _check(self, name: str, arr: object, need_session: bool = True) -> tuple[np.ndarray | None, str | None]:
+        """One modality's windows, numeric (N, T, *feature_shape) and finite, or the reason they
+        are refused. Not converted: callers take float32 row chunks (views when already float32)."""
         if name not in self.spec.names:
             return None, f"unknown modality {name!r} (the spec has {', '.join(self.spec.names)})"
-        if name not in self._sessions:
+        if need_session and name not in self._sessions:
             return None, f"no model for modality {name!r} (models: {', '.join(self.modalities) or 'none'})"
         a = np.asarray(arr)
         want = (self.spec.steps, *self.spec[name].feature_shape)
@@ -165,23 +250,45 @@ class EdgeRuntime:
             return None, f"{name} must have shape (N, {', '.join(map(str, want))}), got {a.shape}"
         if a.dtype.kind not in "fiu":
             return None, f"{name} must be numeric, got {a.dtype}"
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        if not np.isfinite(a).all():
-            return None, f"{name} has NaN or infinite values"
+        # checked (and later converted to float32) a row chunk at a time: no whole-array temporaries
+        if a.dtype.kind == "f":
+            rows = self._rows_per_call(name)
+            if not all(np.isfinite(a[i:i + rows]).all() for i in range(0, a.shape[0], rows)):
+                return None, f"{name} has NaN or infinite values"
         return a, None
+
+    def _rows_per_call(self, name: str) -> int:
+        """Rows of modality ``name`` per session call, so that the float32 elements ORT holds per
+        call stay within ``input_chunk_elements``: per row, T x F for the time-major copy of the
+        input plus T x 5H for the LSTM's gate pre-activations (4H) and its hidden states (H)."""
+        ms = self.spec[name]
+        per_row = self.spec.steps * (ms.features + 5 * ms.hidden)
+        return max(1, self.input_chunk_elements // per_row)
+
+    def _modality_logp(self, name: str, a: np.ndarray, out: np.ndarray) -> None:
+        """Write modality ``name``'s probabilities for the rows of ``a`` into ``out`` (N, C), one
+        session call per row chunk. Chunks of float32 C-contiguous input are views, not copies."""
+        sess, ms = self._sessions[name], self.spec[name]
+        rows = self._rows_per_call(name)
+        for i in range(0, a.shape[0], rows):
+            chunk = np.ascontiguousarray(a[i:i + rows], dtype=np.float32)
+            (logp,) = sess.run([ms.onnx_output], {ms.onnx_input: chunk})
+            np.exp(logp, out=out[i:i + rows])
 
     def _run_modalities(self, x: Mapping[str, np.ndarray], what: str) -> tuple[np.ndarray, np.ndarray]:
         """One session call per present modality; (N, M, C) probabilities + mask (M,).
 
         Modalities are fetched from ``x`` one at a time and dropped after their call, so a lazy
         mapping (e.g. windows spooled on disk, one file per modality) keeps only one modality's
-        windows in memory: on ActionSense shapes that is what keeps peak RSS under 100 MB.
-        Every problem is collected and reported together."""
+        windows in memory, and each modality model runs on row chunks (:meth:`_rows_per_call`),
+        so ORT's copies are bounded too: on ActionSense shapes that is what keeps peak RSS under
+        100 MB. Every problem is collected and reported together."""
         if not isinstance(x, Mapping):
             raise DataError(f"{what} must map modality names to arrays, got {type(x).__name__}")
         m, c = len(self.spec.modalities), self.spec.num_classes
         problems: list[str] = []
-        cols: dict[int, np.ndarray] = {}
+        probs: np.ndarray | None = None
+        mask = np.zeros(m, dtype=bool)
         n = None
         names = list(x.keys())
         for name in names:
@@ -201,18 +308,20 @@ class EdgeRuntime:
                 continue
             if problems:
                 continue  # still check the rest, but do not spend time running models
-            (logp,) = self._sessions[ms.name].run([ms.onnx_output], {ms.onnx_input: a})
+            if probs is None:
+                probs = np.zeros((int(n), m, c), dtype=np.float32)
+            col = np.empty((int(n), c), dtype=np.float32)
+            self._modality_logp(ms.name, a, col)
+            big = a.nbytes >= _TRIM_MIN_FREE
             del a
-            cols[j] = np.exp(logp)
-        if not problems and not cols:
+            if big:  # this modality's windows and ORT's copies of them are gone: give them back
+                release_free_heap()
+            probs[:, j] = col
+            mask[j] = True
+        if not problems and not mask.any():
             problems.append("no modality given")
         if problems:
             raise DataError(f"{what}: " + "; ".join(problems))
-        probs = np.zeros((int(n), m, c), dtype=np.float32)
-        mask = np.zeros(m, dtype=bool)
-        for j, p in cols.items():
-            probs[:, j] = p
-            mask[j] = True
         return probs, mask
 
     def modality_probs(self, x: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -238,8 +347,45 @@ class EdgeRuntime:
         return out
 
     def predict(self, x: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Class probabilities (N, C) of the personalised model (modality models + fusion)."""
+        """Class probabilities (N, C) of the personalised model (modality models + fusion).
+
+        With a personalised graph and exactly its modalities given, small batches (inputs within
+        ``input_chunk_elements``) take ONE session call; otherwise (large batches, other
+        modality sets) the modality models run one at a time in row chunks, then the fusion
+        model. Both give the same function (tests: within 1e-5)."""
+        if self._personalised_names and isinstance(x, Mapping) and set(x.keys()) == set(self._personalised_names):
+            out = self._predict_one_graph(x)
+            if out is not None:
+                return out
         return self.fuse(*self.modality_probs(x))
+
+    def _predict_one_graph(self, x: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The personalised graph on ``x``, or None when the batch is too large for one call (the
+        caller then takes the chunked path; arrays already fetched are simply fetched again)."""
+        names = self._personalised_names
+        per_row = sum(self.spec.steps * self.spec[k].features for k in names)
+        feeds: dict[str, np.ndarray] = {}
+        problems: list[str] = []
+        n = None
+        for k in names:
+            a, why = self._check(k, x[k], need_session=False)
+            if why:
+                problems.append(why)
+                continue
+            if n is None:
+                n = a.shape[0]
+                if n * per_row > self.input_chunk_elements and all(m in self._sessions for m in names):
+                    return None
+            elif a.shape[0] != n:
+                problems.append(f"{k} has {a.shape[0]} samples, other modalities {n}")
+                continue
+            feeds[self.spec[k].onnx_input] = np.ascontiguousarray(a, dtype=np.float32)
+        if problems:
+            raise DataError("predict input: " + "; ".join(problems))
+        if self._personalised is None:
+            self._personalised = _open(self._personalised_bytes, "personalised model", self._session_options)
+            self._personalised_bytes = None
+        return self._personalised.run([_FUSION_OUT], feeds)[0]
 
     # ------------------------------------------------------------------ Shapley
     def shapley(
@@ -303,6 +449,7 @@ class EdgeRuntime:
                 raise DataError(f"y must be ({x_probs.shape[0]},) integer labels in [0, {c}), got {y.dtype} {y.shape}")
             y = y.astype(np.int64)
         players = np.nonzero(mask)[0]
+        release_free_heap()  # the modality windows are gone; start the fusion buffers from a trimmed heap
         if self._coalitions is not None:
             sess = self._coalitions
 
@@ -313,4 +460,6 @@ class EdgeRuntime:
                                           kind, y, self.chunk_elements)
         else:
             evaluate = fusion_coalition_fn(self.fuse, x_probs, bg_probs, players, mask, kind, y, self.chunk_elements)
-        return engine_shapley(evaluate, players, m, method, permutations, seed)
+        result = engine_shapley(evaluate, players, m, method, permutations, seed)
+        release_free_heap()
+        return result
