@@ -37,6 +37,13 @@ class TrainConfig:
     fusion_steps: int = 200
     fusion_lr: float = 0.01
     shapley_samples: int = 50
+    # Where Stage #1 is fitted and scored. "train" (default): the paper's recipe, on training windows.
+    # "holdout": each round one of `folds` stratified
+    # folds of the training split is held out of local training (round-robin, so every window trains
+    # in most rounds) and Stage #1 fusion + Shapley use it: a modality that memorises its training
+    # windows cannot look informative.
+    score_on: str = "train"
+    folds: int = 5
     value_kind: str = "prob"  # "prob" (paper) or "loglik"
     hard_labels: bool = False  # the paper feeds one-hot predicted labels to the fusion model
     # "onnx": the ONNX Runtime engine (the device's path); "numpy": the reference. Hard labels use numpy.
@@ -47,6 +54,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.value_kind not in ("prob", "loglik"):
             raise ConfigError(f"value_kind must be 'prob' or 'loglik', got {self.value_kind!r}")
+        if self.score_on not in ("holdout", "train"):
+            raise ConfigError(f"score_on must be 'holdout' or 'train', got {self.score_on!r}")
+        if self.folds < 2:
+            raise ConfigError(f"folds must be >= 2, got {self.folds}")
         if self.shapley_backend not in ("onnx", "numpy"):
             raise ConfigError(f"shapley_backend must be 'onnx' or 'numpy', got {self.shapley_backend!r}")
         Codec(self.codec)
@@ -106,13 +117,26 @@ class LocalClient:
         self.history = _History()
         self.xtr, self.ytr = data.split(True)
         self.xte, self.yte = data.split(False)
+        self.fold = self._folds(config.folds)
+
+    def _folds(self, k: int) -> np.ndarray:
+        """A fold number per training window, stratified by class (fixed for the client's life)."""
+        rng = np.random.default_rng(seed_for(self.seed, self.index, 0xF01D))
+        fold = np.zeros(len(self.ytr), np.int64)
+        start = 0
+        for c in np.unique(self.ytr):
+            idx = np.nonzero(self.ytr == c)[0]
+            idx = idx[rng.permutation(len(idx))]
+            fold[idx] = (start + np.arange(len(idx))) % k
+            start += len(idx)
+        return fold
 
     # -- local training ---------------------------------------------------------------------------
-    def _train_modality(self, m: str, round_index: int) -> None:
+    def _train_modality(self, m: str, round_index: int, rows: np.ndarray) -> None:
         cfg = self.config
         model = self.models[m]
-        x = torch.from_numpy(self.xtr[m])
-        y = torch.from_numpy(self.ytr)
+        x = torch.from_numpy(self.xtr[m][rows])
+        y = torch.from_numpy(self.ytr[rows])
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
         rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, self.spec.index(m)))
         loss_fn = nn.NLLLoss()
@@ -159,11 +183,12 @@ class LocalClient:
             pred = f(torch.from_numpy(probs), mk).argmax(-1).numpy()
         return float((pred == y).mean()) if len(y) else 0.0
 
-    def _shapley(self, f: FusionModel, probs: np.ndarray, round_index: int) -> np.ndarray:
-        """Per-modality impact (M,) on a subsample of the training set, background = the same rows."""
+    def _shapley(self, f: FusionModel, x: dict[str, np.ndarray], y: np.ndarray, probs: np.ndarray,
+                 round_index: int) -> np.ndarray:
+        """Per-modality impact (M,) on a subsample of the scoring rows, background = the same rows."""
         cfg = self.config
         rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, 0x5A))
-        n = len(self.ytr)
+        n = len(y)
         idx = np.sort(rng.choice(n, size=min(cfg.shapley_samples, n), replace=False))
         if cfg.shapley_backend == "onnx" and not cfg.hard_labels:
             from fedmfs.export.builder import model_set_runtime
@@ -173,8 +198,8 @@ class LocalClient:
                 {m: state_to_numpy(self.models[m]) for m in self.present},
                 state_to_numpy(f), cfg.fusion_hidden, threads=cfg.threads,
             )
-            xs = {m: self.xtr[m][idx] for m in self.present}
-            res = rt.shapley(xs, xs, kind=cfg.value_kind, y=self.ytr[idx], method="exact")
+            xs = {m: x[m][idx] for m in self.present}
+            res = rt.shapley(xs, xs, kind=cfg.value_kind, y=y[idx], method="exact")
             return np.asarray(res.scores, dtype=np.float64)
         from fedmfs.shapley import exact_shapley, modality_scores
 
@@ -184,18 +209,26 @@ class LocalClient:
                          torch.from_numpy(np.ascontiguousarray(mask, np.float32))).exp().numpy()
 
         sub = probs[idx]
-        phi = exact_shapley(fusion_fn, sub, sub, self.mask, cfg.value_kind, self.ytr[idx])
+        phi = exact_shapley(fusion_fn, sub, sub, self.mask, cfg.value_kind, y[idx])
         return modality_scores(phi)
 
     def local_round(self, round_index: int, globals: dict[str, State]) -> LocalUpdate:
         """Train every modality model from the current globals, fit Stage #1 fusion, score modalities."""
+        if self.config.score_on == "holdout":
+            held = self.fold == round_index % self.config.folds
+        else:
+            held = np.zeros(len(self.ytr), bool)
+        train_rows = np.nonzero(~held)[0]
+        score_rows = np.nonzero(held)[0] if held.any() else np.arange(len(self.ytr))
         for m in self.present:
             if m in globals:
                 numpy_to_state(self.models[m], globals[m])
-            self._train_modality(m, round_index)
-        probs = self._probs(self.models, self.xtr)
-        f1 = self._fit_fusion(probs, self.ytr, seed_for(round_index, 1))
-        scores = self._shapley(f1, probs, round_index)
+            self._train_modality(m, round_index, train_rows)
+        xs = {m: v[score_rows] for m, v in self.xtr.items()}
+        ys = self.ytr[score_rows]
+        probs = self._probs(self.models, xs)
+        f1 = self._fit_fusion(probs, ys, seed_for(round_index, 1))
+        scores = self._shapley(f1, xs, ys, probs, round_index)
         states = {m: state_to_numpy(self.models[m]) for m in self.present}
         return LocalUpdate(
             round_index=round_index,
@@ -203,7 +236,7 @@ class LocalClient:
             sizes={m: encoded_size(states[m], self.config.codec, m) for m in self.present},
             shapley={m: float(scores[self.spec.index(m)]) for m in self.present},
             samples=self.data.n_train,
-            stage1_accuracy=self._fusion_accuracy(f1, probs, self.ytr),
+            stage1_accuracy=self._fusion_accuracy(f1, probs, ys),
         )
 
     # -- selection and upload --------------------------------------------------------------------

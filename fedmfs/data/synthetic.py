@@ -77,12 +77,14 @@ class SyntheticPreset:
     grid_step_noise: float = 0.0
     # Most -> least informative; amplitudes spaced by about a factor 2 between neighbouring tiers.
     truth: dict[str, ModalityTruth] = field(default_factory=lambda: {
-        "xsens": ModalityTruth(amplitude=1.8, classes=20),
-        "emg_right": ModalityTruth(amplitude=2.2, classes=14),
-        "eye": ModalityTruth(amplitude=1.6, classes=10, active_fraction=1.0),
-        "tactile_right": ModalityTruth(amplitude=5.0, classes=9),
-        "tactile_left": ModalityTruth(amplitude=3.0, classes=5),
-        "emg_left": ModalityTruth(amplitude=0.05, classes=20),
+        # Complementary information: every modality alone identifies its own disjoint block of classes
+        # (the fusion needs it for exactly those), so its Shapley impact follows the block's size.
+        "xsens": ModalityTruth(amplitude=2.0, classes=8),
+        "emg_right": ModalityTruth(amplitude=2.2, classes=5),
+        "eye": ModalityTruth(amplitude=3.0, classes=3, active_fraction=1.0),
+        "tactile_right": ModalityTruth(amplitude=3.0, classes=2),
+        "tactile_left": ModalityTruth(amplitude=3.0, classes=1),
+        "emg_left": ModalityTruth(amplitude=0.05, classes=0),
     })
 
     def spec(self) -> DatasetSpec:
@@ -100,7 +102,7 @@ class SyntheticPreset:
 
 PRESETS: dict[str, SyntheticPreset] = {
     "small": SyntheticPreset(
-        name="small", steps=20, windows_per_class=6, tactile_shape=(16, 16), hidden=32,
+        name="small", steps=20, windows_per_class=20, tactile_shape=(16, 16), hidden=32,
         description="fast: tests and the default demo (T=20, ~6 windows/class/client, 16x16 tactile grids)",
     ),
     "actionsense": SyntheticPreset(
@@ -115,10 +117,22 @@ def _rng(seed: int, *parts: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), *map(int, parts)])
 
 
-def _prototypes(spec: ModalitySpec, truth: ModalityTruth, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+def _blocks(p: "SyntheticPreset", rng: np.random.Generator) -> dict[str, list[int]]:
+    """Disjoint class blocks, one per modality in truth order, over a random permutation of the classes."""
+    perm = rng.permutation(NUM_CLASSES).tolist()
+    out, start = {}, 0
+    for name, truth in p.truth.items():
+        out[name] = sorted(perm[start:start + truth.classes])
+        start += truth.classes
+    if start > NUM_CLASSES:
+        raise ValueError(f"the truth table encodes {start} classes, more than {NUM_CLASSES}")
+    return out
+
+
+def _prototypes(spec: ModalitySpec, truth: ModalityTruth, rng: np.random.Generator,
+                encoded: list[int]) -> tuple[np.ndarray, list[int]]:
     """Unit-norm class prototypes (C, F) for the classes this modality encodes, zero rows for the rest."""
     f = spec.features
-    encoded = sorted(rng.choice(NUM_CLASSES, size=truth.classes, replace=False).tolist())
     protos = np.zeros((NUM_CLASSES, f), dtype=np.float64)
     if len(spec.feature_shape) == 2:
         # Tactile: one Gaussian pressure blob per class, at a class-specific place and width.
@@ -216,9 +230,10 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
     avg_noise = math.sqrt(p.window_noise**2 + p.step_noise**2 / t)
     n_train = max(2, int(round(0.8 * p.windows_per_class)))
     bases: dict[str, np.ndarray | None] = {}
+    blocks = _blocks(p, _rng(seed, 8))
     for j, ms in enumerate(spec.modalities):
         truth = p.truth[ms.name]
-        protos[ms.name], encoded[ms.name] = _prototypes(ms, truth, _rng(seed, 1, j))
+        protos[ms.name], encoded[ms.name] = _prototypes(ms, truth, _rng(seed, 1, j), blocks[ms.name])
         grid = len(ms.feature_shape) == 2 and p.grid_noise_rank > 0
         bases[ms.name] = _smooth_basis(ms.feature_shape, p.grid_noise_rank, _rng(seed, 7, j)) if grid else None
         informativeness[ms.name] = round(_expected_accuracy(
