@@ -1,10 +1,13 @@
 """The coordinator's SQLite ledger and model files: rounds, uploads (sha256 + status), refusals,
-reports, devices and global models. Model bytes live in files written atomically (temp, fsync,
-rename) before the ledger row that points at them; a restart rebuilds the open round from both.
+reports, devices and global models. Accepted upload payloads are stored in the ledger itself (a BLOB
+in the same transaction as their row: atomic, and one fsync per batch of uploads: group commit);
+global models are files written atomically (temp, fsync, rename) before the row that points at them.
+A restart rebuilds the open round from both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -24,7 +27,7 @@ CREATE TABLE IF NOT EXISTS rounds (
   closed_at REAL, expected TEXT NOT NULL, caps TEXT NOT NULL, aggregated TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS uploads (
   round INTEGER NOT NULL, device TEXT NOT NULL, modality TEXT NOT NULL, sha256 TEXT NOT NULL,
-  nbytes INTEGER NOT NULL, samples INTEGER NOT NULL, status TEXT NOT NULL, path TEXT NOT NULL,
+  nbytes INTEGER NOT NULL, samples INTEGER NOT NULL, status TEXT NOT NULL, payload BLOB NOT NULL,
   at REAL NOT NULL, PRIMARY KEY (round, device, modality));
 CREATE TABLE IF NOT EXISTS refusals (
   id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, device TEXT NOT NULL, modality TEXT,
@@ -80,13 +83,30 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+        self._batching = False
+
+    @contextlib.contextmanager
+    def batch(self):
+        """One transaction (one fsync) for many writes: the service's group commit per loop turn."""
+        if self._batching:
+            yield
+            return
+        self._batching = True
+        try:
+            with self.db:
+                yield
+        finally:
+            self._batching = False
+
+    def _tx(self):
+        return contextlib.nullcontext() if self._batching else self.db
 
     def close(self) -> None:
         self.db.close()
 
     # -- writes -----------------------------------------------------------------------------------
     def put_meta(self, key: str, value: str) -> None:
-        with self.db:
+        with self._tx():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def get_meta(self, key: str) -> str | None:
@@ -95,47 +115,43 @@ class Ledger:
 
     def put_round(self, r: int, state: RoundState, deadline: float, opened_at: float, expected, caps,
                   closed_at: float | None = None, aggregated: dict | None = None) -> None:
-        with self.db:
+        with self._tx():
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?)",
                             (r, state.value, deadline, opened_at, closed_at, json.dumps(list(expected)),
                              json.dumps(caps), json.dumps(aggregated or {})))
 
     def put_upload(self, r: int, device: str, modality: str, payload: bytes, sha256: str, samples: int) -> bool:
-        """File first, then the row; False (and nothing written) if this upload is already recorded."""
-        if self.db.execute("SELECT 1 FROM uploads WHERE round=? AND device=? AND modality=?",
-                           (r, device, modality)).fetchone():
-            return False
-        rel = f"uploads/r{r:05d}/{device}.{modality}.safetensors"
-        atomic_write(self.dir / rel, payload)
-        with self.db:
-            self.db.execute("INSERT INTO uploads VALUES (?,?,?,?,?,?,?,?,?)",
-                            (r, device, modality, sha256, len(payload), samples, "accepted", rel, time.time()))
-        return True
+        """Payload and row in one write; False (and nothing written) if this upload is already recorded."""
+        with self._tx():
+            cur = self.db.execute("INSERT OR IGNORE INTO uploads VALUES (?,?,?,?,?,?,?,?,?)",
+                                  (r, device, modality, sha256, len(payload), samples, "accepted", payload,
+                                   time.time()))
+        return cur.rowcount == 1
 
     def put_refusal(self, r: int, device: str, modality: str | None, reason: str, nbytes: int, detail: str) -> None:
-        with self.db:
+        with self._tx():
             self.db.execute("INSERT INTO refusals (round, device, modality, reason, nbytes, detail, at) "
                             "VALUES (?,?,?,?,?,?,?)", (r, device, modality, reason, nbytes, detail[:500], time.time()))
 
     def put_report(self, r: int, device: str, body: bytes) -> None:
-        with self.db:
+        with self._tx():
             self.db.execute("INSERT OR IGNORE INTO reports VALUES (?,?,?,?)", (r, device, body, time.time()))
 
     def put_global(self, modality: str, version: int, r: int, sha256: str, frame: bytes) -> None:
         rel = f"globals/{modality}.v{version:05d}.fmg"
         atomic_write(self.dir / rel, frame)
-        with self.db:
+        with self._tx():
             self.db.execute("INSERT OR REPLACE INTO globals VALUES (?,?,?,?,?,?)",
                             (modality, version, r, sha256, rel, time.time()))
 
     def put_devices(self, devices: tuple[DeviceConfig, ...]) -> None:
-        with self.db:
+        with self._tx():
             for d in devices:
                 self.db.execute("INSERT INTO devices (device, config) VALUES (?, ?) ON CONFLICT(device) "
                                 "DO UPDATE SET config = excluded.config", (d.device, json.dumps(d.to_dict())))
 
     def set_online(self, device: str, online: bool) -> None:
-        with self.db:
+        with self._tx():
             self.db.execute("INSERT INTO devices (device, config, online, last_seen) VALUES (?, '{}', ?, ?) "
                             "ON CONFLICT(device) DO UPDATE SET online = excluded.online, last_seen = excluded.last_seen",
                             (device, int(online), time.time()))
@@ -153,14 +169,16 @@ class Ledger:
                          json.loads(r[7])) for r in self.db.execute("SELECT * FROM rounds ORDER BY round")]
 
     def uploads(self, r: int | None = None) -> list[dict]:
-        q = "SELECT round, device, modality, sha256, nbytes, samples, status, path FROM uploads"
+        q = "SELECT round, device, modality, sha256, nbytes, samples, status FROM uploads"
         rows = self.db.execute(q + (" WHERE round = ?" if r is not None else "") + " ORDER BY round, device, modality",
                                (() if r is None else (r,))).fetchall()
-        keys = ("round", "device", "modality", "sha256", "nbytes", "samples", "status", "path")
+        keys = ("round", "device", "modality", "sha256", "nbytes", "samples", "status")
         return [dict(zip(keys, x)) for x in rows]
 
     def upload_payload(self, row: dict) -> bytes:
-        return (self.dir / row["path"]).read_bytes()
+        (p,) = self.db.execute("SELECT payload FROM uploads WHERE round=? AND device=? AND modality=?",
+                               (row["round"], row["device"], row["modality"])).fetchone()
+        return bytes(p)
 
     def refusals(self, r: int | None = None) -> list[dict]:
         q = "SELECT round, device, modality, reason, nbytes, detail FROM refusals"

@@ -52,6 +52,7 @@ class CoordinatorService:
         self.inbox: "queue.Queue[Inbound]" = queue.Queue()
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
+        self.failed = False
         self.machine = self._build_machine()
         t = self.machine.topics
         self.link = MqttLink(cfg.broker, f"fedmfs-coordinator-{cfg.fleet}",
@@ -98,34 +99,44 @@ class CoordinatorService:
 
     # -- actions -----------------------------------------------------------------------------------
     def execute(self, actions) -> None:
-        for a in actions:
-            if isinstance(a, Publish):
-                link = getattr(self, "link", None)
-                if link is not None:
-                    link.publish(a.topic, a.payload, a.qos, a.retain)
-            elif isinstance(a, PersistUpload):
-                if self.ledger.put_upload(a.round, a.device, a.modality, a.payload, a.sha256, a.samples):
-                    self.metrics.accepted.labels(a.modality).inc()
-                    self.metrics.bytes.labels(a.device, a.modality).inc(len(a.payload))
-            elif isinstance(a, Refused):
-                self.ledger.put_refusal(a.round, a.device, a.modality, a.reason.value, a.nbytes, a.detail)
-                self.metrics.refused.labels(a.reason.value).inc()
-            elif isinstance(a, PersistReport):
-                self.ledger.put_report(a.round, a.device, encode_message(a.report))
-                self.metrics.reports.inc()
-            elif isinstance(a, PersistRound):
-                self.ledger.put_round(a.round, a.state, a.deadline, a.opened_at, a.expected, dict(a.caps),
-                                      a.closed_at, dict(a.aggregated))
-                self.metrics.round.set(a.round)
-                if a.state is RoundState.OPEN:
-                    log.info("round %d open until %.0f, expecting %s", a.round, a.deadline, ", ".join(a.expected))
-            elif isinstance(a, PersistGlobal):
-                self.ledger.put_global(a.modality, a.version, a.round, a.sha256, a.frame)
-            elif isinstance(a, RoundClosed):
-                self.metrics.rounds.labels("met" if a.quorum_met else "missed").inc()
-                self.metrics.duration.observe(a.duration)
-                log.info("round %d closed after %.1f s: %d reports, aggregated %s", a.round, a.duration,
-                         len(a.reported), a.aggregated or "nothing")
+        """Persist everything first (one transaction), then publish in order: an ack never promises
+        what the ledger does not hold yet."""
+        publishes = []
+        with self.ledger.batch():
+            for a in actions:
+                if isinstance(a, Publish):
+                    publishes.append(a)
+                else:
+                    self._persist(a)
+        link = getattr(self, "link", None)
+        if link is not None:
+            for a in publishes:
+                link.publish(a.topic, a.payload, a.qos, a.retain)
+
+    def _persist(self, a) -> None:
+        if isinstance(a, PersistUpload):
+            if self.ledger.put_upload(a.round, a.device, a.modality, a.payload, a.sha256, a.samples):
+                self.metrics.accepted.labels(a.modality).inc()
+                self.metrics.bytes.labels(a.device, a.modality).inc(len(a.payload))
+        elif isinstance(a, Refused):
+            self.ledger.put_refusal(a.round, a.device, a.modality, a.reason.value, a.nbytes, a.detail)
+            self.metrics.refused.labels(a.reason.value).inc()
+        elif isinstance(a, PersistReport):
+            self.ledger.put_report(a.round, a.device, encode_message(a.report))
+            self.metrics.reports.inc()
+        elif isinstance(a, PersistRound):
+            self.ledger.put_round(a.round, a.state, a.deadline, a.opened_at, a.expected, dict(a.caps),
+                                  a.closed_at, dict(a.aggregated))
+            self.metrics.round.set(a.round)
+            if a.state is RoundState.OPEN:
+                log.info("round %d open until %.0f, expecting %s", a.round, a.deadline, ", ".join(a.expected))
+        elif isinstance(a, PersistGlobal):
+            self.ledger.put_global(a.modality, a.version, a.round, a.sha256, a.frame)
+        elif isinstance(a, RoundClosed):
+            self.metrics.rounds.labels("met" if a.quorum_met else "missed").inc()
+            self.metrics.duration.observe(a.duration)
+            log.info("round %d closed after %.1f s: %d reports, aggregated %s", a.round, a.duration,
+                     len(a.reported), a.aggregated or "nothing")
 
     def _event_for(self, msg: Inbound, now: float):
         try:
@@ -146,12 +157,30 @@ class CoordinatorService:
             return StatusArrived(t.device, msg.payload, now)
         return None
 
-    def handle(self, event) -> None:
+    def handle(self, event) -> list:
+        """The machine's actions for one event ([] if handling failed: logged and counted)."""
         try:
-            self.execute(self.machine.handle(event))
+            return self.machine.handle(event)
         except Exception:   # a bug must not take the fleet down: log, count, go on
             log.exception("error while handling %s", type(event).__name__)
             self.metrics.errors.labels(type(event).__name__).inc()
+            return []
+
+    def handle_batch(self, events) -> None:
+        """Group commit: the actions of many events persisted in one transaction, then published."""
+        actions = []
+        for ev in events:
+            actions += self.handle(ev)
+        try:
+            self.execute(actions)
+        except Exception:
+            # The transaction rolled back and no ack went out, but the machine counted the uploads:
+            # stop, so that the restart rebuilds the machine from what the ledger really holds.
+            log.critical("persisting %d actions failed; stopping to resume from the ledger", len(actions),
+                         exc_info=True)
+            self.metrics.errors.labels("persist").inc()
+            self.failed = True
+            self.stop_event.set()
 
     # -- the loop ----------------------------------------------------------------------------------
     def _signals(self) -> None:
@@ -165,7 +194,7 @@ class CoordinatorService:
         self._signals()
         self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
         self.link.start(timeout=connect_timeout)
-        self.handle(Start(time.time()))
+        self.handle_batch([Start(time.time())])
         self.notifier.ready(self._status_line())
         last_status = 0.0
         try:
@@ -176,17 +205,17 @@ class CoordinatorService:
                     msg = self.inbox.get(timeout=0.2)
                 except queue.Empty:
                     msg = None
-                n = 0
-                while msg is not None and n < 1000:
+                events = []
+                while msg is not None and len(events) < 1000:
                     ev = self._event_for(msg, time.time())
                     if ev is not None:
-                        self.handle(ev)
-                    n += 1
+                        events.append(ev)
                     try:
                         msg = self.inbox.get_nowait()
                     except queue.Empty:
                         msg = None
-                self.handle(Tick(time.time()))
+                events.append(Tick(time.time()))
+                self.handle_batch(events)
                 if self.reload_event.is_set():
                     self.reload_event.clear()
                     self._reload()
@@ -200,7 +229,7 @@ class CoordinatorService:
             self.notifier.stopping()
             self.link.stop()
             self.ledger.close()
-        return 0
+        return 1 if self.failed else 0
 
     def _drain_publishes(self, timeout: float = 10.0) -> None:
         """Before exiting: make sure the final round message and globals reached the broker."""
@@ -214,7 +243,7 @@ class CoordinatorService:
             log.error("fleet file not reloaded: %s", e)
             return
         self.ledger.put_devices(devices)
-        self.handle(FleetChanged(devices, time.time()))
+        self.handle_batch([FleetChanged(devices, time.time())])
         log.info("fleet file reloaded: %d devices (caps apply from the next round)", len(devices))
 
     def _status_line(self) -> str:
