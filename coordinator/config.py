@@ -63,12 +63,10 @@ def load_spec(path: Path) -> DatasetSpec:
 
 def broker_from_table(t: dict, where: str, base: Path) -> BrokerConfig:
     check_keys(t, _BROKER, where)
-    env = os.environ.get("FEDMFS_BROKER")
-    if env:
-        return parse_broker_url(env)
-    if "url" in t:
+    url = os.environ.get("FEDMFS_BROKER") or t.get("url")
+    if url:
         from dataclasses import replace
-        return replace(parse_broker_url(t["url"]), protocol=t.get("protocol", "auto"))
+        return replace(parse_broker_url(url), protocol=t.get("protocol", "auto"))
     password = None
     if "password_file" in t:
         try:
