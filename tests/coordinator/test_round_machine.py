@@ -288,3 +288,22 @@ def test_restore_resumes_without_double_counting():
     report(m2, "b"); report(m2, "c")
     assert m2.round == 1 and m2.globals["eye"].version == 1
     np.testing.assert_array_equal(m2.globals["eye"].state["head.weight"], state("eye", 1)["head.weight"])
+
+
+from hypothesis import given, settings, strategies as st
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "zz"]), st.integers(0, 2), st.sampled_from(["eye", "emg", "xx"]),
+                          st.binary(max_size=300), st.booleans()), max_size=12))
+def test_fuzz_machine_never_raises_on_peer_bytes(msgs):
+    m = machine(rounds=2)
+    good = split_payload(payload("eye", 1), 200)
+    for dev, rnd, mod, data, use_good in msgs:
+        # half the time a real frame with a flipped byte, else random bytes
+        frame = bytearray(good[rnd % len(good)]) if use_good else bytearray(data)
+        if use_good and data:
+            frame[len(data) % len(frame)] ^= 0xFF
+        m.handle(ChunkArrived(dev, rnd, mod, bytes(frame), 1001.0))
+        m.handle(ReportArrived(dev, bytes(data), 1001.0))
+    assert m.used.get("a", 0) <= len(payload("eye", 1)) * 2
