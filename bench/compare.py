@@ -4,7 +4,7 @@ Prints the final accuracy of each, the cumulative upload bytes of each and their
 run. Target of the project: FedMFS within 1 point of the all-modalities accuracy with at most a quarter
 of its bytes.
 
-    python bench/compare.py --preset small --rounds 10 --seed 0
+    python bench/compare.py --preset small --rounds 10 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -24,29 +24,35 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; figures are means")
     ap.add_argument("--gamma", type=int, default=1)
     ap.add_argument("--alpha-s", type=float, default=0.2)
     ap.add_argument("--alpha-c", type=float, default=0.8)
+    ap.add_argument("--alpha-r", type=float, default=0.0)
     ap.add_argument("--extra", nargs="*", default=[], help="more methods to run alongside (e.g. random holistic local)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
-    fleet = make_synthetic(args.preset, seed=args.seed)
-    results = {}
-    for method in ["fedmfs", "all", *args.extra]:
-        cfg = SimConfig(method=method, rounds=args.rounds, gamma=args.gamma, seed=args.seed,
-                        alphas=Alphas(args.alpha_s, args.alpha_c))
-        t0 = time.perf_counter()
-        rep = run_simulation(fleet, cfg, progress=sys.stderr.isatty())
-        results[method] = {
-            "final_accuracy": rep["final_accuracy"],
-            "best_accuracy": max(r["accuracy"] for r in rep["rounds"]),
-            "total_upload_bytes": rep["total_upload_bytes"],
-            "seconds": time.perf_counter() - t0,
-        }
+    runs: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        fleet = make_synthetic(args.preset, seed=seed)
+        for method in ["fedmfs", "all", *args.extra]:
+            cfg = SimConfig(method=method, rounds=args.rounds, gamma=args.gamma, seed=seed,
+                            alphas=Alphas(args.alpha_s, args.alpha_c, args.alpha_r))
+            t0 = time.perf_counter()
+            rep = run_simulation(fleet, cfg, progress=sys.stderr.isatty())
+            runs.setdefault(method, []).append({
+                "seed": seed,
+                "final_accuracy": rep["final_accuracy"],
+                "total_upload_bytes": rep["total_upload_bytes"],
+                "seconds": time.perf_counter() - t0,
+            })
+            print(f"  seed {seed} {method:13s} final accuracy {rep['final_accuracy'] * 100:6.2f}%  "
+                  f"upload {rep['total_upload_bytes'] / 1e6:8.3f} MB", flush=True)
+    results = {m: {k: sum(r[k] for r in rs) / len(rs) for k in ("final_accuracy", "total_upload_bytes", "seconds")}
+               | {"runs": rs} for m, rs in runs.items()}
     base = results["all"]
-    print(f"preset={args.preset} rounds={args.rounds} seed={args.seed} gamma={args.gamma} "
-          f"alphas=({args.alpha_s}, {args.alpha_c})")
+    print(f"preset={args.preset} rounds={args.rounds} seeds={args.seeds} gamma={args.gamma} "
+          f"alphas=({args.alpha_s}, {args.alpha_c}, {args.alpha_r}); means over seeds")
     print(f"{'method':13s} {'final acc':>9s} {'upload MB':>10s} {'bytes/all':>9s} {'acc - all':>9s} {'time s':>7s}")
     for m, r in results.items():
         print(f"{m:13s} {r['final_accuracy'] * 100:8.2f}% {r['total_upload_bytes'] / 1e6:10.3f} "

@@ -18,7 +18,7 @@ from fedmfs.data.format import ClientData
 from fedmfs.errors import ConfigError
 from fedmfs.modality import DatasetSpec
 from fedmfs.models import FusionModel, ModalityModel, numpy_to_state, state_to_numpy
-from fedmfs.payload import Codec, ModelHeader, encode_model, encoded_size
+from fedmfs.payload import Codec, ModelHeader, encode_model, encoded_size, state_digest
 from fedmfs.selection import SelectionInput, Selector
 
 __all__ = ["TrainConfig", "LocalUpdate", "Choice", "LocalClient", "seed_for"]
@@ -98,6 +98,8 @@ def _to_probs(logp: torch.Tensor, hard: bool) -> torch.Tensor:
 @dataclass
 class _History:
     last_upload: dict[str, int] = field(default_factory=dict)
+    # digest of the global model each local model last started from
+    synced: dict[str, str] = field(default_factory=dict)
 
 
 class LocalClient:
@@ -222,7 +224,12 @@ class LocalClient:
         score_rows = np.nonzero(held)[0] if held.any() else np.arange(len(self.ytr))
         for m in self.present:
             if m in globals:
-                numpy_to_state(self.models[m], globals[m])
+                d = state_digest(globals[m])
+                if self.history.synced.get(m) != d:
+                    # a new global: start from it; an unchanged one: keep training the local model,
+                    # which started from that global and has trained since
+                    numpy_to_state(self.models[m], globals[m])
+                    self.history.synced[m] = d
             self._train_modality(m, round_index, train_rows)
         xs = {m: v[score_rows] for m, v in self.xtr.items()}
         ys = self.ytr[score_rows]
@@ -267,10 +274,12 @@ class LocalClient:
 
     # -- Stage #2 and evaluation ----------------------------------------------------------------
     def deployed_models(self, globals: dict[str, State]) -> dict[str, nn.Module]:
-        """Global models for every modality that has one; the local model where none exists yet."""
+        """The newest model of every modality: the global where it is new since the local model last
+        started from a global (it was just aggregated), else the local model (it started from the
+        current global, or there is none yet, and has trained since)."""
         out: dict[str, nn.Module] = {}
         for m in self.present:
-            if m in globals:
+            if m in globals and state_digest(globals[m]) != self.history.synced.get(m):
                 g = ModalityModel(self.spec[m], self.spec.num_classes)
                 numpy_to_state(g, globals[m])
                 g.eval()
@@ -314,7 +323,8 @@ class LocalClient:
             save_file(state_to_numpy(self.fusion), str(tmp))
             os.replace(tmp, d / "fusion.safetensors")
         tmp = d / ".client.json.tmp"
-        tmp.write_text(json.dumps({"last_upload": self.history.last_upload, "config": asdict(self.config)}))
+        tmp.write_text(json.dumps({"last_upload": self.history.last_upload, "synced": self.history.synced,
+                                   "config": asdict(self.config)}))
         os.replace(tmp, d / "client.json")
 
     def restore(self, directory: str | os.PathLike, globals: dict[str, State] | None = None) -> None:
@@ -328,7 +338,9 @@ class LocalClient:
                 numpy_to_state(self.models[m], load_file(str(p)))
         p = d / "client.json"
         if p.exists():
-            self.history.last_upload = {k: int(v) for k, v in json.loads(p.read_text())["last_upload"].items()}
+            saved = json.loads(p.read_text())
+            self.history.last_upload = {k: int(v) for k, v in saved["last_upload"].items()}
+            self.history.synced = {k: str(v) for k, v in saved.get("synced", {}).items()}
         p = d / "fusion.safetensors"
         if p.exists():
             f = FusionModel(len(self.spec.names), self.spec.num_classes, self.config.fusion_hidden)

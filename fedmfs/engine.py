@@ -19,7 +19,7 @@ from fedmfs.data.format import Fleet
 from fedmfs.errors import ConfigError
 from fedmfs.modality import DatasetSpec
 from fedmfs.models import ModalityModel, state_to_numpy
-from fedmfs.payload import state_digest
+from fedmfs.payload import decode_model, state_digest
 from fedmfs.selection import (AllSelector, Alphas, NoneSelector, PrioritySelector, RandomSelector,
                               Selector)
 
@@ -173,7 +173,11 @@ def run_simulation(fleet: Fleet, cfg: SimConfig, progress: bool = False,
             upd = c.local_round(r, start)
             choice = c.choose(upd, selector, gamma, cfg.cap_bytes, r)
             for m in choice.modalities:
-                uploads.append(Upload(c.data.name, m, upd.samples, upd.states[m], upd.sizes[m]))
+                state = upd.states[m]
+                if cfg.train.codec != "fp32":
+                    # aggregate what the coordinator would receive: the decoded fp16/int8 payload
+                    state = decode_model(c.payload(upd, m, r))[1]
+                uploads.append(Upload(c.data.name, m, upd.samples, state, upd.sizes[m]))
             c.mark_uploaded(choice.modalities, r)
             per_client[c.data.name] = {
                 "shapley": upd.shapley, "sizes": upd.sizes, "priorities": choice.priorities,
