@@ -18,7 +18,7 @@ __all__ = ["EdgeConfig", "load_edge_config"]
 
 _TOP = {"device": str, "fleet": str, "data": str, "spec": str, "state_dir": str, "spool": str,
         "coordinator_key": str, "coordinator_key_file": str, "seed": int, "index": int, "ack_timeout": float,
-        "max_attempts": int, "train": dict, "broker": dict, "log_level": str}
+        "max_attempts": int, "job_timeout": float, "train": dict, "broker": dict, "log_level": str}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,7 @@ class EdgeConfig:
     index: int = 0
     ack_timeout: float = 10.0
     max_attempts: int = 30
+    job_timeout: float = 3600.0   # seconds a training or Stage #2 job may run before the watchdog stops
     log_level: str = "INFO"
 
 
@@ -69,10 +70,13 @@ def load_edge_config(path: str | os.PathLike) -> EdgeConfig:
         raise ConfigError(f"{p}: coordinator_key must be 64 lower-case hex digits, got {key[:16]!r}...")
     if raw.get("ack_timeout", 10.0) <= 0 or raw.get("max_attempts", 30) < 1:
         raise ConfigError(f"{p}: ack_timeout must be > 0 and max_attempts >= 1")
+    if not raw.get("job_timeout", 3600.0) > 0:
+        raise ConfigError(f"{p}: job_timeout must be > 0 (seconds a local round may take)")
     return EdgeConfig(
         device=raw["device"], fleet=raw["fleet"], data=rel(raw["data"]), spec=rel(raw["spec"]),
         state_dir=rel(raw["state_dir"]), coordinator_key=key,
         broker=broker_from_table(raw.get("broker", {}), f"{p} [broker]", base), train=dict(raw.get("train", {})),
         spool=rel(raw["spool"]) if "spool" in raw else None, seed=raw.get("seed", 0), index=raw.get("index", 0),
         ack_timeout=float(raw.get("ack_timeout", 10.0)), max_attempts=raw.get("max_attempts", 30),
+        job_timeout=float(raw.get("job_timeout", 3600.0)),
         log_level=raw.get("log_level", "INFO"))

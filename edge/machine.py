@@ -1,0 +1,503 @@
+"""The edge device's round machine, sans-I/O: events in, actions out; no sockets, threads, files or clocks.
+
+The daemon (:mod:`fedmfs.edge.daemon`) is a thin adapter around it: it turns paho messages, the
+worker thread's completions and the clock into events, and carries out the actions (publish,
+persist, start a heavy job). The unit tests replay event orders against the same machine.
+
+What a round looks like from here: the retained ``round`` announcement, the device's ``config`` and
+the globals it lists are held -> Stage #2 on the last closed round's globals (a :class:`RunStage2`
+job) -> training from the round's globals (a :class:`StartTraining` job) -> the chosen payloads are
+uploaded in chunks (one :class:`~fedmfs.edge.uploads.UploadTracker` each) -> the report, repeated
+until the coordinator acknowledges it (or the round closes) -> the round is finished.
+
+Invariants (checked by tests/edge/test_edge_machine.py):
+
+* at most one heavy job runs at a time, and only the adapter's worker runs it; the machine keeps
+  answering acks, configs and announcements meanwhile;
+* state is persisted (:class:`SaveProgress`) before the work it promises is started anew after a
+  restart; the progress snapshot is the JSON document ``state.json``;
+* a round is finished once (report acknowledged, round closed, or the report unanswered after
+  ``max_attempts``), and an ack for another round, modality or payload changes nothing;
+* nothing a peer sends raises out of :meth:`EdgeMachine.handle`.
+
+Progress (``state.json``)::
+
+    {"reported": <last finished round or -1>, "stage2": <last round Stage #2 ran on or -1>,
+     "pending": null | {"round": r, "chosen": [modality, ...], "status": {modality: final reason},
+                        "chunk_bytes": n, "started": {modality: true}}}
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Mapping
+
+from fedmfs.errors import ConfigError, PayloadError
+from fedmfs.protocol import (
+    Ack, AckReason, DeviceConfig, DeviceState, DeviceStatus, Report, RoundAnnouncement, RoundState, TopicKind,
+    Topics, Verifier, decode_global, decode_message, encode_message, parse_topic,
+)
+
+from .uploads import UploadStatus, UploadTracker, publish_packet_bytes
+
+__all__ = [
+    "JobKind", "Connected", "Announced", "ConfigArrived", "AckArrived", "GlobalArrived", "GlobalFrame",
+    "Trained", "Stage2Done", "JobFailed", "Tick", "Publish", "SaveProgress", "SaveHistory", "SaveGlobal",
+    "DropPending", "StartTraining", "RunStage2", "Finished", "Fatal", "EdgeMachine", "decode_inbound",
+    "verify_global", "check_progress", "FRESH_PROGRESS",
+]
+
+log = logging.getLogger("fedmfs.edge")
+
+FRESH_PROGRESS: Mapping[str, Any] = {"reported": -1, "stage2": -1, "pending": None}
+
+
+class JobKind(str, Enum):
+    TRAIN = "train"
+    STAGE2 = "stage2"
+
+
+# --------------------------------------------------------------------------------------------- events
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The link (re)connected; ``mqtt5`` says which protocol it speaks (for the wire-byte count)."""
+    now: float
+    mqtt5: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    announcement: RoundAnnouncement
+    now: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigArrived:
+    config: DeviceConfig
+    now: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AckArrived:
+    ack: Ack
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalArrived:
+    """A global model whose signature and payload were verified (:func:`verify_global`).
+
+    ``state`` is opaque here (the numpy tensors the worker trains from); ``stored`` says the frame
+    came from the state directory, so there is nothing to persist."""
+    modality: str
+    sha256: str
+    state: Any
+    frame: bytes
+    stored: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalFrame:
+    """A global-model frame straight off the wire, still to be verified by the adapter."""
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Trained:
+    """The training job of ``round`` is over: its payloads are written, ``record`` goes to the history."""
+    round: int
+    chosen: tuple[str, ...]
+    payloads: Mapping[str, bytes]
+    record: Mapping[str, Any]
+    now: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stage2Done:
+    round: int
+    accuracy: float
+    now: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobFailed:
+    """A heavy job raised. ``retryable``: try again after the retry delay; else the daemon stops."""
+    kind: JobKind
+    round: int
+    error: str
+    retryable: bool
+    now: float
+    exit_code: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: advance whatever can advance (also the upload and report retries)."""
+    now: float
+
+
+Event = Connected | Announced | ConfigArrived | AckArrived | GlobalArrived | Trained | Stage2Done | JobFailed | Tick
+
+
+# -------------------------------------------------------------------------------------------- actions
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    chunk: bool = False      # an upload chunk frame (the adapter counts them for fault injection)
+
+
+@dataclass(frozen=True, slots=True)
+class SaveProgress:
+    """Write ``state.json`` (a snapshot, safe to serialise on any thread)."""
+    progress: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveHistory:
+    history: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveGlobal:
+    modality: str
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DropPending:
+    """The pending round is over: delete its payload files."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTraining:
+    """Run (in the worker) spool merge, LocalClient.local_round, selection, payload files, client save.
+
+    ``starts``: the globals to train from; ``deploy``: the globals deployed now (for a client restored
+    from the state directory)."""
+    round: int
+    starts: Mapping[str, Any]
+    deploy: Mapping[str, Any]
+    config: DeviceConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RunStage2:
+    """Run (in the worker) Stage #2 on ``deploy``, evaluate, export the personalised ONNX model set."""
+    round: int
+    deploy: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The run is over (the coordinator announced ``done`` and Stage #2 ran on the last round)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fatal:
+    """Stop the daemon with ``exit_code`` (a job failed in a way a retry cannot fix)."""
+    reason: str
+    exit_code: int = 1
+
+
+Action = Publish | SaveProgress | SaveHistory | SaveGlobal | DropPending | StartTraining | RunStage2 | Finished | Fatal
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+def decode_inbound(topic: str, payload: bytes, device: str, now: float) -> Event | GlobalFrame | None:
+    """The event a broker message means for ``device``; None for what it ignores (other devices'
+    topics, cleared retained messages). Malformed topics or messages raise PayloadError."""
+    t = parse_topic(topic)
+    if not payload:
+        return None
+    if t.kind is TopicKind.GLOBAL:
+        return GlobalFrame(payload)
+    if t.kind is TopicKind.ROUND:
+        return Announced(decode_message(payload, RoundAnnouncement), now)
+    if t.kind is TopicKind.CONFIG and t.device == device:
+        return ConfigArrived(decode_message(payload, DeviceConfig), now)
+    if t.kind is TopicKind.ACK and t.device == device:
+        return AckArrived(decode_message(payload, Ack), now)
+    return None
+
+
+def verify_global(frame: bytes, verifier: Verifier, fleet: str, stored: bool = False) -> GlobalArrived:
+    """Check a signed global frame (signature, fleet, payload) and decode its tensors."""
+    from fedmfs.payload import decode_model   # numpy; imported here so the protocol half stays light
+
+    h, payload = decode_global(frame, verifier)
+    if h.fleet != fleet:
+        raise PayloadError(f"global model of fleet {h.fleet!r}, this device is in {fleet!r}")
+    header, st = decode_model(payload)
+    if header.modality != h.modality:
+        raise PayloadError("global model: payload modality differs from the signed header")
+    return GlobalArrived(h.modality, h.sha256, st, frame, stored)
+
+
+def check_progress(obj: Any, where: str = "state.json") -> dict:
+    """Validate a loaded progress document (a restart must not trip over a half-understood file)."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{where}: {why}; move it away to start this device afresh")
+
+    if not isinstance(obj, dict) or not isinstance(obj.get("reported"), int) or not isinstance(obj.get("stage2"), int):
+        raise bad("needs integer 'reported' and 'stage2'")
+    p = obj.get("pending")
+    if p is not None:
+        if not (isinstance(p, dict) and isinstance(p.get("round"), int) and isinstance(p.get("chosen"), list)
+                and all(isinstance(m, str) for m in p["chosen"]) and isinstance(p.get("status", {}), dict)
+                and isinstance(p.get("chunk_bytes"), int) and p["chunk_bytes"] > 0
+                and isinstance(p.get("started", {}), dict)):
+            raise bad("'pending' is malformed")
+        p.setdefault("status", {})
+    return {"reported": obj["reported"], "stage2": obj["stage2"], "pending": p}
+
+
+# ------------------------------------------------------------------------------------------- machine
+
+@dataclass(slots=True)
+class _Job:
+    kind: JobKind
+    round: int
+    chunk_bytes: int = 0
+
+
+@dataclass(slots=True)
+class EdgeMachine:
+    """One device's round logic. Feed it events with :meth:`handle`; do what the actions say.
+
+    ``progress``/``history`` are the persisted documents of an earlier run (None: a fresh device);
+    ``payloads`` the pending round's payload bytes the adapter read back from the state directory.
+    """
+
+    device: str
+    fleet: str
+    ack_timeout: float = 10.0
+    max_attempts: int = 30
+    retry_delay: float = 1.0
+    progress: dict = field(default_factory=lambda: copy.deepcopy(dict(FRESH_PROGRESS)))
+    history: dict = field(default_factory=dict)
+    payloads: dict = field(default_factory=dict)
+    topics: Topics = field(init=False)
+    globals: dict = field(init=False, default_factory=dict)     # modality -> (sha256, state)
+    config: DeviceConfig | None = field(init=False, default=None)
+    announcement: RoundAnnouncement | None = field(init=False, default=None)
+    uploads: dict = field(init=False, default_factory=dict)     # modality -> UploadTracker
+    job: _Job | None = field(init=False, default=None)
+    retry_at: float = field(init=False, default=float("-inf"))
+    report_sent_at: float | None = field(init=False, default=None)
+    report_attempts: int = field(init=False, default=0)
+    accuracy: float | None = field(init=False, default=None)
+    wire_bytes: int = field(init=False, default=0)   # MQTT PUBLISH bytes of this round's chunks (this process)
+    mqtt5: bool = field(init=False, default=True)
+    finished: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.topics = Topics(self.fleet)
+        self.progress = check_progress(copy.deepcopy(self.progress))
+
+    # -- the entry point -------------------------------------------------------------------------
+    def handle(self, ev: Event) -> list[Action]:
+        if isinstance(ev, Tick):
+            return self._step(ev.now)
+        if isinstance(ev, AckArrived):
+            return self._on_ack(ev.ack, ev.now)
+        if isinstance(ev, Announced):
+            self.announcement = ev.announcement
+            return []
+        if isinstance(ev, ConfigArrived):
+            self.config = ev.config
+            return []
+        if isinstance(ev, GlobalArrived):
+            self.globals[ev.modality] = (ev.sha256, ev.state)
+            return [] if ev.stored else [SaveGlobal(ev.modality, ev.frame)]
+        if isinstance(ev, Connected):
+            self.mqtt5 = ev.mqtt5
+            return [Publish(self.topics.status(self.device),
+                            encode_message(DeviceStatus(self.device, DeviceState.ONLINE)), 1, True)]
+        if isinstance(ev, Trained):
+            return self._on_trained(ev)
+        if isinstance(ev, Stage2Done):
+            return self._on_stage2(ev)
+        if isinstance(ev, JobFailed):
+            return self._on_failed(ev)
+        raise TypeError(f"not an edge event: {ev!r}")
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _snapshot(self) -> list[Action]:
+        return [SaveProgress(copy.deepcopy(self.progress))]
+
+    def _history_snapshot(self) -> SaveHistory:
+        return SaveHistory(copy.deepcopy(self.history))
+
+    def _have_globals(self, ann: RoundAnnouncement) -> bool:
+        return all(self.globals.get(m, ("",))[0] == sha for m, sha in ann.globals.items())
+
+    def deploy_states(self) -> dict:
+        """The globals the current announcement lists (all held ones before any announcement)."""
+        ann = self.announcement
+        return {m: st for m, (sha, st) in self.globals.items() if ann is None or ann.globals.get(m) == sha}
+
+    def _frames(self, up: UploadTracker, frames: list[bytes], round_index: int) -> list[Action]:
+        topic = self.topics.upload(self.device, round_index, up.modality)
+        for f in frames:
+            self.wire_bytes += publish_packet_bytes(topic, len(f), 1, self.mqtt5)
+        return [Publish(topic, f, 1, False, chunk=True) for f in frames]
+
+    # -- events ----------------------------------------------------------------------------------
+    def _on_ack(self, ack: Ack, now: float) -> list[Action]:
+        pending = self.progress["pending"]
+        if pending is None or ack.round != pending["round"]:
+            return []
+        if ack.modality is None:
+            if ack.reason in (AckReason.REPORT_ACCEPTED, AckReason.ROUND_CLOSED):
+                return self._finish_round(pending["round"])
+            return []
+        up = self.uploads.get(ack.modality)
+        if up is None:
+            return []
+        out = self._frames(up, up.on_ack(ack, now), pending["round"])
+        if up.done and up.modality not in pending["status"]:
+            pending["status"][up.modality] = up.reason.value if up.reason else up.status.value
+            out += self._snapshot()
+        return out
+
+    def _on_trained(self, ev: Trained) -> list[Action]:
+        job = self.job
+        if job is None or job.kind is not JobKind.TRAIN or job.round != ev.round:
+            log.error("a training result for round %d that nobody asked for; ignored", ev.round)
+            return []
+        self.job = None
+        self.history.setdefault(str(ev.round), {}).update(copy.deepcopy(dict(ev.record)))
+        self.payloads = {m: ev.payloads[m] for m in ev.chosen}
+        self.progress["pending"] = {"round": ev.round, "chosen": list(ev.chosen), "status": {},
+                                    "chunk_bytes": job.chunk_bytes}
+        log.info("round %d: trained, uploading %s", ev.round, ", ".join(ev.chosen) or "nothing")
+        return [self._history_snapshot(), *self._snapshot()]
+
+    def _on_stage2(self, ev: Stage2Done) -> list[Action]:
+        job = self.job
+        if job is None or job.kind is not JobKind.STAGE2 or job.round != ev.round:
+            log.error("a Stage #2 result for round %d that nobody asked for; ignored", ev.round)
+            return []
+        self.job = None
+        self.accuracy = ev.accuracy
+        self.history.setdefault(str(ev.round), {})["accuracy"] = ev.accuracy
+        self.progress["stage2"] = ev.round
+        return [self._history_snapshot(), *self._snapshot()]
+
+    def _on_failed(self, ev: JobFailed) -> list[Action]:
+        self.job = None
+        if not ev.retryable:
+            return [Fatal(f"{ev.kind.value} of round {ev.round} failed: {ev.error}", ev.exit_code)]
+        self.retry_at = ev.now + self.retry_delay
+        log.error("%s of round %d failed (retry in %.0f s): %s", ev.kind.value, ev.round, self.retry_delay, ev.error)
+        return []
+
+    # -- the round ---------------------------------------------------------------------------------
+    def _start(self, job: _Job, action: Action, now: float) -> list[Action]:
+        if self.job is not None or now < self.retry_at:
+            return []
+        self.job = job
+        return [action]
+
+    def _step(self, now: float) -> list[Action]:
+        ann = self.announcement
+        if ann is None or self.config is None or ann.fleet != self.fleet or self.finished:
+            return []
+        if not self._have_globals(ann):
+            return []   # the retained globals of this round are on their way
+        out: list[Action] = []
+        pending = self.progress["pending"]
+        if pending is not None and (pending["round"] != ann.round or ann.state is not RoundState.OPEN):
+            log.info("round %d closed before this device finished it", pending["round"])
+            out += self._finish_round(pending["round"])
+            pending = None
+        if ann.state is RoundState.CLOSED:
+            return out
+        last_closed = ann.round - 1 if ann.state is RoundState.OPEN else ann.round
+        if self.progress["stage2"] < last_closed and last_closed >= 0:
+            return out + self._start(_Job(JobKind.STAGE2, last_closed),
+                                     RunStage2(last_closed, self.deploy_states()), now)
+        if ann.state is RoundState.DONE:
+            if self.job is None:   # a job still running (a slow last round) is waited for
+                self.finished = True
+                out.append(Finished())
+            return out
+        if pending is None and self.progress["reported"] < ann.round:
+            starts = {m: st for m, (sha, st) in self.globals.items() if m in ann.globals}
+            return out + self._start(_Job(JobKind.TRAIN, ann.round, ann.chunk_bytes),
+                                     StartTraining(ann.round, starts, self.deploy_states(), self.config), now)
+        if pending is not None:
+            out += self._drive_uploads(pending, now)
+        return out
+
+    def _drive_uploads(self, pending: dict, now: float) -> list[Action]:
+        r = pending["round"]
+        out: list[Action] = []
+        for m in pending["chosen"]:
+            if m in pending["status"] or m in self.uploads:
+                continue
+            payload = self.payloads.get(m)
+            if payload is None:
+                log.error("round %d: the payload of %s is lost (state directory damaged); giving it up", r, m)
+                pending["status"][m] = UploadStatus.FAILED.value
+                out += self._snapshot()
+                continue
+            up = UploadTracker(m, payload, pending["chunk_bytes"], self.ack_timeout, self.max_attempts)
+            self.uploads[m] = up
+            # after a restart the coordinator may hold part of it: probe first, resend what it lacks
+            out += self._frames(up, up.start(now, resume=pending.get("started", {}).get(m, False)), r)
+            pending.setdefault("started", {})[m] = True
+            out += self._snapshot()
+        for up in self.uploads.values():
+            out += self._frames(up, up.on_tick(now), r)
+            if up.done and up.modality not in pending["status"]:
+                pending["status"][up.modality] = up.reason.value if up.reason else up.status.value
+                out += self._snapshot()
+        if all(m in pending["status"] for m in pending["chosen"]):
+            out += self._send_report(pending, now)
+        return out
+
+    def _send_report(self, pending: dict, now: float) -> list[Action]:
+        if self.report_sent_at is not None and now - self.report_sent_at < self.ack_timeout:
+            return []
+        if self.report_attempts >= self.max_attempts:
+            log.error("round %d: no answer to the report after %d attempts", pending["round"], self.report_attempts)
+            return self._finish_round(pending["round"])
+        r = pending["round"]
+        h = self.history.get(str(r), {})
+        accepted = tuple(m for m in pending["chosen"] if pending["status"].get(m) == AckReason.ACCEPTED.value)
+        sizes = {m: int(v) for m, v in h.get("sizes", {}).items()}
+        rep = Report(self.device, r, int(h.get("samples", 0)), h.get("shapley", {}), h.get("priorities", {}),
+                     sizes, tuple(pending["chosen"]), accepted, sum(sizes.get(m, 0) for m in accepted),
+                     self.accuracy)
+        self.report_sent_at = now
+        self.report_attempts += 1
+        return [Publish(self.topics.report(self.device), encode_message(rep), 1, False)]
+
+    def _finish_round(self, r: int) -> list[Action]:
+        pending = self.progress["pending"] or {}
+        h = self.history.setdefault(str(r), {})
+        h["acks"] = dict(pending.get("status", {}))
+        h["wire_bytes"] = h.get("wire_bytes", 0) + self.wire_bytes
+        h["payload_bytes_sent"] = sum(up.frame_bytes_sent for up in self.uploads.values())
+        self.wire_bytes = 0
+        self.progress["reported"] = max(self.progress["reported"], r)
+        self.progress["pending"] = None
+        self.uploads.clear()
+        self.payloads = {}
+        self.report_sent_at = None
+        self.report_attempts = 0
+        return [self._history_snapshot(), *self._snapshot(), DropPending()]

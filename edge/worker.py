@@ -1,0 +1,231 @@
+"""The edge daemon's heavy work, off the network loop: training, Stage #2 and ONNX export.
+
+:class:`Trainer` owns the training-side :class:`fedmfs.client.LocalClient` (torch) and the files it
+writes (``client/``, ``pending/``, ``model/``); it turns a job action of the round machine
+(:class:`~fedmfs.edge.machine.StartTraining`, :class:`~fedmfs.edge.machine.RunStage2`) into the
+completion event. :class:`Worker` runs one job at a time on a background thread and posts that
+event (or :class:`~fedmfs.edge.machine.JobFailed`) to the daemon's queue, so acks, config changes
+and watchdog pings keep flowing while a round trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from fedmfs.errors import FedMFSError, PayloadError
+
+from .config import EdgeConfig
+from .machine import JobFailed, JobKind, RunStage2, Stage2Done, StartTraining, Trained
+from .modelset import atomic_write
+
+__all__ = ["Trainer", "Worker"]
+
+log = logging.getLogger("fedmfs.edge")
+
+Job = StartTraining | RunStage2
+
+
+class Trainer:
+    """Runs jobs against the device's LocalClient; only ever called from one thread at a time."""
+
+    def __init__(self, cfg: EdgeConfig):
+        self.cfg = cfg
+        self.dir = cfg.state_dir
+        self._client = None
+
+    def run(self, job: Job):
+        if isinstance(job, StartTraining):
+            return self.train(job)
+        if isinstance(job, RunStage2):
+            return self.stage2(job)
+        raise TypeError(f"not a job: {job!r}")
+
+    # -- the client, created lazily (torch is imported only here) ---------------------------------
+    def client(self, deploy: dict):
+        if self._client is None:
+            self._client = self._make_client(deploy)
+        return self._client
+
+    def _make_client(self, deploy: dict):
+        import torch
+
+        from fedmfs.client import LocalClient
+        from fedmfs.config import train_config_from
+        from fedmfs.coordinator.config import load_spec
+        from fedmfs.data.format import load_client
+
+        spec = load_spec(self.cfg.spec)
+        data = load_client(self.cfg.data, spec, self.cfg.device)
+        train = train_config_from(self.cfg.train, f"{self.cfg.device} [train]")
+        torch.set_num_threads(train.threads)
+        c = LocalClient(spec, data, train, self.cfg.seed, self.cfg.index)
+        if (self.dir / "client" / "client.json").exists():
+            c.restore(self.dir / "client", deploy)
+        return c
+
+    # -- jobs --------------------------------------------------------------------------------------
+    def train(self, job: StartTraining) -> Trained:
+        from fedmfs.engine import SimConfig, make_selector
+        from fedmfs.selection import Alphas
+
+        self._merge_spool(dict(job.deploy))
+        c, cfg, r = self.client(dict(job.deploy)), job.config, job.round
+        t0 = time.perf_counter()
+        upd = c.local_round(r, dict(job.starts))
+        gamma = len(c.spec.names) if cfg.method == "all" else cfg.gamma
+        selector = make_selector(SimConfig(method=cfg.method, alphas=Alphas(cfg.alpha_s, cfg.alpha_c, cfg.alpha_r)))
+        choice = c.choose(upd, selector, gamma, cfg.cap_bytes, r)
+        c.mark_uploaded(choice.modalities, r)
+        payloads = {m: c.payload(upd, m, r) for m in choice.modalities}
+        (self.dir / "pending").mkdir(parents=True, exist_ok=True)
+        for m, p in payloads.items():
+            atomic_write(self.dir / "pending" / f"{m}.bin", p)
+        c.save(self.dir / "client")
+        seconds = time.perf_counter() - t0
+        log.info("round %d: trained in %.1f s", r, seconds)
+        record = {"shapley": upd.shapley, "sizes": upd.sizes, "priorities": choice.priorities,
+                  "choice": list(choice.modalities), "stage1_accuracy": upd.stage1_accuracy,
+                  "samples": upd.samples, "train_seconds": seconds}
+        return Trained(r, tuple(choice.modalities), payloads, record, time.time())
+
+    def stage2(self, job: RunStage2) -> Stage2Done:
+        deploy = dict(job.deploy)
+        c = self.client(deploy)
+        c.stage2(deploy, job.round)
+        acc = c.evaluate()
+        self._export_model(job.round)
+        c.save(self.dir / "client")
+        log.info("stage 2 after round %d: accuracy %.4f on %d test windows", job.round, acc,
+                 int((~c.data.train).sum()))
+        return Stage2Done(job.round, acc, time.time())
+
+    def _export_model(self, round_index: int) -> None:
+        """The personalised ONNX model set: per-modality graphs, fusion, coalition graph, and the
+        one-graph personalised model (``fedmfs-edge predict``'s fast path)."""
+        try:
+            from fedmfs.export.builder import model_set_onnx, personalised_model_onnx
+        except ImportError as e:   # an inference-only install cannot export
+            log.warning("no personalised ONNX model (export needs onnx): %s", e)
+            return
+        from .modelset import write_model_set
+
+        c = self._client
+        mods, fusion = c.personalised_states()
+        hidden = c.config.fusion_hidden
+        models, fusion_onnx, coal = model_set_onnx(c.spec, mods, fusion, hidden)
+        one = personalised_model_onnx(c.spec, mods, fusion, hidden)
+        write_model_set(self.dir / "model", c.spec, models, fusion_onnx, coal,
+                        versions={**{m: round_index for m in models}, "fusion": round_index,
+                                  "coalitions": round_index, "personalised": round_index},
+                        personalised_model=one)
+
+    def _merge_spool(self, deploy: dict) -> None:
+        """New labelled windows (``*.npz`` in the client-file format) join the local data."""
+        sp = self.cfg.spool
+        if sp is None or not sp.is_dir():
+            return
+        files = sorted(sp.glob("*.npz"))
+        if not files:
+            return
+        from fedmfs.client import LocalClient
+        from fedmfs.data.format import ClientData, load_client
+
+        c = self.client(deploy)
+        xs, ys, trains = {m: [v] for m, v in c.data.x.items()}, [c.data.y], [c.data.train]
+        done = sp / "merged"
+        done.mkdir(exist_ok=True)
+        for f in files:
+            try:
+                extra = load_client(f, c.spec, c.data.name)
+                if set(extra.x) != set(c.data.x):
+                    raise PayloadError(f"has modalities {sorted(extra.x)}, the device has {sorted(c.data.x)}")
+            except Exception as e:   # a bad spool file is set aside, never fatal
+                log.warning("spool file %s refused: %s", f, e)
+                f.rename(sp / (f.name + ".refused"))
+                continue
+            for m in xs:
+                xs[m].append(extra.x[m])
+            ys.append(extra.y)
+            trains.append(extra.train)
+            f.rename(done / f.name)
+        data = ClientData(c.data.name, {m: np.concatenate(v) for m, v in xs.items()}, np.concatenate(ys),
+                          np.concatenate(trains))
+        c.save(self.dir / "client")
+        n = LocalClient(c.spec, data, c.config, c.seed, c.index)
+        n.restore(self.dir / "client", deploy)
+        self._client = n
+        log.info("merged %d spool files: %d windows now", len(files), len(data))
+
+
+def _kind(job: Job) -> JobKind:
+    return JobKind.TRAIN if isinstance(job, StartTraining) else JobKind.STAGE2
+
+
+class Worker:
+    """One background thread running one job at a time; each completion is ``post``-ed as an event.
+
+    Errors a retry may cure (bad or unreadable files, I/O) become a retryable :class:`JobFailed`;
+    anything else (a configuration error, a bug) a fatal one, so the daemon exits with its code.
+    """
+
+    RETRYABLE = (PayloadError, ValueError, OSError)
+
+    def __init__(self, run: Callable[[Job], object], post: Callable[[object], None],
+                 clock: Callable[[], float] = time.monotonic):
+        self._run = run
+        self._post = post
+        self._clock = clock
+        self._jobs: "queue.Queue[Job | None]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._current: Job | None = None
+        self._started = 0.0
+        self._thread = threading.Thread(target=self._loop, name="fedmfs-edge-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._current is not None
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._current is not None:
+                raise RuntimeError(f"the worker is busy with {self._current!r}")
+            self._current = job
+            self._started = self._clock()
+        self._jobs.put(job)
+
+    def running_for(self) -> float:
+        """Seconds the current job has run (0 when idle)."""
+        with self._lock:
+            return self._clock() - self._started if self._current is not None else 0.0
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                result = self._run(job)
+            except self.RETRYABLE as e:
+                log.exception("%s job failed", _kind(job).value)
+                result = JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e}", True, time.time())
+            except BaseException as e:   # reported to the loop, which stops the daemon
+                log.exception("%s job failed", _kind(job).value)
+                code = e.exit_code if isinstance(e, FedMFSError) else 1
+                result = JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e}", False, time.time(), code)
+            with self._lock:
+                self._current = None
+            self._post(result)
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the thread to end after its current job; True if it ended within ``timeout``."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
