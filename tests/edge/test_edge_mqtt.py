@@ -62,6 +62,10 @@ def test_simulation_over_mosquitto_equals_inproc_and_caps_hold(fleet, mosquitto,
     assert out.returncode == 0, out.stderr
     pred = json.loads(out.stdout)["predictions"]
     assert len(pred) == len(fleet.clients[2].y)
+    # Stage #2 after the last round wrote the one-graph personalised model (predict's fast path)
+    man = json.loads((tmp_path / "run" / "edge" / "S07" / "model" / "manifest.json").read_text())
+    assert man["personalised"]["version"] == 2 and man["fusion"]["version"] == 2
+    assert (tmp_path / "run" / "edge" / "S07" / "model" / man["personalised"]["file"]).stat().st_size > 0
 
 
 def _wait(pred, timeout, what):

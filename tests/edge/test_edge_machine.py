@@ -1,0 +1,353 @@
+"""The edge round machine without a broker: event orders replayed, actions asserted."""
+
+import hashlib
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmfs.edge.machine import (
+    AckArrived, Announced, ConfigArrived, Connected, DropPending, EdgeMachine, Fatal, Finished, GlobalArrived,
+    GlobalFrame, JobFailed, JobKind, Publish, RunStage2, SaveGlobal, SaveHistory, SaveProgress, Stage2Done,
+    StartTraining, Tick, Trained, check_progress, decode_inbound, verify_global,
+)
+from fedmfs.edge.uploads import publish_packet_bytes
+from fedmfs.errors import ConfigError, PayloadError
+from fedmfs.payload import ModelHeader, encode_model
+from fedmfs.protocol import (
+    Ack, AckReason, DeviceConfig, Report, RoundAnnouncement, RoundState, Signer, Topics, Verifier,
+    decode_chunk, decode_message, encode_global, encode_message, generate_keypair,
+)
+
+DEV, FLEET, CHUNK = "d1", "f", 4
+T = Topics(FLEET)
+PAYLOADS = {"a": b"A" * 10, "b": b"B" * 7}          # 3 and 2 chunks of 4 bytes
+SHA = {m: hashlib.sha256(p).hexdigest() for m, p in PAYLOADS.items()}
+G = {"a": "1" * 64, "b": "2" * 64}                  # sha256 of the globals a round starts from
+RECORD = {"shapley": {"a": 0.5, "b": 0.25}, "sizes": {"a": 10, "b": 7}, "priorities": {"a": 1.0, "b": 0.5},
+          "choice": ["a", "b"], "samples": 40}
+
+
+def ann(r, state=RoundState.OPEN, globals_=None):
+    return Announced(RoundAnnouncement(FLEET, r, state, 1e9, 3, (DEV,), dict(G if globals_ is None else globals_),
+                                       CHUNK))
+
+
+def ack(r, reason, modality=None, missing=(), sha=None):
+    return Ack(DEV, r, reason, modality, SHA.get(modality, "") if modality and sha is None else (sha or ""), tuple(missing))
+
+
+def of(actions, kind):
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def chunks(actions):
+    """(modality, chunk index) of every upload frame published."""
+    out = []
+    for a in of(actions, Publish):
+        if a.chunk:
+            h, _ = decode_chunk(a.payload)
+            out.append((a.topic.rsplit("/", 1)[1], h.index))
+    return out
+
+
+def ready(m: EdgeMachine, r=0, globals_=None):
+    """Config, globals and an open round r: the machine asks to train (round 0) or for Stage #2."""
+    m.handle(ConfigArrived(DeviceConfig(DEV, gamma=2)))
+    for mod, sha in G.items():
+        m.handle(GlobalArrived(mod, sha, f"state-{mod}", b"frame", stored=True))
+    m.handle(ann(r, globals_=globals_))
+
+
+def trained(m: EdgeMachine, r=0, now=0.0):
+    """Run round r's training job to completion and start the uploads."""
+    acts = m.handle(Tick(now))
+    [job] = of(acts, StartTraining)
+    assert job.round == r and dict(job.starts) == {"a": "state-a", "b": "state-b"}
+    out = m.handle(Trained(r, ("a", "b"), PAYLOADS, RECORD, now))
+    assert of(out, SaveProgress)[-1].progress["pending"]["chosen"] == ["a", "b"]
+    return out + m.handle(Tick(now))
+
+
+def machine(**kw):
+    return EdgeMachine(DEV, FLEET, ack_timeout=10.0, max_attempts=3, **kw)
+
+
+def test_a_full_round_then_stage2_then_the_next_round():
+    m = machine()
+    assert m.handle(Tick(0.0)) == []                       # nothing announced yet
+    ready(m)
+    first = trained(m)
+    assert chunks(first) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
+    assert of(first, SaveProgress)[-1].progress["pending"]["started"] == {"a": True, "b": True}
+    assert chunks(m.handle(Tick(1.0))) == []               # within ack_timeout: quiet
+    m.handle(AckArrived(ack(0, AckReason.ACCEPTED, "a"), 1.0))
+    m.handle(AckArrived(ack(0, AckReason.ACCEPTED, "b"), 1.0))
+    [rep] = [a for a in m.handle(Tick(1.5)) if isinstance(a, Publish)]
+    assert rep.topic == T.report(DEV)
+    report = decode_message(rep.payload, Report)
+    assert report.accepted == ("a", "b") and report.bytes_sent == 17 and report.samples == 40
+    done = m.handle(AckArrived(ack(0, AckReason.REPORT_ACCEPTED), 2.0))
+    assert of(done, DropPending) and of(done, SaveProgress)[-1].progress == {"reported": 0, "stage2": -1,
+                                                                             "pending": None}
+    h = of(done, SaveHistory)[-1].history["0"]
+    assert h["acks"] == {"a": "accepted", "b": "accepted"}
+    frames = [a for a in first if isinstance(a, Publish) and a.chunk]
+    assert h["wire_bytes"] == sum(publish_packet_bytes(f.topic, len(f.payload), 1, True) for f in frames)
+    assert m.handle(Tick(3.0)) == []                       # round 0 reported, round 1 not open
+    # round 1 opens from new globals: Stage #2 on round 0's globals first, training only after it
+    new = {"a": "3" * 64, "b": "4" * 64}
+    m.handle(ann(1, globals_=new))
+    assert m.handle(Tick(4.0)) == []                       # the new globals are not here yet
+    for mod, sha in new.items():
+        assert of(m.handle(GlobalArrived(mod, sha, f"g1-{mod}", b"fr-" + mod.encode())), SaveGlobal)
+    [s2] = of(m.handle(Tick(5.0)), RunStage2)
+    assert s2.round == 0 and dict(s2.deploy) == {"a": "g1-a", "b": "g1-b"}
+    assert m.handle(Tick(6.0)) == [] and m.busy           # one job at a time
+    m.handle(Stage2Done(0, 0.75))
+    [tr] = of(m.handle(Tick(7.0)), StartTraining)
+    assert tr.round == 1 and m.accuracy == 0.75
+
+
+def test_duplicate_and_out_of_order_acks_change_nothing():
+    m = machine()
+    ready(m)
+    trained(m)
+    assert m.handle(AckArrived(ack(5, AckReason.ACCEPTED, "a"), 1.0)) == []        # another round
+    assert m.handle(AckArrived(ack(0, AckReason.ACCEPTED, "a", sha="9" * 64), 1.0)) == []   # other payload
+    assert m.handle(AckArrived(ack(0, AckReason.ACCEPTED, "c"), 1.0)) == []        # not uploading c
+    first = m.handle(AckArrived(ack(0, AckReason.ACCEPTED, "a"), 1.0))
+    assert of(first, SaveProgress)[-1].progress["pending"]["status"] == {"a": "accepted"}
+    assert m.handle(AckArrived(ack(0, AckReason.ACCEPTED, "a"), 1.1)) == []        # duplicate
+    assert m.handle(AckArrived(ack(0, AckReason.MISSING_CHUNKS, "a", [0]), 1.2)) == []   # late, a is done
+    # missing chunks: exactly those are resent
+    assert chunks(m.handle(AckArrived(ack(0, AckReason.MISSING_CHUNKS, "b", [1]), 1.3))) == [("b", 1)]
+    refused = m.handle(AckArrived(ack(0, AckReason.OVER_CAP, "b"), 1.4))
+    assert of(refused, SaveProgress)[-1].progress["pending"]["status"] == {"a": "accepted", "b": "over_cap"}
+    rep = decode_message(of(m.handle(Tick(1.5)), Publish)[0].payload, Report)
+    assert rep.accepted == ("a",) and rep.bytes_sent == 10
+    assert of(m.handle(AckArrived(ack(0, AckReason.REPORT_ACCEPTED), 1.6)), DropPending)
+    assert m.handle(AckArrived(ack(0, AckReason.REPORT_ACCEPTED), 1.7)) == []      # twice: once finished
+    assert m.progress["reported"] == 0
+
+
+def test_every_order_of_acks_finishes_the_round_exactly_once():
+    evs = [ack(0, AckReason.ACCEPTED, "a"), ack(0, AckReason.ACCEPTED, "b"), ack(0, AckReason.ACCEPTED, "a"),
+           ack(0, AckReason.MISSING_CHUNKS, "b", [0, 1]), ack(0, AckReason.REPORT_ACCEPTED)]
+    for order in itertools.permutations(evs):
+        m = machine()
+        ready(m)
+        trained(m)
+        acts, now = [], 1.0
+        for e in order:
+            acts += m.handle(AckArrived(e, now))
+            acts += m.handle(Tick(now + 0.05))
+            now += 0.1
+        acts += m.handle(Tick(now + 100))
+        assert len(of(acts, DropPending)) == 1, order
+        assert m.progress == {"reported": 0, "stage2": -1, "pending": None}
+        assert not of(acts, StartTraining) and not m.uploads
+        # a report went out only once both uploads had final answers, and it names the accepted ones
+        for p in of(acts, Publish):
+            if p.topic == T.report(DEV):
+                assert decode_message(p.payload, Report).accepted == ("a", "b")
+
+
+def test_unanswered_uploads_are_probed_then_given_up_and_the_report_retried():
+    m = machine()
+    ready(m)
+    trained(m)
+    assert chunks(m.handle(Tick(10.0))) == [("a", 2), ("b", 1)]    # probes: the last chunk
+    assert chunks(m.handle(Tick(20.0))) == [("a", 2), ("b", 1)]
+    assert chunks(m.handle(Tick(30.0))) == [("a", 2), ("b", 1)]
+    acts = m.handle(Tick(40.0))                                      # max_attempts = 3: failed
+    assert chunks(acts) == [] and m.progress["pending"]["status"] == {"a": "failed", "b": "failed"}
+    reports = [a for a in acts if isinstance(a, Publish) and a.topic == T.report(DEV)]
+    assert len(reports) == 1 and decode_message(reports[0].payload, Report).accepted == ()
+    assert m.handle(Tick(45.0)) == []                                # report: wait ack_timeout
+    assert len(of(m.handle(Tick(50.0)), Publish)) == 1
+    assert len(of(m.handle(Tick(60.0)), Publish)) == 1
+    assert of(m.handle(Tick(70.0)), DropPending)                    # 3 reports unanswered: finished
+    assert m.progress["reported"] == 0
+
+
+def test_reconnect_mid_upload_republishes_the_status_and_the_upload_carries_on():
+    m = machine()
+    ready(m)
+    trained(m)
+    m.handle(AckArrived(ack(0, AckReason.ACCEPTED, "a"), 1.0))
+    [st] = m.handle(Connected(2.0, mqtt5=False))
+    assert st.topic == T.status(DEV) and st.retain and b'"online"' in st.payload
+    # the link lost b's frames: the probe after ack_timeout brings the coordinator's missing list
+    assert chunks(m.handle(Tick(11.0))) == [("b", 1)]
+    assert chunks(m.handle(AckArrived(ack(0, AckReason.MISSING_CHUNKS, "b", [0]), 11.5))) == [("b", 0)]
+    assert m.wire_bytes > 0
+    h0 = m.wire_bytes
+    m.handle(AckArrived(ack(0, AckReason.ACCEPTED, "b"), 12.0))
+    assert m.wire_bytes == h0                                        # MQTT 3.1.1 frames counted already
+    m.handle(Tick(12.5))
+    done = m.handle(AckArrived(ack(0, AckReason.REPORT_ACCEPTED), 13.0))
+    assert of(done, SaveHistory)[-1].history["0"]["acks"] == {"a": "accepted", "b": "accepted"}
+
+
+def test_round_closing_while_training_finishes_it_without_uploading():
+    m = machine()
+    ready(m)
+    assert of(m.handle(Tick(0.0)), StartTraining)
+    m.handle(ann(0, RoundState.CLOSED))
+    m.handle(ConfigArrived(DeviceConfig(DEV, gamma=1, cap_bytes=5)))   # a new cap, for the next round
+    assert m.handle(Tick(1.0)) == [] and m.busy
+    m.handle(Trained(0, ("a", "b"), PAYLOADS, RECORD, 2.0))
+    acts = m.handle(Tick(2.0))
+    assert chunks(acts) == [] and of(acts, DropPending) and m.progress["reported"] == 0
+    m.handle(ann(1))
+    [s2] = of(m.handle(Tick(3.0)), RunStage2)
+    m.handle(Stage2Done(0, 0.5))
+    [tr] = of(m.handle(Tick(4.0)), StartTraining)
+    assert tr.round == 1 and tr.config.cap_bytes == 5
+
+
+def test_a_new_round_while_uploading_abandons_the_old_one():
+    m = machine()
+    ready(m)
+    trained(m)
+    m.handle(ann(1))
+    acts = m.handle(Tick(1.0))
+    assert of(acts, DropPending) and of(acts, RunStage2)[0].round == 0 and chunks(acts) == []
+    assert of(acts, SaveHistory)[0].history["0"]["acks"] == {}
+
+
+def test_restart_mid_upload_probes_and_resends_only_what_is_missing():
+    a = machine()
+    ready(a)
+    acts = trained(a)
+    acts += a.handle(AckArrived(ack(0, AckReason.ACCEPTED, "a"), 1.0))
+    saved = of(acts, SaveProgress)[-1].progress
+    history = of(acts, SaveHistory)[-1].history
+    # the process dies; a new one reads state.json, history.json and pending/b.bin
+    b = machine(progress=saved, history=history, payloads={"b": PAYLOADS["b"]})
+    ready(b)
+    acts = b.handle(Tick(100.0))
+    assert not of(acts, StartTraining) and chunks(acts) == [("b", 1)]       # probe, not a full resend
+    assert chunks(b.handle(AckArrived(ack(0, AckReason.MISSING_CHUNKS, "b", [0]), 100.5))) == [("b", 0)]
+    b.handle(AckArrived(ack(0, AckReason.ACCEPTED, "b"), 101.0))
+    rep = decode_message(of(b.handle(Tick(101.0)), Publish)[0].payload, Report)
+    assert rep.accepted == ("a", "b") and rep.shapley == RECORD["shapley"]
+
+
+def test_restart_after_training_before_any_chunk_sends_everything():
+    a = machine()
+    ready(a)
+    a.handle(Tick(0.0))
+    saved = of(a.handle(Trained(0, ("a", "b"), PAYLOADS, RECORD, 0.0)), SaveProgress)[-1].progress
+    b = machine(progress=saved, payloads=dict(PAYLOADS))
+    ready(b)
+    assert chunks(b.handle(Tick(1.0))) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
+
+
+def test_restart_with_a_lost_payload_gives_it_up_and_reports():
+    pending = {"round": 0, "chosen": ["a"], "status": {}, "chunk_bytes": CHUNK, "started": {"a": True}}
+    m = machine(progress={"reported": -1, "stage2": -1, "pending": pending})
+    ready(m)
+    acts = m.handle(Tick(0.0))
+    assert m.progress["pending"]["status"] == {"a": "failed"}
+    assert decode_message(of(acts, Publish)[0].payload, Report).chosen == ("a",)
+
+
+def test_restart_after_the_report_does_not_train_the_round_again():
+    m = machine(progress={"reported": 0, "stage2": -1, "pending": None})
+    ready(m)
+    assert m.handle(Tick(0.0)) == []
+    m.handle(ann(1))
+    assert of(m.handle(Tick(1.0)), RunStage2)[0].round == 0
+
+
+def test_job_failures_retry_after_the_delay_or_stop_the_daemon():
+    m = machine()
+    ready(m)
+    m.handle(Tick(0.0))
+    assert m.handle(JobFailed(JobKind.TRAIN, 0, "OSError: disk", True, 5.0)) == []
+    assert m.handle(Tick(5.5)) == []                                 # retry_delay = 1 s
+    [again] = of(m.handle(Tick(6.0)), StartTraining)
+    assert again.round == 0
+    [fatal] = m.handle(JobFailed(JobKind.TRAIN, 0, "ConfigError: bad lr", False, 7.0, exit_code=2))
+    assert isinstance(fatal, Fatal) and fatal.exit_code == 2 and "bad lr" in fatal.reason
+    assert m.handle(Trained(3, (), {}, {}, 8.0)) == []                # nobody asked: ignored
+
+
+def test_done_runs_the_last_stage2_then_finishes_once():
+    m = machine(progress={"reported": 2, "stage2": 1, "pending": None})
+    ready(m, r=2)
+    m.handle(ann(2, RoundState.DONE))
+    [s2] = of(m.handle(Tick(0.0)), RunStage2)
+    assert s2.round == 2 and m.handle(Tick(0.5)) == []
+    m.handle(Stage2Done(2, 0.9))
+    assert of(m.handle(Tick(1.0)), Finished) and m.finished
+    assert m.handle(Tick(2.0)) == []
+
+
+def test_other_fleets_and_missing_config_hold_the_machine():
+    m = machine()
+    m.handle(ann(0))
+    assert m.handle(Tick(0.0)) == []                                  # no config yet
+    m.handle(ConfigArrived(DeviceConfig(DEV, gamma=1)))
+    assert m.handle(Tick(0.0)) == []                                  # globals not held
+    m.handle(Announced(RoundAnnouncement("other", 0, RoundState.OPEN, 1e9, 3, (DEV,), {}, CHUNK)))
+    assert m.handle(Tick(0.0)) == []
+    with pytest.raises(TypeError):
+        m.handle("not an event")
+
+
+# ------------------------------------------------------------------------------- decoding, verification
+
+def test_decode_inbound_routes_this_devices_messages_only():
+    cfg = DeviceConfig(DEV, gamma=1)
+    assert decode_inbound(T.config(DEV), encode_message(cfg), DEV, 1.0) == ConfigArrived(cfg, 1.0)
+    assert decode_inbound(T.config("other"), encode_message(cfg), DEV, 1.0) is None
+    assert decode_inbound(T.round(), b"", DEV, 1.0) is None                    # cleared retained
+    a = Ack(DEV, 0, AckReason.ACCEPTED, "a", SHA["a"])
+    assert decode_inbound(T.ack(DEV), encode_message(a), DEV, 2.0) == AckArrived(a, 2.0)
+    assert decode_inbound(T.global_model("a"), b"xyz", DEV, 0.0) == GlobalFrame(b"xyz")
+    with pytest.raises(PayloadError):
+        decode_inbound(T.round(), b"{not json", DEV, 0.0)
+    with pytest.raises(PayloadError):
+        decode_inbound("elsewhere/x/y/z", b"{}", DEV, 0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["round", "config", "ack", "global"]), data=st.binary(max_size=300))
+def test_decode_inbound_only_ever_raises_payload_error(kind, data):
+    topic = {"round": T.round(), "config": T.config(DEV), "ack": T.ack(DEV), "global": T.global_model("a")}[kind]
+    try:
+        ev = decode_inbound(topic, data, DEV, 0.0)
+    except PayloadError:
+        return
+    m = machine()
+    if not isinstance(ev, (GlobalFrame, type(None))):
+        m.handle(ev)
+        m.handle(Tick(0.0))
+
+
+def test_verify_global_checks_signature_fleet_and_payload():
+    priv, pub = generate_keypair()
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    payload = encode_model(state, ModelHeader(round=1, modality="a", samples=3))
+    frame = encode_global(FLEET, 1, "a", payload, Signer(priv))
+    ev = verify_global(frame, Verifier(pub), FLEET)
+    assert ev.modality == "a" and ev.sha256 == hashlib.sha256(payload).hexdigest() and not ev.stored
+    np.testing.assert_array_equal(ev.state["w"], state["w"])
+    with pytest.raises(PayloadError):
+        verify_global(frame, Verifier(generate_keypair()[1]), FLEET)             # another key
+    with pytest.raises(PayloadError):
+        verify_global(encode_global("other", 1, "a", payload, Signer(priv)), Verifier(pub), FLEET)
+    with pytest.raises(PayloadError):
+        verify_global(encode_global(FLEET, 1, "b", payload, Signer(priv)), Verifier(pub), FLEET)
+
+
+@pytest.mark.parametrize("doc", [[], {"reported": "0", "stage2": -1}, {"reported": 0, "stage2": -1, "pending": 3},
+                                 {"reported": 0, "stage2": -1, "pending": {"round": 0, "chosen": ["a"]}}])
+def test_a_malformed_progress_document_is_a_config_error(doc):
+    with pytest.raises(ConfigError, match="afresh"):
+        check_progress(doc)

@@ -1,0 +1,186 @@
+"""The worker thread and the daemon adapter: heavy work off the network loop, health-gated watchdog."""
+
+import json
+import queue
+import socket
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fedmfs.edge.config import EdgeConfig
+from fedmfs.edge.daemon import EdgeDaemon
+from fedmfs.edge.machine import JobFailed, JobKind, RunStage2, StartTraining, Trained
+from fedmfs.edge.worker import Worker
+from fedmfs.errors import ConfigError
+from fedmfs.mqtt import BrokerConfig
+from fedmfs.protocol import (
+    Ack, AckReason, DeviceConfig, RoundAnnouncement, RoundState, Topics, decode_chunk, encode_message,
+    generate_keypair,
+)
+from fedmfs.sdnotify import Notifier, Watchdog
+
+
+def _wait(pred, timeout=10.0, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out: {what}")
+
+
+def test_worker_runs_one_job_at_a_time_and_posts_its_result():
+    release, out = threading.Event(), queue.Queue()
+    job = RunStage2(3, {})
+
+    def run(j):
+        assert release.wait(10)
+        return ("done", j.round)
+
+    clock = [100.0]
+    w = Worker(run, out.put, clock=lambda: clock[0])
+    try:
+        w.submit(job)
+        assert w.busy
+        clock[0] = 130.0
+        assert w.running_for() == 30.0
+        with pytest.raises(RuntimeError, match="busy"):
+            w.submit(job)
+        release.set()
+        assert out.get(timeout=10) == ("done", 3)
+        _wait(lambda: not w.busy, what="worker idle")
+        assert w.running_for() == 0.0
+    finally:
+        release.set()
+        assert w.stop(10)
+
+
+@pytest.mark.parametrize("exc, retryable, code", [(OSError("disk full"), True, 1), (ValueError("x"), True, 1),
+                                                   (ConfigError("bad lr"), False, ConfigError.exit_code),
+                                                   (RuntimeError("bug"), False, 1)])
+def test_worker_turns_exceptions_into_job_failures(exc, retryable, code):
+    out = queue.Queue()
+
+    def run(j):
+        raise exc
+
+    w = Worker(run, out.put)
+    try:
+        w.submit(StartTraining(2, {}, {}, DeviceConfig("d", gamma=1)))
+        ev = out.get(timeout=10)
+        assert isinstance(ev, JobFailed) and ev.kind is JobKind.TRAIN and ev.round == 2
+        assert (ev.retryable, ev.exit_code) == (retryable, code) and str(exc) in ev.error
+    finally:
+        assert w.stop(10)
+
+
+@pytest.fixture
+def notify(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(0.05)
+    yield path, s
+    s.close()
+
+
+def _drain(s) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(s.recv(4096).decode())
+        except (socket.timeout, BlockingIOError):
+            return out
+
+
+def _config(tmp_path, port=1883, **kw) -> EdgeConfig:
+    return EdgeConfig(device="d1", fleet="f", data=tmp_path / "none.npz", spec=tmp_path / "none.json",
+                      state_dir=tmp_path / "state", coordinator_key=generate_keypair()[1],
+                      broker=BrokerConfig(port=port, protocol="5"), ack_timeout=5.0, **kw)
+
+
+def test_watchdog_pings_only_while_the_job_is_within_its_deadline(tmp_path, notify):
+    path, sock = notify
+    d = EdgeDaemon(_config(tmp_path, job_timeout=60.0),
+                   notifier=Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}))
+    clock, wclock = [1000.0], [0.0]
+    d.watchdog = Watchdog(d.notifier, clock=lambda: clock[0])
+    release = threading.Event()
+    d.worker = Worker(lambda j: release.wait(10), lambda ev: None, clock=lambda: wclock[0])
+    try:
+        d._beat()
+        assert _drain(sock) == ["WATCHDOG=1"]
+        d.worker.submit(RunStage2(0, {}))
+        wclock[0] = 59.0                   # a long job, within job_timeout: still healthy
+        clock[0] += 1.5
+        d._beat()
+        assert _drain(sock) == ["WATCHDOG=1"]
+        wclock[0] = 61.0                   # over job_timeout: the worker's heartbeat goes stale
+        clock[0] += 1.5
+        d._beat()
+        clock[0] += 1.5
+        d._beat()
+        assert _drain(sock) == []
+    finally:
+        release.set()
+        assert d.worker.stop(10)
+
+
+def test_acks_and_configs_flow_while_the_round_trains(tmp_path, mosquitto, notify):
+    """Over real Mosquitto: a training job that blocks does not block the loop; its result is uploaded."""
+    path, sock = notify
+    d = EdgeDaemon(_config(tmp_path, port=mosquitto.port),
+                   notifier=Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}))
+    started, release = threading.Event(), threading.Event()
+    payload = b"P" * 10
+
+    def fake_run(job):
+        started.set()
+        assert release.wait(30)
+        return Trained(job.round, ("a",), {"a": payload}, {"sizes": {"a": 10}, "samples": 5}, time.time())
+
+    d.trainer.run = fake_run
+    t = Topics("f")
+    got: queue.Queue = queue.Queue()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-coordinator")
+    c.on_message = lambda cl, u, m: got.put((m.topic, bytes(m.payload)))
+    c.connect("127.0.0.1", mosquitto.port)
+    c.subscribe(t.upload("d1", 0, "a"), 1)
+    c.subscribe(t.report("d1"), 1)
+    c.loop_start()
+    runner = threading.Thread(target=lambda: d.run(connect_timeout=10))
+    try:
+        c.publish(t.config("d1"), encode_message(DeviceConfig("d1", gamma=1)), 1, True).wait_for_publish(5)
+        ann = RoundAnnouncement("f", 0, RoundState.OPEN, time.time() + 600, 1, ("d1",), {}, 4)
+        c.publish(t.round(), encode_message(ann), 1, True).wait_for_publish(5)
+        runner.start()
+        assert started.wait(20)
+        _drain(sock)
+        # while the job blocks: a new config reaches the machine, the watchdog keeps being pinged
+        c.publish(t.config("d1"), encode_message(DeviceConfig("d1", gamma=1, cap_bytes=99)), 1, True)
+        _wait(lambda: d.machine.config is not None and d.machine.config.cap_bytes == 99, what="config applied")
+        _wait(lambda: "WATCHDOG=1" in _drain(sock), what="a watchdog ping during training")
+        assert d.machine.busy
+        release.set()
+        frames = [_wait(lambda: got.get(timeout=10), what=f"chunk {i}") for i in range(3)]
+        assert sorted(decode_chunk(f[1])[0].index for f in frames) == [0, 1, 2]
+        c.publish(t.ack("d1"), encode_message(Ack("d1", 0, AckReason.ACCEPTED, "a",
+                                                  decode_chunk(frames[0][1])[0].sha256)), 1)
+        topic, rep = got.get(timeout=10)
+        assert topic == t.report("d1") and b'"accepted":["a"]' in rep
+        c.publish(t.ack("d1"), encode_message(Ack("d1", 0, AckReason.REPORT_ACCEPTED)), 1)
+        state = tmp_path / "state" / "state.json"
+        _wait(lambda: json.loads(state.read_text())["pending"] is None, what="round finished on disk")
+        assert json.loads(state.read_text()) == {"reported": 0, "stage2": -1, "pending": None}
+        assert json.loads((tmp_path / "state" / "history.json").read_text())["0"]["acks"] == {"a": "accepted"}
+    finally:
+        release.set()
+        d.stop_event.set()
+        runner.join(20)
+        c.loop_stop()
+        c.disconnect()
+    assert not runner.is_alive()
