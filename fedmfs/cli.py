@@ -95,7 +95,7 @@ def cmd_simulate(args) -> int:
     if conf["transport"] == "mqtt":
         from fedmfs.mqtt_sim import run_mqtt_simulation
 
-        report = run_mqtt_simulation(fleet, cfg, conf.get("broker"), progress=not args.quiet)
+        report = run_mqtt_simulation(fleet, cfg, conf.get("broker"))
     else:
         report = run_simulation(fleet, cfg, progress=not args.quiet)
     path = write_report(report, out, plots=not args.no_plots)
