@@ -7,8 +7,13 @@ protocol (chunk frames, QoS 1, acks, report), several devices per worker process
   handling events (decode, verify, aggregate, persist, publish) and the close latency (last report ->
   next round announced);
 * wire bytes / payload bytes: MQTT PUBLISH bytes of all chunk frames over the payload bytes;
-* upload throughput (payload bytes / upload phase) against raw paho -> Mosquitto QoS 1 throughput of
-  the same bytes from the same processes, measured in the same run.
+* upload throughput, end to end: payload bytes / (first chunk published -> last ``accepted`` ack
+  received), so it includes the broker's relay to the coordinator, its verify/aggregate/commit (fsync)
+  and the ack's trip back; against, from the same processes with the same frames in the same run:
+  - raw publish: paho -> Mosquitto QoS 1 PUBACKs, nobody subscribed (the issue's reference figure);
+  - raw relay: paho -> Mosquitto -> one bare paho QoS 1 subscriber in the coordinator's process
+    (the same path minus the coordinator's work and the acks: the ceiling for this transport).
+  Each raw phase is run three times and the median is reported (one phase lasts ~15 ms).
 
 Rerun: python bench/round.py --devices 100 --workers 4 --rounds 3   (needs /usr/sbin/mosquitto)
 """
@@ -69,14 +74,18 @@ def _worker(idx, devices, port, hidden, rounds, chunk, ctl, res):
     states = {d: {k: rng.standard_normal(s).astype(np.float32)
                   for k, s in modality_shapes(spec["eye"], spec.num_classes).items()} for d in devices}
     payload0 = encode_model(states[devices[0]], ModelHeader(0, "eye", 10))
-    # raw phase: the same number of bytes in the same chunk sizes, plain QoS 1 publishes
-    ctl.get()
+    # raw phases: the same number of bytes in the same chunk sizes, plain QoS 1 publishes, to a topic
+    # nobody subscribes ("raw") or one the bench's bare subscriber reads ("relay")
     frames = split_payload(payload0, chunk)
-    t0 = time.perf_counter()
-    infos = [clients[d].publish(f"bench/raw/{d}", f, 1) for d in devices for f in frames]
-    for i in infos:
-        i.wait_for_publish(60)
-    res.put(("raw", idx, t0, time.perf_counter(), sum(len(f) for f in frames) * len(devices)))
+    while True:
+        kind = ctl.get()
+        if kind == "rounds":
+            break
+        t0 = time.perf_counter()
+        infos = [clients[d].publish(f"bench/{kind}/{d}", f, 1) for d in devices for f in frames]
+        for i in infos:
+            i.wait_for_publish(60)
+        res.put((kind, idx, t0, time.perf_counter(), sum(len(f) for f in frames) * len(devices)))
     for r in range(rounds):
         ann = None
         while ann is None or ann.round != r or ann.state is not RoundState.OPEN:
@@ -109,6 +118,43 @@ def _worker(idx, devices, port, hidden, rounds, chunk, ctl, res):
     for c in clients.values():
         c.loop_stop()
         c.disconnect()
+
+
+class _RelaySink:
+    """A bare paho QoS 1 subscriber on ``bench/relay/#`` (what the coordinator would be with no work)."""
+
+    def __init__(self, port: int):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        self.cond = threading.Condition()
+        self.nbytes, self.last = 0, 0.0
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-relay-sink", protocol=mqtt.MQTTv5)
+        self.c.on_message = self._on_message
+        self.c.connect("127.0.0.1", port)
+        self.c.subscribe("bench/relay/#", 1)
+        self.c.loop_start()
+        time.sleep(0.5)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.cond:
+            self.nbytes += len(msg.payload)
+            self.last = time.perf_counter()
+            self.cond.notify_all()
+
+    def reset(self) -> None:
+        with self.cond:
+            self.nbytes = 0
+
+    def wait(self, nbytes: int, timeout: float) -> float:
+        """perf_counter time the last of ``nbytes`` arrived."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.nbytes >= nbytes, timeout):
+                raise TimeoutError(f"relay sink got {self.nbytes} of {nbytes} bytes")
+            return self.last
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
 
 
 def main(argv=None) -> int:
@@ -151,29 +197,40 @@ def main(argv=None) -> int:
     for p in procs:
         p.start()
     time.sleep(3.0)                                  # workers connected
+    sink = _RelaySink(port)
+    phases: dict[str, list[float]] = {"raw": [], "relay": []}
+    for rep in range(3):
+        for kind in ("raw", "relay"):
+            sink.reset()
+            for c in ctls:
+                c.put(kind)
+            got = [res.get(timeout=300) for _ in procs]
+            nbytes = sum(x[4] for x in got)
+            t0 = min(x[2] for x in got)
+            # perf_counter is CLOCK_MONOTONIC on Linux: comparable across processes
+            t1 = max(x[3] for x in got) if kind == "raw" else sink.wait(nbytes, 60)
+            phases[kind].append(nbytes / (t1 - t0) / 1e6)
+    sink.close()
     for c in ctls:
-        c.put("go")
-    raw = [res.get(timeout=300) for _ in procs]
-    raw_bytes = sum(x[4] for x in raw)
-    raw_secs = max(x[3] for x in raw) - min(x[2] for x in raw)
+        c.put("rounds")
 
-    # the coordinator, instrumented: time spent handling events, per round
-    busy: dict[int, float] = {}
+    # the coordinator, instrumented: time its machine thread spends handling events and its writer
+    # thread persisting + publishing, per round
+    services = []
     closes: dict[int, float] = {}
 
     def coordinator() -> None:
         # the service owns its SQLite connection: create it on the thread that runs it
         svc = CoordinatorService(load_coordinator_config(work / "c.toml"), exit_when_done=True)
+        services.append(svc)
         orig = svc.handle_batch
 
         def timed(events):
             r, st = svc.machine.round, svc.machine.state
             t0 = time.perf_counter()
             orig(events)
-            dt = time.perf_counter() - t0
-            busy[r] = busy.get(r, 0.0) + dt
             if svc.machine.round != r or (st is RoundState.OPEN and svc.machine.state is not RoundState.OPEN):
-                closes[r] = dt
+                closes[r] = time.perf_counter() - t0
         svc.handle_batch = timed
         svc.run(connect_timeout=30)
 
@@ -186,8 +243,12 @@ def main(argv=None) -> int:
     broker.terminate()
     broker.wait(10)
 
+    svc = services[0]
+    raw_mbps, relay_mbps = float(np.median(phases["raw"])), float(np.median(phases["relay"]))
     out = {"devices": args.devices, "workers": args.workers, "rounds": args.rounds, "hidden": args.hidden,
-           "chunk_bytes": args.chunk, "raw_MBps": raw_bytes / raw_secs / 1e6, "per_round": []}
+           "chunk_bytes": args.chunk, "raw_MBps": raw_mbps, "raw_MBps_runs": phases["raw"],
+           "relay_MBps": relay_mbps, "relay_MBps_runs": phases["relay"], "commits": svc.writer.commits,
+           "per_round": []}
     topic_len = len(Topics(FLEET).upload("d000", 0, "eye"))
     for r in range(args.rounds):
         rr = [x for x in rows if x[2] == r]
@@ -199,15 +260,20 @@ def main(argv=None) -> int:
         out["per_round"].append({
             "round": r, "payload_bytes": payload, "wire_bytes": wire, "wire_over_payload": wire / payload,
             "upload_seconds": secs, "upload_MBps": payload / secs / 1e6,
-            "coordinator_busy_seconds": busy.get(r, 0.0), "close_seconds": closes.get(r, 0.0)})
+            "coordinator_handle_seconds": svc.handle_seconds.get(r, 0.0),
+            "coordinator_persist_seconds": svc.writer.seconds.get(r, 0.0),
+            "close_seconds": closes.get(r, 0.0) + svc.writer.closing_seconds.get(r, 0.0)})
     pr = out["per_round"]
     out["summary"] = {
-        "coordinator_busy_seconds_per_round": float(np.mean([x["coordinator_busy_seconds"] for x in pr])),
+        "coordinator_handle_seconds_per_round": float(np.mean([x["coordinator_handle_seconds"] for x in pr])),
+        "coordinator_persist_seconds_per_round": float(np.mean([x["coordinator_persist_seconds"] for x in pr])),
         "close_seconds_per_round": float(np.mean([x["close_seconds"] for x in pr])),
         "wire_over_payload": float(np.mean([x["wire_over_payload"] for x in pr])),
         "upload_MBps": float(np.mean([x["upload_MBps"] for x in pr])),
-        "raw_MBps": out["raw_MBps"],
-        "upload_vs_raw": float(np.mean([x["upload_MBps"] for x in pr])) / out["raw_MBps"],
+        "raw_MBps": raw_mbps,
+        "relay_MBps": relay_mbps,
+        "upload_vs_raw": float(np.mean([x["upload_MBps"] for x in pr])) / raw_mbps,
+        "upload_vs_relay": float(np.mean([x["upload_MBps"] for x in pr])) / relay_mbps,
         "payload_bytes_per_device": pr[0]["payload_bytes"] / args.devices,
     }
     print(json.dumps(out, indent=2))

@@ -79,7 +79,9 @@ class Ledger:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=10)
+            # One thread at a time: the service's thread at startup, then the ledger writer's thread
+            # (coordinator.writer) while the service runs, then the service's thread again to close.
+            self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)

@@ -1,6 +1,8 @@
 """The coordinator service: the round machine wrapped with MQTT, the SQLite ledger, a clock,
-Prometheus metrics and systemd notify. One thread owns the machine and the ledger; paho's network
-thread only enqueues inbound messages.
+Prometheus metrics and systemd notify. Three threads, each with one job: paho's network thread only
+enqueues inbound messages; the service's thread owns the round machine (decode, verify, aggregate);
+the ledger writer (coordinator.writer) owns the ledger while the service runs, commits each turn's
+actions (group commit) and only then publishes them, so fsyncs overlap with handling the next uploads.
 """
 
 from __future__ import annotations
@@ -15,15 +17,13 @@ from pathlib import Path
 from fedmfs.errors import ConfigError, PayloadError
 from fedmfs.mqtt import Inbound, MqttLink
 from fedmfs.protocol import RoundState, Signer, TopicKind, parse_topic, encode_message
-from fedmfs.rounds import (
-    ChunkArrived, FleetChanged, PersistGlobal, PersistReport, PersistRound, PersistUpload, Publish, Refused,
-    ReportArrived, RoundClosed, RoundMachine, Start, StatusArrived, Tick,
-)
+from fedmfs.rounds import ChunkArrived, FleetChanged, ReportArrived, RoundMachine, Start, StatusArrived, Tick
 from fedmfs.sdnotify import Notifier, Watchdog
 
 from .config import CoordinatorConfig, load_fleet_file
 from .ledger import Ledger
 from .metrics import Metrics
+from .writer import Batch, LedgerWriter, PutDevices, SetOnline
 
 __all__ = ["CoordinatorService", "load_signer"]
 
@@ -53,11 +53,14 @@ class CoordinatorService:
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.failed = False
+        self.handle_seconds: dict[int, float] = {}   # the machine's thread, per round (bench/round.py)
+        self.writer = LedgerWriter(self.ledger, self.metrics, None, self._writer_failed)
         self.machine = self._build_machine()
         t = self.machine.topics
         self.link = MqttLink(cfg.broker, f"fedmfs-coordinator-{cfg.fleet}",
                              [(t.all_uploads(), 1), (t.all_reports(), 1), (t.all_status(), 1)],
                              self.inbox, persistent=True)
+        self.writer.publish = self.link.publish
 
     # -- state -------------------------------------------------------------------------------------
     def _build_machine(self) -> RoundMachine:
@@ -71,7 +74,7 @@ class CoordinatorService:
         last = led.last_round()
         if last is None:
             led.put_meta("fleet", cfg.fleet)
-            self.execute(m.seed_globals(self._initial_globals()))
+            self.execute(m.seed_globals(self._initial_globals()), 0)
             return m
         for g in led.latest_globals():
             m.restore_global(g["modality"], g["version"], g["round"], led.global_frame(g))
@@ -98,45 +101,14 @@ class CoordinatorService:
         return initial_globals(self.cfg.spec, self.cfg.seed)
 
     # -- actions -----------------------------------------------------------------------------------
-    def execute(self, actions) -> None:
-        """Persist everything first (one transaction), then publish in order: an ack never promises
-        what the ledger does not hold yet."""
-        publishes = []
-        with self.ledger.batch():
-            for a in actions:
-                if isinstance(a, Publish):
-                    publishes.append(a)
-                else:
-                    self._persist(a)
-        link = getattr(self, "link", None)
-        if link is not None:
-            for a in publishes:
-                link.publish(a.topic, a.payload, a.qos, a.retain)
+    def execute(self, actions, round_index: int | None = None) -> None:
+        """Persist (one transaction), then publish in order: an ack never promises what the ledger
+        does not hold yet. Synchronous before :meth:`run` starts the writer, queued while it runs."""
+        self.writer.submit(Batch(list(actions), self.machine.round if round_index is None else round_index))
 
-    def _persist(self, a) -> None:
-        if isinstance(a, PersistUpload):
-            if self.ledger.put_upload(a.round, a.device, a.modality, a.payload, a.sha256, a.samples):
-                self.metrics.accepted.labels(a.modality).inc()
-                self.metrics.bytes.labels(a.device, a.modality).inc(len(a.payload))
-        elif isinstance(a, Refused):
-            self.ledger.put_refusal(a.round, a.device, a.modality, a.reason.value, a.nbytes, a.detail)
-            self.metrics.refused.labels(a.reason.value).inc()
-        elif isinstance(a, PersistReport):
-            self.ledger.put_report(a.round, a.device, encode_message(a.report))
-            self.metrics.reports.inc()
-        elif isinstance(a, PersistRound):
-            self.ledger.put_round(a.round, a.state, a.deadline, a.opened_at, a.expected, dict(a.caps),
-                                  a.closed_at, dict(a.aggregated))
-            self.metrics.round.set(a.round)
-            if a.state is RoundState.OPEN:
-                log.info("round %d open until %.0f, expecting %s", a.round, a.deadline, ", ".join(a.expected))
-        elif isinstance(a, PersistGlobal):
-            self.ledger.put_global(a.modality, a.version, a.round, a.sha256, a.frame)
-        elif isinstance(a, RoundClosed):
-            self.metrics.rounds.labels("met" if a.quorum_met else "missed").inc()
-            self.metrics.duration.observe(a.duration)
-            log.info("round %d closed after %.1f s: %d reports, aggregated %s", a.round, a.duration,
-                     len(a.reported), a.aggregated or "nothing")
+    def _writer_failed(self) -> None:
+        self.failed = True
+        self.stop_event.set()
 
     def _event_for(self, msg: Inbound, now: float):
         try:
@@ -152,8 +124,6 @@ class CoordinatorService:
         if t.kind is TopicKind.REPORT:
             return ReportArrived(t.device, msg.payload, now)
         if t.kind is TopicKind.STATUS:
-            if msg.payload:
-                self.ledger.set_online(t.device, b'"online"' in msg.payload)
             return StatusArrived(t.device, msg.payload, now)
         return None
 
@@ -167,20 +137,17 @@ class CoordinatorService:
             return []
 
     def handle_batch(self, events) -> None:
-        """Group commit: the actions of many events persisted in one transaction, then published."""
+        """Group commit: the actions of many events handed to the writer as one batch."""
+        t0 = time.perf_counter()
+        r = self.machine.round
         actions = []
         for ev in events:
+            if isinstance(ev, StatusArrived) and ev.data:
+                actions.append(SetOnline(ev.device, b'"online"' in ev.data))
             actions += self.handle(ev)
-        try:
-            self.execute(actions)
-        except Exception:
-            # The transaction rolled back and no ack went out, but the machine counted the uploads:
-            # stop, so that the restart rebuilds the machine from what the ledger really holds.
-            log.critical("persisting %d actions failed; stopping to resume from the ledger", len(actions),
-                         exc_info=True)
-            self.metrics.errors.labels("persist").inc()
-            self.failed = True
-            self.stop_event.set()
+        if actions:
+            self.execute(actions, r)
+        self.handle_seconds[r] = self.handle_seconds.get(r, 0.0) + time.perf_counter() - t0
 
     # -- the loop ----------------------------------------------------------------------------------
     def _signals(self) -> None:
@@ -194,6 +161,7 @@ class CoordinatorService:
         self._signals()
         self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
         self.link.start(timeout=connect_timeout)
+        self.writer.start()
         self.handle_batch([Start(time.time())])
         self.notifier.ready(self._status_line())
         last_status = 0.0
@@ -223,10 +191,12 @@ class CoordinatorService:
                     last_status = time.monotonic()
                     self.notifier.status(self._status_line())
                 if self.exit_when_done and self.machine.state is RoundState.DONE and self.inbox.empty():
+                    self.writer.flush()
                     self._drain_publishes()
                     break
         finally:
             self.notifier.stopping()
+            self.writer.stop()
             self.link.stop()
             self.ledger.close()
         return 1 if self.failed else 0
@@ -242,7 +212,7 @@ class CoordinatorService:
         except ConfigError as e:
             log.error("fleet file not reloaded: %s", e)
             return
-        self.ledger.put_devices(devices)
+        self.execute([PutDevices(devices)])
         self.handle_batch([FleetChanged(devices, time.time())])
         log.info("fleet file reloaded: %d devices (caps apply from the next round)", len(devices))
 
