@@ -4,7 +4,7 @@ Prints the final accuracy of each, the cumulative upload bytes of each and their
 run. Target of the project: FedMFS within 1 point of the all-modalities accuracy with at most a quarter
 of its bytes.
 
-    python bench/compare.py --preset small --rounds 10 --seeds 0 1 2
+    python bench/compare.py --preset small --rounds 20 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from fedmfs.selection import Alphas
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; figures are means")
     ap.add_argument("--gamma", type=int, default=1)
-    ap.add_argument("--alpha-s", type=float, default=0.2)
-    ap.add_argument("--alpha-c", type=float, default=0.8)
+    ap.add_argument("--alpha-s", type=float, default=0.5)
+    ap.add_argument("--alpha-c", type=float, default=0.5)
     ap.add_argument("--alpha-r", type=float, default=0.0)
     ap.add_argument("--extra", nargs="*", default=[], help="more methods to run alongside (e.g. random holistic local)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON here")

@@ -35,8 +35,8 @@ def _simulate_parser(sub) -> None:
                    help="fedmfs | all | random | size_only | shapley_only | local | holistic [fedmfs]; see `fedmfs methods`")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds [10]")
     p.add_argument("--gamma", type=int, default=None, help="modality models each client uploads per round [1]")
-    p.add_argument("--alpha-s", type=float, default=None, help="weight of normalised Shapley impact [0.2]")
-    p.add_argument("--alpha-c", type=float, default=None, help="weight of (1 - normalised model size) [0.8]")
+    p.add_argument("--alpha-s", type=float, default=None, help="weight of normalised Shapley impact [0.5]")
+    p.add_argument("--alpha-c", type=float, default=None, help="weight of (1 - normalised model size) [0.5]")
     p.add_argument("--alpha-r", type=float, default=None, help="weight of recency (rounds since last upload) [0]")
     p.add_argument("--cap-bytes", type=int, default=None,
                    help="per-device upload cap in bytes per round; selection becomes an exact knapsack")
@@ -86,7 +86,7 @@ def cmd_simulate(args) -> int:
         fleet = load_fleet(conf["data"])
     else:
         fleet = make_synthetic(conf["preset"], seed=conf["seed"])
-    alphas = Alphas(conf.get("alpha_s", 0.2), conf.get("alpha_c", 0.8), conf.get("alpha_r", 0.0))
+    alphas = Alphas(conf.get("alpha_s", 0.5), conf.get("alpha_c", 0.5), conf.get("alpha_r", 0.0))
     kw = dict(method=conf["method"], rounds=conf["rounds"], gamma=conf["gamma"], alphas=alphas,
               cap_bytes=conf.get("cap_bytes"), seed=conf["seed"],
               aggregation=conf.get("aggregation", "weighted_mean"))
@@ -95,7 +95,7 @@ def cmd_simulate(args) -> int:
     if conf["transport"] == "mqtt":
         from fedmfs.mqtt_sim import run_mqtt_simulation
 
-        report = run_mqtt_simulation(fleet, cfg, conf.get("broker"))
+        report = run_mqtt_simulation(fleet, cfg, conf.get("broker"), progress=not args.quiet)
     else:
         report = run_simulation(fleet, cfg, progress=not args.quiet)
     path = write_report(report, out, plots=not args.no_plots)

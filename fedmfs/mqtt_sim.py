@@ -120,8 +120,25 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", *args], stdout=f, stderr=f, env=env)
 
 
+def _closed_rounds(work: Path) -> int:
+    """Rounds the coordinator has closed so far (read-only look at its ledger; 0 if not there yet)."""
+    from fedmfs.coordinator.ledger import Ledger
+
+    path = work / "coordinator"
+    if not (path / "ledger.sqlite").exists():
+        return 0
+    try:
+        led = Ledger(path, readonly=True)
+        try:
+            return sum(1 for r in led.rounds() if r.closed_at is not None)
+        finally:
+            led.db.close()
+    except Exception:  # the ledger is being created or migrated: ask again on the next tick
+        return 0
+
+
 def run_mqtt_simulation(fleet: Fleet, config, broker_url: str | None = None, workdir: str | Path | None = None,
-                        timeout: float = 3600.0, chunk_bytes: int = 64 * 1024) -> dict:
+                        timeout: float = 3600.0, chunk_bytes: int = 64 * 1024, progress: bool = False) -> dict:
     """Run ``config`` (a :class:`fedmfs.engine.SimConfig`) over MQTT; return the engine-shaped report.
 
     ``broker_url`` None starts an embedded amqtt broker. ``workdir`` (default: a temporary directory,
@@ -149,11 +166,23 @@ def run_mqtt_simulation(fleet: Fleet, config, broker_url: str | None = None, wor
             procs[name] = _spawn(["fedmfs.edge.cli", "run", "--config", str(p), "--exit-when-done",
                                   "--connect-timeout", "60"], work / "logs" / f"edge-{name}.log")
         end = time.monotonic() + timeout
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.rounds, desc=f"{config.method} over MQTT", unit="round", leave=False)
+        last_poll = 0.0
         while time.monotonic() < end and any(p.poll() is None for p in procs.values()):
             bad = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
             if bad:
                 raise FedMFSError(f"processes failed: {bad}; logs in {work / 'logs'}")
+            if bar is not None and time.monotonic() - last_poll > 1.0:
+                last_poll = time.monotonic()
+                bar.update(max(0, min(config.rounds, _closed_rounds(work)) - bar.n))
             time.sleep(0.2)
+        if bar is not None:
+            bar.update(config.rounds - bar.n)
+            bar.close()
         if any(p.poll() is None for p in procs.values()):
             raise FedMFSError(f"the MQTT simulation did not finish within {timeout:.0f} s; logs in {work / 'logs'}")
         bad = {n: p.returncode for n, p in procs.items() if p.returncode != 0}
