@@ -55,8 +55,9 @@ class EmbeddedBroker:
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
         self._loop.set_exception_handler(lambda loop, ctx: log.debug("amqtt: %s", ctx.get("message")))
+        # loopback only, anonymous (nothing leaves this machine); no $SYS, no packet logging
         cfg = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 0}},
-               "sys_interval": 0, "auth": {"allow-anonymous": True}, "topic-check": {"enabled": False}}
+               "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}}
         self._thread.start()
 
         async def _start():
