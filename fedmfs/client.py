@@ -18,7 +18,7 @@ from fedmfs.data.format import ClientData
 from fedmfs.errors import ConfigError
 from fedmfs.modality import DatasetSpec
 from fedmfs.models import FusionModel, ModalityModel, numpy_to_state, state_to_numpy
-from fedmfs.payload import Codec, ModelHeader, encode_model, encoded_size, state_digest
+from fedmfs.payload import Codec, ModelHeader, encode_model, state_digest
 from fedmfs.selection import SelectionInput, Selector
 
 __all__ = ["TrainConfig", "LocalUpdate", "Choice", "LocalClient", "seed_for"]
@@ -240,7 +240,11 @@ class LocalClient:
         return LocalUpdate(
             round_index=round_index,
             states=states,
-            sizes={m: encoded_size(states[m], self.config.codec, m) for m in self.present},
+            # the real payload bytes (header with this round and sample count included)
+            sizes={m: len(encode_model(states[m], ModelHeader(round=round_index, modality=m,
+                                                                samples=self.data.n_train,
+                                                                codec=Codec(self.config.codec))))
+                   for m in self.present},
             shapley={m: float(scores[self.spec.index(m)]) for m in self.present},
             samples=self.data.n_train,
             stage1_accuracy=self._fusion_accuracy(f1, probs, ys),
