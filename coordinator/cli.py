@@ -56,7 +56,7 @@ def _status(args) -> int:
     for d, st in out["devices"].items():
         print(f"  {d:20s} {st:8s} {out['bytes_this_round'].get(d, 0):>10d} B this round "
               f"{out['bytes_total'].get(d, 0):>12d} B total")
-    print(f"globals: " + ", ".join(f"{m} v{g['version']}" for m, g in out["globals"].items()))
+    print("globals: " + ", ".join(f"{m} v{g['version']}" for m, g in out["globals"].items()))
     print(f"{out['uploads_total']} uploads accepted, {out['refusals_total']} refusals, "
           f"{out['rounds_closed']} rounds closed")
     return 0

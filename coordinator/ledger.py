@@ -11,12 +11,12 @@ import contextlib
 import json
 import os
 import sqlite3
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedmfs.protocol import DeviceConfig, Report, RoundState, decode_message
+from fedmfs.fsio import atomic_write
 
 __all__ = ["Ledger", "RoundRow", "atomic_write"]
 
@@ -41,20 +41,6 @@ CREATE TABLE IF NOT EXISTS globals (
   modality TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL, sha256 TEXT NOT NULL,
   path TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (modality, version));
 """
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True, slots=True)

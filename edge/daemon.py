@@ -40,8 +40,8 @@ from .machine import (
     FRESH_PROGRESS, Connected, DropPending, EdgeMachine, Fatal, Finished, GlobalFrame, Publish, RunStage2,
     SaveGlobal, SaveHistory, SaveProgress, StartTraining, Tick, check_progress, decode_inbound, verify_global,
 )
-from .modelset import atomic_write as _atomic_write
 from .worker import Trainer, Worker
+from fedmfs.fsio import atomic_write
 
 __all__ = ["EdgeDaemon"]
 
@@ -49,11 +49,6 @@ log = logging.getLogger("fedmfs.edge")
 
 MAX_BATCH = 1000          # queue items handled between two ticks (acks cannot starve the timers)
 STOP_TIMEOUT = 10.0       # seconds to wait for a running job on shutdown (its files are atomic)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -24,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedmfs.errors import ManifestError
 from fedmfs.modality import DatasetSpec
+from fedmfs.fsio import atomic_write
 
 __all__ = ["MANIFEST", "MODELSET_FORMAT", "MODELSET_VERSION", "FileEntry", "Manifest", "atomic_write",
            "write_model_set", "read_manifest", "check_model_set", "load_model_set"]
@@ -75,19 +75,6 @@ class Manifest:
             if e:
                 out[role] = e
         return out
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(d: Path) -> None:

@@ -22,7 +22,7 @@ from fedmfs.errors import FedMFSError, PayloadError
 
 from .config import EdgeConfig
 from .machine import JobFailed, JobKind, RunStage2, Stage2Done, StartTraining, Trained
-from .modelset import atomic_write
+from fedmfs.fsio import atomic_write
 
 __all__ = ["Trainer", "Worker"]
 

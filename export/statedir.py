@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from fedmfs.edge.modelset import atomic_write
+from fedmfs.fsio import atomic_write
 from fedmfs.errors import PayloadError
 from fedmfs.modality import DatasetSpec
 

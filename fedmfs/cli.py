@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from fedmfs.errors import ConfigError, FedMFSError

@@ -313,23 +313,19 @@ class LocalClient:
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
-        """Local models, fusion and history as safetensors + JSON (atomic per file)."""
-        from safetensors.numpy import save_file
+        """Local models, fusion and history as safetensors + JSON (each file written atomically)."""
+        from safetensors.numpy import save as st_save
+
+        from fedmfs.fsio import atomic_write
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         for m in self.present:
-            tmp = d / f".{m}.safetensors.tmp"
-            save_file(state_to_numpy(self.models[m]), str(tmp))
-            os.replace(tmp, d / f"local_{m}.safetensors")
+            atomic_write(d / f"local_{m}.safetensors", st_save(state_to_numpy(self.models[m])))
         if self.fusion is not None:
-            tmp = d / ".fusion.safetensors.tmp"
-            save_file(state_to_numpy(self.fusion), str(tmp))
-            os.replace(tmp, d / "fusion.safetensors")
-        tmp = d / ".client.json.tmp"
-        tmp.write_text(json.dumps({"last_upload": self.history.last_upload, "synced": self.history.synced,
-                                   "config": asdict(self.config)}))
-        os.replace(tmp, d / "client.json")
+            atomic_write(d / "fusion.safetensors", st_save(state_to_numpy(self.fusion)))
+        atomic_write(d / "client.json", json.dumps({
+            "last_upload": self.history.last_upload, "synced": self.history.synced,
+            "config": asdict(self.config)}).encode())
 
     def restore(self, directory: str | os.PathLike, globals: dict[str, State] | None = None) -> None:
         """Reload what :meth:`save` wrote (missing files are simply not restored)."""

@@ -7,7 +7,7 @@ side (:class:`GlobalModels`) is pure: it takes one round's uploads and returns t
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np

@@ -12,22 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmfs.fsio import atomic_write
+
 __all__ = ["write_report", "plot_report", "summary_markdown"]
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_report(report: dict, out: str | os.PathLike, plots: bool = True) -> Path:
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    _atomic_text(d / "report.json", json.dumps(report, indent=1, sort_keys=False))
+    atomic_write(d / "report.json", json.dumps(report, indent=1, sort_keys=False).encode())
     if plots:
         report["plots"] = plot_report(report, d)
-    _atomic_text(d / "summary.md", summary_markdown(report))
+    atomic_write(d / "summary.md", summary_markdown(report).encode())
     return d / "report.json"
 
 

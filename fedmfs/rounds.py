@@ -27,7 +27,7 @@ from fedmfs.errors import PayloadError
 from fedmfs.modality import DatasetSpec, ModalitySpec
 from fedmfs.payload import Codec, ModelHeader, decode_model, encode_model
 from fedmfs.protocol import (
-    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Ack, AckReason, ChunkHeader, DeviceConfig, DeviceState,
+    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, Ack, AckReason, DeviceConfig, DeviceState,
     DeviceStatus, Reassembler, Report, RoundAnnouncement, RoundState, Signer, Topics, decode_chunk,
     decode_message, encode_global, encode_message,
 )

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fedmfs.errors import DataError
+from fedmfs.fsio import atomic_write_with
 from fedmfs.modality import DatasetSpec
 
 __all__ = ["ClientData", "Fleet", "save_fleet", "load_fleet", "FORMAT_VERSION"]
@@ -94,18 +94,6 @@ class Fleet:
             c.validate(self.spec)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def save_fleet(fleet: Fleet, directory: str | os.PathLike) -> Path:
     """Write a fleet to ``directory`` (created if needed), each file atomically."""
@@ -116,7 +104,7 @@ def save_fleet(fleet: Fleet, directory: str | os.PathLike) -> Path:
         arrays = {f"x_{k}": v for k, v in c.x.items()}
         arrays["y"] = c.y.astype(np.int64)
         arrays["train"] = c.train
-        _atomic_write(d / f"{c.name}.npz", lambda f, a=arrays: np.savez(f, **a))
+        atomic_write_with(d / f"{c.name}.npz", lambda f, a=arrays: np.savez(f, **a))
     meta = {
         "format": "fedmfs-fleet",
         "version": FORMAT_VERSION,
@@ -124,7 +112,7 @@ def save_fleet(fleet: Fleet, directory: str | os.PathLike) -> Path:
         "clients": [c.name for c in fleet.clients],
         "metadata": fleet.metadata,
     }
-    _atomic_write(d / "fleet.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    atomic_write_with(d / "fleet.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return d
 
 

@@ -9,7 +9,6 @@ from scipy.stats import spearmanr
 from fedmfs.client import TrainConfig
 from fedmfs.data import make_synthetic
 from fedmfs.engine import SimConfig, run_simulation
-from fedmfs.payload import decode_model
 from fedmfs.selection import Alphas
 
 
