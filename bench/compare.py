@@ -26,9 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; figures are means")
     ap.add_argument("--gamma", type=int, default=1)
-    ap.add_argument("--alpha-s", type=float, default=0.5)
-    ap.add_argument("--alpha-c", type=float, default=0.5)
-    ap.add_argument("--alpha-r", type=float, default=0.0)
+    ap.add_argument("--alpha-s", type=float, default=1 / 3)
+    ap.add_argument("--alpha-c", type=float, default=1 / 3)
+    ap.add_argument("--alpha-r", type=float, default=1 / 3)
     ap.add_argument("--extra", nargs="*", default=[], help="more methods to run alongside (e.g. random holistic local)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
                | {"runs": rs} for m, rs in runs.items()}
     base = results["all"]
     print(f"preset={args.preset} rounds={args.rounds} seeds={args.seeds} gamma={args.gamma} "
-          f"alphas=({args.alpha_s}, {args.alpha_c}, {args.alpha_r}); means over seeds")
+          f"alphas=({args.alpha_s:.3g}, {args.alpha_c:.3g}, {args.alpha_r:.3g}); means over seeds")
     print(f"{'method':13s} {'final acc':>9s} {'upload MB':>10s} {'bytes/all':>9s} {'acc - all':>9s} {'time s':>7s}")
     for m, r in results.items():
         print(f"{m:13s} {r['final_accuracy'] * 100:8.2f}% {r['total_upload_bytes'] / 1e6:10.3f} "

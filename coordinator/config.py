@@ -97,8 +97,8 @@ def load_fleet_file(path: Path) -> tuple[DeviceConfig, ...]:
             raise ConfigError(f"{where}: missing key 'id'; add id = \"device-name\"")
         m = {**defaults, **d}
         try:
-            out.append(DeviceConfig(device=m["id"], gamma=m.get("gamma", 1), alpha_s=float(m.get("alpha_s", 0.5)),
-                                    alpha_c=float(m.get("alpha_c", 0.5)), alpha_r=float(m.get("alpha_r", 0.0)),
+            out.append(DeviceConfig(device=m["id"], gamma=m.get("gamma", 1), alpha_s=float(m.get("alpha_s", 1 / 3)),
+                                    alpha_c=float(m.get("alpha_c", 1 / 3)), alpha_r=float(m.get("alpha_r", 1 / 3)),
                                     cap_bytes=m.get("cap_bytes"), codec=m.get("codec", "fp32"),
                                     method=m.get("method", "fedmfs")))
         except PayloadError as e:

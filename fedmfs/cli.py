@@ -33,9 +33,9 @@ def _simulate_parser(sub) -> None:
                    help="fedmfs | all | random | size_only | shapley_only | local | holistic [fedmfs]; see `fedmfs methods`")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds [10]")
     p.add_argument("--gamma", type=int, default=None, help="modality models each client uploads per round [1]")
-    p.add_argument("--alpha-s", type=float, default=None, help="weight of normalised Shapley impact [0.5]")
-    p.add_argument("--alpha-c", type=float, default=None, help="weight of (1 - normalised model size) [0.5]")
-    p.add_argument("--alpha-r", type=float, default=None, help="weight of recency (rounds since last upload) [0]")
+    p.add_argument("--alpha-s", type=float, default=None, help="weight of normalised Shapley impact [1/3]")
+    p.add_argument("--alpha-c", type=float, default=None, help="weight of (1 - normalised model size) [1/3]")
+    p.add_argument("--alpha-r", type=float, default=None, help="weight of recency (rounds since the last upload) [1/3]")
     p.add_argument("--cap-bytes", type=int, default=None,
                    help="per-device upload cap in bytes per round; selection becomes an exact knapsack")
     p.add_argument("--seed", type=int, default=None, help="seed of data, initial models and training [0]")
@@ -88,7 +88,7 @@ def cmd_simulate(args) -> int:
         fleet = load_fleet(conf["data"])
     else:
         fleet = make_synthetic(conf["preset"], seed=conf["seed"])
-    alphas = Alphas(conf.get("alpha_s", 0.5), conf.get("alpha_c", 0.5), conf.get("alpha_r", 0.0))
+    alphas = Alphas(conf.get("alpha_s", 1 / 3), conf.get("alpha_c", 1 / 3), conf.get("alpha_r", 1 / 3))
     kw = dict(method=conf["method"], rounds=conf["rounds"], gamma=conf["gamma"], alphas=alphas,
               cap_bytes=conf.get("cap_bytes"), seed=conf["seed"],
               aggregation=conf.get("aggregation", "weighted_mean"))

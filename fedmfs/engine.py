@@ -44,7 +44,7 @@ class SimConfig:
     method: str = "fedmfs"
     rounds: int = 10
     gamma: int = 1
-    alphas: Alphas = field(default_factory=lambda: Alphas(0.5, 0.5, 0.0))
+    alphas: Alphas = field(default_factory=lambda: Alphas(1 / 3, 1 / 3, 1 / 3))
     cap_bytes: int | None = None
     seed: int = 0
     aggregation: str = "weighted_mean"
