@@ -121,9 +121,11 @@ RSS_CHILD_ORT = textwrap.dedent("""
     from fedmfs.edge.modelset import load_model_set
 
     class SpoolDir(Mapping):
-        # windows spooled on disk, one .npy per modality, read when the runtime asks for them
+        # windows spooled on disk, one .npy per modality, mapped (not read) when the runtime asks for
+        # them: the runtime reads them a row chunk at a time and unmaps what it has used
         def __init__(self, d, prefix): self.d, self.prefix = d, prefix
-        def __getitem__(self, k): return np.load(f"{self.d}/{self.prefix}_{k}.npy", allow_pickle=False)
+        def __getitem__(self, k):
+            return np.load(f"{self.d}/{self.prefix}_{k}.npy", mmap_mode="r", allow_pickle=False)
         def __iter__(self): return iter(sys.argv[3].split(","))
         def __len__(self): return len(sys.argv[3].split(","))
 

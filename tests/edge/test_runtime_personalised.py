@@ -122,3 +122,52 @@ def test_foreign_graph_as_personalised_is_refused():
         personalised_model_onnx(SPEC, {"gps": mods["eye"]}, fus)
     with pytest.raises(PayloadError, match="at least one"):
         personalised_model_onnx(SPEC, {}, fus)
+
+
+def test_one_graph_fast_path_checks_what_the_slow_path_checks():
+    from fedmfs.errors import DataError
+    have = SPEC.names
+    mods, fus = _states(have)
+    rt = model_set_runtime(SPEC, mods, fus, 7)
+    x = _x(have, 2)
+    want = rt.predict(x)
+    # float64 and non-contiguous inputs take the checked path and give the same function
+    x64 = {k: v.astype(np.float64) for k, v in x.items()}
+    np.testing.assert_allclose(rt.predict(x64), want, atol=1e-6)
+    xf = {k: np.asfortranarray(v) for k, v in x.items()}
+    np.testing.assert_array_equal(rt.predict(xf), want)
+    bad = dict(x, tactile=x["tactile"].copy())
+    bad["tactile"][1, 2, 0, 1] = np.nan
+    with pytest.raises(DataError, match="tactile has NaN"):
+        rt.predict(bad)
+    with pytest.raises(DataError, match="emg has 3 samples"):
+        rt.predict(dict(x, emg=_x(("emg",), 3)["emg"]))
+    with pytest.raises(DataError, match="xsens must have shape"):
+        rt.predict(dict(x, xsens=x["xsens"][:, :, :2]))
+
+
+@pytest.mark.parametrize("mode", ["r", "c"])
+def test_memory_mapped_inputs_give_the_same_values(tmp_path, mode):
+    """Windows spooled on disk and mapped (np.load mmap_mode): read chunk by chunk, the used pages
+    of a read-only map dropped; a copy-on-write map keeps its private edits."""
+    have = SPEC.names
+    mods, fus = _states(have)
+    models, fusion, coalition = model_set_onnx(SPEC, mods, fus)
+    # tiny chunks: many calls per modality, so pages are dropped between calls
+    rt = EdgeRuntime(SPEC, models, fusion, coalition_model=coalition, input_chunk_elements=64,
+                     personalised_model=personalised_model_onnx(SPEC, mods, fus))
+    x, bg = _x(have, 9), _x(have, 7, seed=2)
+    for k in have:
+        np.save(tmp_path / f"x_{k}.npy", x[k])
+        np.save(tmp_path / f"bg_{k}.npy", bg[k])
+    xm = {k: np.load(tmp_path / f"x_{k}.npy", mmap_mode=mode, allow_pickle=False) for k in have}
+    bm = {k: np.load(tmp_path / f"bg_{k}.npy", mmap_mode=mode, allow_pickle=False) for k in have}
+    if mode == "c":  # private edits, not in the file: dropping pages would lose them
+        xm["tactile"][0] += 1.0
+        x["tactile"][0] += 1.0
+    assert isinstance(xm["tactile"], np.memmap)
+    np.testing.assert_array_equal(rt.predict(xm), rt.predict(x))
+    got, want = rt.shapley(xm, bm), rt.shapley(x, bg)
+    np.testing.assert_array_equal(got.phi, want.phi)
+    assert np.abs(want.phi).max() > 1e-4
+    np.testing.assert_array_equal(xm["tactile"], x["tactile"])  # still readable after the drops
