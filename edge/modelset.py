@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fedmfs.errors import ManifestError
 from fedmfs.modality import DatasetSpec
-from fedmfs.fsio import atomic_write
+from fedmfs.fsio import atomic_write, read_spec_document
 
 __all__ = ["MANIFEST", "MODELSET_FORMAT", "MODELSET_VERSION", "FileEntry", "Manifest", "atomic_write",
            "write_model_set", "read_manifest", "check_model_set", "load_model_set"]
@@ -164,20 +164,7 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
     """Parse and validate ``manifest.json`` (not the files; see :func:`check_model_set`)."""
     d = Path(directory)
     mp = d / MANIFEST
-    try:
-        doc = json.loads(mp.read_text())
-    except FileNotFoundError as e:
-        raise ManifestError(f"{d} is not a model set: {MANIFEST} is missing") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{mp}: unreadable or invalid JSON: {e}") from e
-    if not isinstance(doc, dict) or doc.get("format") != MODELSET_FORMAT:
-        raise ManifestError(f"{mp}: 'format' must be {MODELSET_FORMAT!r}")
-    if doc.get("version") != MODELSET_VERSION:
-        raise ManifestError(f"{mp}: unsupported version {doc.get('version')!r}; this fedmfs reads {MODELSET_VERSION}")
-    try:
-        spec = DatasetSpec.from_dict(doc["spec"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ManifestError(f"{mp}: bad or missing 'spec': {e}") from e
+    doc, spec = read_spec_document(mp, MODELSET_FORMAT, MODELSET_VERSION, ManifestError, "a model set")
     problems: list[str] = []
     raw_mods = doc.get("modalities")
     if not isinstance(raw_mods, dict):

@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from fedmfs.fsio import atomic_write
+from fedmfs.fsio import atomic_write, read_spec_document
 from fedmfs.errors import PayloadError
 from fedmfs.modality import DatasetSpec
 
@@ -78,21 +78,8 @@ def _load_st(p: Path) -> dict[str, np.ndarray]:
 def load_state_set(directory: str | os.PathLike) -> StateSet:
     """Read a state set; modality files present define which modalities the set has."""
     d = Path(directory)
-    sp = d / SPEC_FILE
-    try:
-        doc = json.loads(sp.read_text())
-    except FileNotFoundError as e:
-        raise PayloadError(f"{d} is not a saved model set: {SPEC_FILE} is missing") from e
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PayloadError(f"{sp}: unreadable or invalid JSON: {e}") from e
-    if not isinstance(doc, dict) or doc.get("format") != STATESET_FORMAT:
-        raise PayloadError(f"{sp}: 'format' must be {STATESET_FORMAT!r}")
-    if doc.get("version") != STATESET_VERSION:
-        raise PayloadError(f"{sp}: unsupported version {doc.get('version')!r}")
-    try:
-        spec = DatasetSpec.from_dict(doc["spec"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise PayloadError(f"{sp}: bad or missing 'spec': {e}") from e
+    doc, spec = read_spec_document(d / SPEC_FILE, STATESET_FORMAT, STATESET_VERSION, PayloadError,
+                                   "a saved model set")
     mods = {m: _load_st(d / f"{m}.safetensors") for m in spec.names if (d / f"{m}.safetensors").is_file()}
     if not mods:
         raise PayloadError(f"{d}: no <modality>.safetensors file for any of {list(spec.names)}")
@@ -100,6 +87,6 @@ def load_state_set(directory: str | os.PathLike) -> StateSet:
     hidden = doc.get("fusion_hidden")
     versions = doc.get("versions") or {}
     if not isinstance(versions, dict):
-        raise PayloadError(f"{sp}: 'versions' must be an object")
+        raise PayloadError(f"{d / SPEC_FILE}: 'versions' must be an object")
     return StateSet(spec, mods, fusion, int(hidden) if hidden is not None else None,
                     {str(k): int(v) for k, v in versions.items()})

@@ -61,7 +61,8 @@ def _train(model: HolisticModel, x: dict[str, np.ndarray], y: np.ndarray, cfg, r
 
 
 def run_holistic(fleet: Fleet, cfg, progress: bool = False, on_round: Callable[[dict], None] | None = None) -> dict:
-    from fedmfs.engine import _progress, _report
+    from fedmfs.engine import _progress
+    from fedmfs.report import report_envelope
 
     spec = fleet.spec
     torch.manual_seed(seed_for(cfg.seed, 0x401))
@@ -103,4 +104,4 @@ def run_holistic(fleet: Fleet, cfg, progress: bool = False, on_round: Callable[[
             on_round(row)
     if bar is not None:
         bar.close()
-    return _report(fleet, cfg, rounds, {"holistic": state_digest(global_state)})
+    return report_envelope(fleet, cfg, rounds, {"holistic": state_digest(global_state)}, "inproc")

@@ -76,6 +76,8 @@ class LocalUpdate:
     shapley: dict[str, float]
     samples: int
     stage1_accuracy: float
+    # the encoded upload of every modality (what ``sizes`` measures), encoded once
+    payloads: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,17 +239,16 @@ class LocalClient:
         f1 = self._fit_fusion(probs, ys, seed_for(round_index, 1))
         scores = self._shapley(f1, xs, ys, probs, round_index)
         states = {m: state_to_numpy(self.models[m]) for m in self.present}
+        payloads = {m: self._encode(states[m], m, round_index, self.data.n_train) for m in self.present}
         return LocalUpdate(
             round_index=round_index,
             states=states,
             # the real payload bytes (header with this round and sample count included)
-            sizes={m: len(encode_model(states[m], ModelHeader(round=round_index, modality=m,
-                                                                samples=self.data.n_train,
-                                                                codec=Codec(self.config.codec))))
-                   for m in self.present},
+            sizes={m: len(b) for m, b in payloads.items()},
             shapley={m: float(scores[self.spec.index(m)]) for m in self.present},
             samples=self.data.n_train,
             stage1_accuracy=self._fusion_accuracy(f1, probs, ys),
+            payloads=payloads,
         )
 
     # -- selection and upload --------------------------------------------------------------------
@@ -272,9 +273,15 @@ class LocalClient:
         for m in modalities:
             self.history.last_upload[m] = round_index
 
+    def _encode(self, state: State, modality: str, round_index: int, samples: int) -> bytes:
+        return encode_model(state, ModelHeader(round=round_index, modality=modality, samples=samples,
+                                               codec=Codec(self.config.codec)))
+
     def payload(self, update: LocalUpdate, modality: str, round_index: int) -> bytes:
-        return encode_model(update.states[modality], ModelHeader(
-            round=round_index, modality=modality, samples=update.samples, codec=Codec(self.config.codec)))
+        """The upload of ``modality`` (encoded once, in :meth:`local_round`, for that round)."""
+        if round_index == update.round_index and modality in update.payloads:
+            return update.payloads[modality]
+        return self._encode(update.states[modality], modality, round_index, update.samples)
 
     # -- Stage #2 and evaluation ----------------------------------------------------------------
     def deployed_models(self, globals: dict[str, State]) -> dict[str, nn.Module]:

@@ -20,6 +20,7 @@ from fedmfs.errors import ConfigError
 from fedmfs.modality import DatasetSpec
 from fedmfs.models import ModalityModel, state_to_numpy
 from fedmfs.payload import decode_model, state_digest
+from fedmfs.report import report_envelope
 from fedmfs.selection import (AllSelector, Alphas, NoneSelector, PrioritySelector, RandomSelector,
                               Selector)
 
@@ -210,22 +211,4 @@ def run_simulation(fleet: Fleet, cfg: SimConfig, progress: bool = False,
             on_round(row)
     if bar is not None:
         bar.close()
-    return _report(fleet, cfg, rounds, server.digests())
-
-
-def _report(fleet: Fleet, cfg: SimConfig, rounds: list[dict], digests: dict[str, str]) -> dict:
-    return {
-        "fedmfs_report": 1,
-        "config": cfg.to_dict(),
-        "dataset": {
-            "spec": fleet.spec.to_dict(),
-            "clients": {c.name: {"modalities": list(c.modalities), "train": c.n_train,
-                                 "test": int((~c.train).sum())} for c in fleet.clients},
-            "metadata": fleet.metadata,
-        },
-        "rounds": rounds,
-        "final_accuracy": rounds[-1]["accuracy"],
-        "total_upload_bytes": int(sum(r["upload_bytes"] for r in rounds)),
-        "global_digests": digests,
-        "transport": "inproc",
-    }
+    return report_envelope(fleet, cfg, rounds, server.digests(), "inproc")

@@ -25,6 +25,7 @@ from fedmfs.data.format import Fleet, save_fleet
 from fedmfs.errors import FedMFSError
 from fedmfs.payload import decode_model, state_digest
 from fedmfs.protocol import Topics, decode_global, generate_keypair
+from fedmfs.report import report_envelope
 
 __all__ = ["run_mqtt_simulation", "EmbeddedBroker", "write_fleet_configs"]
 
@@ -284,20 +285,5 @@ def build_report(fleet: Fleet, config, work: Path) -> dict:
             "refusals": [x for x in refusals if x["round"] == r],
         })
     total = int(sum(r["upload_bytes"] for r in rounds))
-    return {
-        "fedmfs_report": 1,
-        "config": config.to_dict(),
-        "dataset": {
-            "spec": fleet.spec.to_dict(),
-            "clients": {c.name: {"modalities": list(c.modalities), "train": c.n_train,
-                                 "test": int((~c.train).sum())} for c in fleet.clients},
-            "metadata": fleet.metadata,
-        },
-        "rounds": rounds,
-        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
-        "total_upload_bytes": total,
-        "global_digests": digests,
-        "transport": "mqtt",
-        "wire_bytes": wire_total,
-        "wire_over_payload": (wire_total / total) if total else None,
-    }
+    return report_envelope(fleet, config, rounds, digests, "mqtt", wire_bytes=wire_total,
+                           wire_over_payload=(wire_total / total) if total else None)

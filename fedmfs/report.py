@@ -14,8 +14,28 @@ import numpy as np
 
 from fedmfs.fsio import atomic_write
 
-__all__ = ["write_report", "plot_report", "summary_markdown"]
+__all__ = ["report_envelope", "write_report", "plot_report", "summary_markdown"]
 
+
+
+def report_envelope(fleet, cfg, rounds: list[dict], digests: dict[str, str], transport: str, **extra) -> dict:
+    """The report every transport returns: config, data set, per-round rows, headline totals."""
+    return {
+        "fedmfs_report": 1,
+        "config": cfg.to_dict(),
+        "dataset": {
+            "spec": fleet.spec.to_dict(),
+            "clients": {c.name: {"modalities": list(c.modalities), "train": c.n_train,
+                                 "test": int((~c.train).sum())} for c in fleet.clients},
+            "metadata": fleet.metadata,
+        },
+        "rounds": rounds,
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        "total_upload_bytes": int(sum(r["upload_bytes"] for r in rounds)),
+        "global_digests": digests,
+        "transport": transport,
+        **extra,
+    }
 
 
 def write_report(report: dict, out: str | os.PathLike, plots: bool = True) -> Path:

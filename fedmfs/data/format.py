@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmfs.errors import DataError
-from fedmfs.fsio import atomic_write_with
+from fedmfs.fsio import atomic_write_with, read_spec_document
 from fedmfs.modality import DatasetSpec
 
 __all__ = ["ClientData", "Fleet", "save_fleet", "load_fleet", "FORMAT_VERSION"]
@@ -146,17 +146,7 @@ def load_fleet(directory: str | os.PathLike) -> Fleet:
     """Load a fleet written by :func:`save_fleet` (or by hand, following docs/data.md)."""
     d = Path(directory)
     mp = d / "fleet.json"
-    if not mp.is_file():
-        raise DataError(f"{d} is not a fleet directory: {mp.name} is missing")
-    try:
-        meta = json.loads(mp.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{mp}: invalid JSON: {e}") from e
-    if meta.get("format") != "fedmfs-fleet":
-        raise DataError(f"{mp}: 'format' must be 'fedmfs-fleet'")
-    if meta.get("version") != FORMAT_VERSION:
-        raise DataError(f"{mp}: unsupported version {meta.get('version')!r}; this fedmfs reads {FORMAT_VERSION}")
-    spec = DatasetSpec.from_dict(meta["spec"])
+    meta, spec = read_spec_document(mp, "fedmfs-fleet", FORMAT_VERSION, DataError, "a fleet directory")
     clients = [load_client(d / f"{n}.npz", spec, n) for n in meta.get("clients", [])]
     if not clients:
         raise DataError(f"{mp}: the fleet lists no clients")
