@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from fedmfs.data import make_synthetic
-from fedmfs.models import FusionModel, ModalityModel
-from fedmfs.shapley import exact_shapley, modality_scores
+from fedmfs.core.data import make_synthetic
+from fedmfs.learner.models import FusionModel, ModalityModel
+from fedmfs.core.shapley import exact_shapley, modality_scores
 
 
 def _fit(model: torch.nn.Module, inputs: tuple, y: np.ndarray, epochs: int, lr: float, seed: int) -> None:

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from fedmfs.data import make_synthetic
-from fedmfs.engine import SimConfig, run_simulation
-from fedmfs.selection import Alphas
+from fedmfs.core.data import make_synthetic
+from fedmfs.sim.engine import SimConfig, run_simulation
+from fedmfs.core.selection import Alphas
 
 
 def main(argv=None) -> int:

@@ -30,13 +30,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 torch.set_num_interop_threads(1)
 
-from fedmfs import shapley as ref  # noqa: E402
-from fedmfs.edge.modelset import write_model_set  # noqa: E402
-from fedmfs.edge.runtime import EdgeRuntime  # noqa: E402
-from fedmfs.export.builder import model_set_onnx, model_set_runtime, personalised_model_onnx  # noqa: E402
+from fedmfs.core import shapley as ref  # noqa: E402
+from fedmfs.core.runtime.modelset import write_model_set  # noqa: E402
+from fedmfs.core.runtime.runtime import EdgeRuntime  # noqa: E402
+from fedmfs.core.runtime.graphs import model_set_onnx, model_set_runtime, personalised_model_onnx  # noqa: E402
 from fedmfs.export.statedir import StateSet, save_state_set  # noqa: E402
-from fedmfs.modality import ACTIONSENSE_MODALITIES, DatasetSpec  # noqa: E402
-from fedmfs.models import FusionModel, ModalityModel, state_to_numpy  # noqa: E402
+from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec  # noqa: E402
+from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy  # noqa: E402
 
 N, B, C, T = 50, 50, 20, 100
 SPEC = DatasetSpec(ACTIONSENSE_MODALITIES, C, T)
@@ -118,7 +118,7 @@ RSS_CHILD_ORT = textwrap.dedent("""
     import sys
     import numpy as np
     from collections.abc import Mapping
-    from fedmfs.edge.modelset import load_model_set
+    from fedmfs.core.runtime.modelset import load_model_set
 
     class SpoolDir(Mapping):
         # windows spooled on disk, one .npy per modality, mapped (not read) when the runtime asks for
@@ -142,9 +142,9 @@ RSS_CHILD_TORCH = textwrap.dedent("""
     import sys
     import numpy as np, torch
     torch.set_num_threads(1)
-    from fedmfs import shapley as ref
+    from fedmfs.core import shapley as ref
     from fedmfs.export.statedir import load_state_set
-    from fedmfs.models import FusionModel, ModalityModel, numpy_to_state
+    from fedmfs.learner.models import FusionModel, ModalityModel, numpy_to_state
 
     st = load_state_set(sys.argv[1])
     names = sys.argv[3].split(",")

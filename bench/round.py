@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 
 def _spec(hidden: int):
-    from fedmfs.modality import DatasetSpec, ModalitySpec
+    from fedmfs.core.modality import DatasetSpec, ModalitySpec
     return DatasetSpec((ModalitySpec("eye", (2,), hidden), ModalitySpec("emg", (8,), hidden)), 20, 20)
 
 
@@ -53,10 +53,10 @@ def _worker(idx, devices, port, hidden, rounds, chunk, ctl, res):
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from fedmfs.payload import ModelHeader, encode_model
-    from fedmfs.protocol import (Ack, AckReason, Report, RoundAnnouncement, RoundState, Topics, decode_message,
+    from fedmfs.core.payload import ModelHeader, encode_model
+    from fedmfs.core.wire import (Ack, AckReason, Report, RoundAnnouncement, RoundState, Topics, decode_message,
                                  encode_message, split_payload)
-    from fedmfs.rounds import modality_shapes
+    from fedmfs.coordinator.machine import modality_shapes
 
     spec = _spec(hidden)
     t = Topics(FLEET)
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     from fedmfs.coordinator.config import load_coordinator_config
     from fedmfs.coordinator.service import CoordinatorService
     from fedmfs.edge.uploads import publish_packet_bytes
-    from fedmfs.protocol import RoundState, Topics, generate_keypair
+    from fedmfs.core.wire import RoundState, Topics, generate_keypair
 
     work = Path(tempfile.mkdtemp(prefix="fedmfs-bench-"))
     port = _free_port()

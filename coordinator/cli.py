@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedmfs.errors import ConfigError, FedMFSError
+from fedmfs.core.errors import ConfigError, FedMFSError
 
 __all__ = ["main"]
 
@@ -63,7 +63,7 @@ def _status(args) -> int:
 
 
 def _keygen(args) -> int:
-    from fedmfs.protocol import generate_keypair
+    from fedmfs.core.wire import generate_keypair
 
     priv, pub = generate_keypair()
     out = Path(args.out)

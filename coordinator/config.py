@@ -5,28 +5,27 @@ Precedence: command line > environment (``FEDMFS_BROKER`` = mqtt://HOST:PORT) > 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmfs.config import check_keys, load_toml
-from fedmfs.errors import ConfigError, PayloadError
-from fedmfs.modality import DatasetSpec
-from fedmfs.mqtt import BrokerConfig, parse_broker_url
-from fedmfs.protocol import DEFAULT_CHUNK_BYTES, DeviceConfig, validate_name
-from fedmfs.rounds import RoundPolicy
+from fedmfs.adapters.mqtt import BrokerConfig, broker_from_table
+from fedmfs.core.aggregation import DEFAULT_RULE
+from fedmfs.core.config import check_keys, load_toml
+from fedmfs.core.errors import ConfigError, PayloadError
+from fedmfs.core.modality import DatasetSpec, load_spec
+from fedmfs.core.selection import POLICY_KEYS, SelectionPolicy
+from fedmfs.core.wire import DEFAULT_CHUNK_BYTES, DeviceConfig, validate_name
 
-__all__ = ["CoordinatorConfig", "load_coordinator_config", "load_fleet_file", "load_spec", "broker_from_table"]
+from .machine import RoundPolicy
+
+__all__ = ["CoordinatorConfig", "load_coordinator_config", "load_fleet_file"]
 
 _TOP = {"fleet": str, "state_dir": str, "spec": str, "fleet_file": str, "signing_key": str, "seed": int,
         "rounds": dict, "broker": dict, "metrics": dict, "log_level": str}
-_ROUNDS = {"total": int, "seconds": float, "quorum": int, "chunk_bytes": int}
-_BROKER = {"host": str, "port": int, "username": str, "password_file": str, "tls_ca": str, "tls_cert": str,
-           "tls_key": str, "protocol": str, "keepalive": int, "url": str}
+_ROUNDS = {"total": int, "seconds": float, "quorum": int, "chunk_bytes": int, "aggregation": str}
 _METRICS = {"port": int, "host": str}
-_DEVICE = {"id": str, "gamma": int, "alpha_s": float, "alpha_c": float, "alpha_r": float, "cap_bytes": int,
-           "codec": str, "method": str}
+_DEVICE = {"id": str, **POLICY_KEYS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,39 +49,9 @@ def _rel(base: Path, p: str) -> Path:
     return q if q.is_absolute() else (base / q)
 
 
-def load_spec(path: Path) -> DatasetSpec:
-    """A dataset spec from a fleet.json (docs/data.md) or a bare spec JSON."""
-    try:
-        d = json.loads(Path(path).read_text())
-        return DatasetSpec.from_dict(d["spec"] if "spec" in d else d)
-    except FileNotFoundError as e:
-        raise ConfigError(f"spec file {path} does not exist; point 'spec' at a fleet.json or spec JSON") from e
-    except (json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"spec file {path} is not a dataset spec: {e}") from e
-
-
-def broker_from_table(t: dict, where: str, base: Path) -> BrokerConfig:
-    check_keys(t, _BROKER, where)
-    url = os.environ.get("FEDMFS_BROKER") or t.get("url")
-    if url:
-        from dataclasses import replace
-        return replace(parse_broker_url(url), protocol=t.get("protocol", "auto"))
-    password = None
-    if "password_file" in t:
-        try:
-            password = _rel(base, t["password_file"]).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"{where}: password_file {t['password_file']!r} unreadable: {e}") from e
-    return BrokerConfig(host=t.get("host", "127.0.0.1"), port=t.get("port", 1883), username=t.get("username"),
-                        password=password,
-                        tls_ca=str(_rel(base, t["tls_ca"])) if "tls_ca" in t else None,
-                        tls_cert=str(_rel(base, t["tls_cert"])) if "tls_cert" in t else None,
-                        tls_key=str(_rel(base, t["tls_key"])) if "tls_key" in t else None,
-                        protocol=t.get("protocol", "auto"), keepalive=t.get("keepalive", 30))
-
-
 def load_fleet_file(path: Path) -> tuple[DeviceConfig, ...]:
-    """Devices with their cap, gamma, alphas, codec and method; ``[defaults]`` fills what a device omits."""
+    """Devices with their selection policy (method, gamma, alphas, cap, codec); ``[defaults]`` fills
+    what a device omits, :class:`~fedmfs.core.selection.SelectionPolicy` what both omit."""
     raw = load_toml(path)
     check_keys(raw, {"defaults": dict, "device": list}, str(path))
     defaults = raw.get("defaults", {})
@@ -97,11 +66,8 @@ def load_fleet_file(path: Path) -> tuple[DeviceConfig, ...]:
             raise ConfigError(f"{where}: missing key 'id'; add id = \"device-name\"")
         m = {**defaults, **d}
         try:
-            out.append(DeviceConfig(device=m["id"], gamma=m.get("gamma", 1), alpha_s=float(m.get("alpha_s", 1 / 3)),
-                                    alpha_c=float(m.get("alpha_c", 1 / 3)), alpha_r=float(m.get("alpha_r", 1 / 3)),
-                                    cap_bytes=m.get("cap_bytes"), codec=m.get("codec", "fp32"),
-                                    method=m.get("method", "fedmfs")))
-        except PayloadError as e:
+            out.append(DeviceConfig(m["id"], SelectionPolicy.from_dict(m)))
+        except (PayloadError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from e
     if not out:
         raise ConfigError(f"{path}: no devices; add [[device]] tables with id = \"...\"")
@@ -127,7 +93,8 @@ def load_coordinator_config(path: str | os.PathLike) -> CoordinatorConfig:
     check_keys(rounds, _ROUNDS, f"{p} [rounds]")
     try:
         policy = RoundPolicy(rounds.get("total", 10), float(rounds.get("seconds", 600.0)), rounds.get("quorum", 1),
-                             rounds.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
+                             rounds.get("chunk_bytes", DEFAULT_CHUNK_BYTES),
+                             rounds.get("aggregation", DEFAULT_RULE))
     except ValueError as e:
         raise ConfigError(f"{p} [rounds]: {e}") from e
     metrics = raw.get("metrics", {})

@@ -15,8 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmfs.protocol import DeviceConfig, Report, RoundState, decode_message
-from fedmfs.fsio import atomic_write
+from fedmfs.core.fsio import atomic_write
+from fedmfs.core.wire import (
+    DeviceConfig,
+    Evaluation,
+    Report,
+    RoundState,
+    decode_message,
+)
 
 __all__ = ["Ledger", "RoundRow", "atomic_write"]
 
@@ -34,6 +40,9 @@ CREATE TABLE IF NOT EXISTS refusals (
   reason TEXT NOT NULL, nbytes INTEGER NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS reports (
   round INTEGER NOT NULL, device TEXT NOT NULL, body BLOB NOT NULL, at REAL NOT NULL,
+  PRIMARY KEY (round, device));
+CREATE TABLE IF NOT EXISTS evaluations (
+  round INTEGER NOT NULL, device TEXT NOT NULL, accuracy REAL NOT NULL, windows INTEGER NOT NULL, at REAL NOT NULL,
   PRIMARY KEY (round, device));
 CREATE TABLE IF NOT EXISTS devices (
   device TEXT PRIMARY KEY, config TEXT NOT NULL, online INTEGER NOT NULL DEFAULT 0, last_seen REAL);
@@ -125,6 +134,11 @@ class Ledger:
         with self._tx():
             self.db.execute("INSERT OR IGNORE INTO reports VALUES (?,?,?,?)", (r, device, body, time.time()))
 
+    def put_evaluation(self, ev: Evaluation) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR IGNORE INTO evaluations VALUES (?,?,?,?,?)",
+                            (ev.round, ev.device, ev.accuracy, ev.windows, time.time()))
+
     def put_global(self, modality: str, version: int, r: int, sha256: str, frame: bytes) -> None:
         rel = f"globals/{modality}.v{version:05d}.fmg"
         atomic_write(self.dir / rel, frame)
@@ -178,6 +192,12 @@ class Ledger:
     def reports(self, r: int | None = None) -> list[Report]:
         q = "SELECT body FROM reports" + (" WHERE round = ?" if r is not None else "") + " ORDER BY round, device"
         return [decode_message(b[0], Report) for b in self.db.execute(q, (() if r is None else (r,)))]
+
+    def evaluations(self, r: int | None = None) -> list[Evaluation]:
+        q = "SELECT round, device, accuracy, windows FROM evaluations"
+        rows = self.db.execute(q + (" WHERE round = ?" if r is not None else "") + " ORDER BY round, device",
+                               (() if r is None else (r,))).fetchall()
+        return [Evaluation(d, rr, a, w) for rr, d, a, w in rows]
 
     def latest_globals(self) -> list[dict]:
         rows = self.db.execute(

@@ -14,14 +14,21 @@ import threading
 import time
 from pathlib import Path
 
-from fedmfs.errors import ConfigError, PayloadError
-from fedmfs.mqtt import Inbound, MqttLink
-from fedmfs.protocol import RoundState, Signer, TopicKind, parse_topic, encode_message
-from fedmfs.rounds import ChunkArrived, FleetChanged, ReportArrived, RoundMachine, Start, StatusArrived, Tick
-from fedmfs.sdnotify import Notifier, Watchdog
+from fedmfs.adapters.mqtt import Inbound, MqttLink
+from fedmfs.adapters.sdnotify import Notifier, Watchdog
+from fedmfs.core.errors import ConfigError, PayloadError
+from fedmfs.core.wire import RoundState, Signer, encode_message
 
 from .config import CoordinatorConfig, load_fleet_file
 from .ledger import Ledger
+from .machine import (
+    CoordinatorMachine,
+    FleetChanged,
+    Start,
+    StatusArrived,
+    Tick,
+    event_for,
+)
 from .metrics import Metrics
 from .writer import Batch, LedgerWriter, PutDevices, SetOnline
 
@@ -41,7 +48,12 @@ def load_signer(path: Path) -> Signer:
 
 
 class CoordinatorService:
-    def __init__(self, cfg: CoordinatorConfig, exit_when_done: bool = False, notifier: Notifier | None = None):
+    """The coordinator. ``link_factory`` makes its broker link (the in-process simulator passes a
+    loopback one). :meth:`run` is the service's loop; the simulator calls :meth:`start` and
+    :meth:`pump` itself, with the ledger writer inline (no thread)."""
+
+    def __init__(self, cfg: CoordinatorConfig, exit_when_done: bool = False, notifier: Notifier | None = None,
+                 link_factory=MqttLink):
         self.cfg = cfg
         self.exit_when_done = exit_when_done
         self.signer = load_signer(cfg.signing_key)
@@ -49,33 +61,36 @@ class CoordinatorService:
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
         self.watchdog = Watchdog(self.notifier)
-        self.inbox: "queue.Queue[Inbound]" = queue.Queue()
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.failed = False
+        self._done_since: float | None = None
         self.handle_seconds: dict[int, float] = {}   # the machine's thread, per round (bench/round.py)
         self.writer = LedgerWriter(self.ledger, self.metrics, None, self._writer_failed)
         self.machine = self._build_machine()
         t = self.machine.topics
-        self.link = MqttLink(cfg.broker, f"fedmfs-coordinator-{cfg.fleet}",
+        self.link = link_factory(cfg.broker, f"fedmfs-coordinator-{cfg.fleet}",
                              [(t.all_uploads(), 1), (t.all_reports(), 1), (t.all_status(), 1)],
                              self.inbox, persistent=True)
         self.writer.publish = self.link.publish
 
     # -- state -------------------------------------------------------------------------------------
-    def _build_machine(self) -> RoundMachine:
+    def _build_machine(self) -> CoordinatorMachine:
         cfg, led = self.cfg, self.ledger
         fleet = led.get_meta("fleet")
         if fleet is not None and fleet != cfg.fleet:
             raise ConfigError(f"state_dir {cfg.state_dir} belongs to fleet {fleet!r}, not {cfg.fleet!r}; "
                               "use another state_dir")
-        m = RoundMachine(cfg.fleet, cfg.spec, cfg.devices, cfg.policy, self.signer)
+        m = CoordinatorMachine(cfg.fleet, cfg.spec, cfg.devices, cfg.policy, self.signer)
         led.put_devices(cfg.devices)
         last = led.last_round()
         if last is None:
             led.put_meta("fleet", cfg.fleet)
             self.execute(m.seed_globals(self._initial_globals()), 0)
             return m
+        for ev in led.evaluations():
+            m.restore_evaluation(ev)
         for g in led.latest_globals():
             m.restore_global(g["modality"], g["version"], g["round"], led.global_frame(g))
         m.restore_round(last.round, last.state, last.deadline, last.opened_at, last.expected, last.caps)
@@ -94,7 +109,7 @@ class CoordinatorService:
 
     def _initial_globals(self) -> dict:
         try:
-            from fedmfs.engine import initial_globals
+            from fedmfs.learner.models import initial_globals
         except ImportError:
             log.warning("torch is not installed: no initial global models; devices start from their own")
             return {}
@@ -112,20 +127,11 @@ class CoordinatorService:
 
     def _event_for(self, msg: Inbound, now: float):
         try:
-            t = parse_topic(msg.topic)
+            return event_for(self.cfg.fleet, msg.topic, msg.payload, now)
         except PayloadError as e:
             log.info("ignoring message on %r: %s", msg.topic, e)
             self.metrics.refused.labels("bad_topic").inc()
             return None
-        if t.fleet != self.cfg.fleet or t.device is None:
-            return None
-        if t.kind is TopicKind.UPLOAD:
-            return ChunkArrived(t.device, t.round, t.modality, msg.payload, now)
-        if t.kind is TopicKind.REPORT:
-            return ReportArrived(t.device, msg.payload, now)
-        if t.kind is TopicKind.STATUS:
-            return StatusArrived(t.device, msg.payload, now)
-        return None
 
     def handle(self, event) -> list:
         """The machine's actions for one event ([] if handling failed: logged and counted)."""
@@ -157,49 +163,80 @@ class CoordinatorService:
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload_event.set())
 
+    def start(self, connect_timeout: float = 60.0, writer_thread: bool = True) -> None:
+        """Connect, start the ledger writer (or keep it inline), (re)publish the fleet state."""
+        self.link.start(timeout=connect_timeout)
+        if writer_thread:
+            self.writer.start()
+        self.handle_batch([Start(time.time())])
+        self.notifier.ready(self._status_line())
+
+    def pump(self, block: float = 0.0) -> int:
+        """Handle what arrived (waiting up to ``block`` seconds for the first message) and a tick, as
+        one group commit; returns the number of messages handled."""
+        try:
+            msg = self.inbox.get(timeout=block) if block > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            msg = None
+        events, n = [], 0
+        while msg is not None and n < 1000:
+            n += 1
+            ev = self._event_for(msg, time.time())
+            if ev is not None:
+                events.append(ev)
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                msg = None
+        events.append(Tick(time.time()))
+        self.handle_batch(events)
+        return n
+
+    @property
+    def over(self) -> bool:
+        """With --exit-when-done: the run is over and everything it published is out."""
+        return self._run_over() and self.inbox.empty()
+
     def run(self, connect_timeout: float = 60.0) -> int:
         self._signals()
         self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
-        self.link.start(timeout=connect_timeout)
-        self.writer.start()
-        self.handle_batch([Start(time.time())])
-        self.notifier.ready(self._status_line())
+        self.start(connect_timeout)
         last_status = 0.0
         try:
             while not self.stop_event.is_set():
                 self.watchdog.beat("main")
                 self.watchdog.maybe_ping()
-                try:
-                    msg = self.inbox.get(timeout=0.2)
-                except queue.Empty:
-                    msg = None
-                events = []
-                while msg is not None and len(events) < 1000:
-                    ev = self._event_for(msg, time.time())
-                    if ev is not None:
-                        events.append(ev)
-                    try:
-                        msg = self.inbox.get_nowait()
-                    except queue.Empty:
-                        msg = None
-                events.append(Tick(time.time()))
-                self.handle_batch(events)
+                self.pump(block=0.2)
                 if self.reload_event.is_set():
                     self.reload_event.clear()
                     self._reload()
                 if time.monotonic() - last_status > 5:
                     last_status = time.monotonic()
                     self.notifier.status(self._status_line())
-                if self.exit_when_done and self.machine.state is RoundState.DONE and self.inbox.empty():
+                if self.exit_when_done and self.over:
                     self.writer.flush()
                     self._drain_publishes()
                     break
         finally:
-            self.notifier.stopping()
-            self.writer.stop()
-            self.link.stop()
-            self.ledger.close()
+            self.close()
         return 1 if self.failed else 0
+
+    def close(self) -> None:
+        self.notifier.stopping()
+        self.writer.stop()
+        self.link.stop()
+        self.ledger.close()
+
+    def _run_over(self) -> bool:
+        """For --exit-when-done: the last round closed and every device reported its final evaluation
+        (or a round's length passed since the run ended, so a silent device cannot hold us forever)."""
+        m = self.machine
+        if m.state is not RoundState.DONE:
+            self._done_since = None
+            return False
+        if self._done_since is None:
+            self._done_since = time.monotonic()
+        return m.all_evaluated or time.monotonic() - self._done_since > self.cfg.policy.round_seconds
 
     def _drain_publishes(self, timeout: float = 10.0) -> None:
         """Before exiting: make sure the final round message and globals reached the broker."""

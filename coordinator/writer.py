@@ -21,18 +21,25 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
-from fedmfs.protocol import RoundState, encode_message
-from fedmfs.rounds import (
-    PersistGlobal, PersistReport, PersistRound, PersistUpload, Publish, Refused, RoundClosed,
-)
+from fedmfs.core.wire import RoundState, encode_message
 
 from .ledger import Ledger
+from .machine import (
+    PersistEvaluation,
+    PersistGlobal,
+    PersistReport,
+    PersistRound,
+    PersistUpload,
+    Publish,
+    Refused,
+    RoundClosed,
+)
 from .metrics import Metrics
 
-__all__ = ["SetOnline", "PutDevices", "Batch", "LedgerWriter"]
+__all__ = ["Batch", "LedgerWriter", "PutDevices", "SetOnline"]
 
 log = logging.getLogger("fedmfs.coordinator")
 
@@ -78,7 +85,7 @@ class LedgerWriter:
         self.seconds: dict[int, float] = {}      # time spent persisting + publishing, per round
         self.closing_seconds: dict[int, float] = {}   # of the batch that closed the round
         self.commits = 0
-        self._q: "queue.Queue[Batch | None]" = queue.Queue()
+        self._q: queue.Queue[Batch | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -197,6 +204,8 @@ class LedgerWriter:
         elif isinstance(a, PersistReport):
             led.put_report(a.round, a.device, encode_message(a.report))
             m.reports.inc()
+        elif isinstance(a, PersistEvaluation):
+            led.put_evaluation(a.evaluation)
         elif isinstance(a, PersistRound):
             led.put_round(a.round, a.state, a.deadline, a.opened_at, a.expected, dict(a.caps),
                           a.closed_at, dict(a.aggregated))

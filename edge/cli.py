@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fedmfs.errors import DataError, FedMFSError
+from fedmfs.core.errors import DataError, FedMFSError
 
 __all__ = ["main"]
 
@@ -26,7 +26,7 @@ def _predict(args) -> int:
     # numpy + onnxruntime only: this path must never import torch
     import numpy as np
 
-    from .modelset import load_model_set
+    from fedmfs.core.runtime.modelset import load_model_set
 
     model_dir = Path(args.model) if args.model else None
     if model_dir is None:

@@ -9,10 +9,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmfs.config import check_keys, load_toml
-from fedmfs.errors import ConfigError, PayloadError
-from fedmfs.mqtt import BrokerConfig
-from fedmfs.protocol import validate_name
+from fedmfs.adapters.mqtt import BrokerConfig, broker_from_table
+from fedmfs.core.config import check_keys, load_toml, train_config_from
+from fedmfs.core.errors import ConfigError, PayloadError
+from fedmfs.core.settings import TrainConfig
+from fedmfs.core.wire import validate_name
 
 __all__ = ["EdgeConfig", "load_edge_config"]
 
@@ -30,7 +31,7 @@ class EdgeConfig:
     state_dir: Path
     coordinator_key: str       # hex Ed25519 public key that signs global models
     broker: BrokerConfig
-    train: dict = field(default_factory=dict)   # TrainConfig fields (validated when training starts)
+    train: TrainConfig = field(default_factory=TrainConfig)
     spool: Path | None = None
     seed: int = 0
     index: int = 0
@@ -41,8 +42,6 @@ class EdgeConfig:
 
 
 def load_edge_config(path: str | os.PathLike) -> EdgeConfig:
-    from fedmfs.coordinator.config import broker_from_table   # one broker-table parser for both services
-
     p = Path(path)
     raw = load_toml(p)
     check_keys(raw, _TOP, str(p))
@@ -75,7 +74,7 @@ def load_edge_config(path: str | os.PathLike) -> EdgeConfig:
     return EdgeConfig(
         device=raw["device"], fleet=raw["fleet"], data=rel(raw["data"]), spec=rel(raw["spec"]),
         state_dir=rel(raw["state_dir"]), coordinator_key=key,
-        broker=broker_from_table(raw.get("broker", {}), f"{p} [broker]", base), train=dict(raw.get("train", {})),
+        broker=broker_from_table(raw.get("broker", {}), f"{p} [broker]", base), train=train_config_from(raw.get("train", {}), f"{p} [train]"),
         spool=rel(raw["spool"]) if "spool" in raw else None, seed=raw.get("seed", 0), index=raw.get("index", 0),
         ack_timeout=float(raw.get("ack_timeout", 10.0)), max_attempts=raw.get("max_attempts", 30),
         job_timeout=float(raw.get("job_timeout", 3600.0)),

@@ -1,7 +1,7 @@
 """The edge daemon: one device of a fleet, over MQTT; a thin adapter around the round machine.
 
 The round logic lives in :class:`fedmfs.edge.machine.EdgeMachine` (sans-I/O). This module supplies
-what it lacks: paho (through :class:`fedmfs.mqtt.MqttLink`, whose callbacks only enqueue), the
+what it lacks: paho (through :class:`fedmfs.adapters.mqtt.MqttLink`, whose callbacks only enqueue), the
 state directory, the clock, and a :class:`fedmfs.edge.worker.Worker` thread for the heavy work
 (training, Stage #2, ONNX export), whose completions come back through the same queue. One thread
 (the loop in :meth:`EdgeDaemon.run`) owns the machine: it drains the queue, feeds each item to the
@@ -15,7 +15,7 @@ State directory (every file written atomically; a restart resumes where it stopp
     globals/<modality>.fmg     the verified signed global frames
     pending/<modality>.bin     the payloads of the round being uploaded
     history.json               per round: Shapley, sizes, priorities, choice, acks, accuracy
-    model/                     the personalised ONNX model set (fedmfs.edge.modelset), with the
+    model/                     the personalised ONNX model set (fedmfs.core.runtime.modelset), with the
                                one-graph personalised model that ``fedmfs-edge predict`` runs
 """
 
@@ -30,18 +30,18 @@ import threading
 import time
 from pathlib import Path
 
-from fedmfs.errors import ConfigError, PayloadError
-from fedmfs.mqtt import Inbound, MqttLink
-from fedmfs.protocol import DeviceState, DeviceStatus, Topics, Verifier, encode_message
-from fedmfs.sdnotify import Notifier, Watchdog
+from fedmfs.adapters.mqtt import Inbound, MqttLink
+from fedmfs.adapters.sdnotify import Notifier, Watchdog
+from fedmfs.core.errors import ConfigError, PayloadError
+from fedmfs.core.fsio import atomic_write
+from fedmfs.core.wire import DeviceState, DeviceStatus, Topics, Verifier, encode_message
 
 from .config import EdgeConfig
 from .machine import (
     FRESH_PROGRESS, Connected, DropPending, EdgeMachine, Fatal, Finished, GlobalFrame, Publish, RunStage2,
     SaveGlobal, SaveHistory, SaveProgress, StartTraining, Tick, check_progress, decode_inbound, verify_global,
 )
-from .worker import Trainer, Worker
-from fedmfs.fsio import atomic_write
+from .worker import InlineWorker, Trainer, Worker
 
 __all__ = ["EdgeDaemon"]
 
@@ -56,7 +56,13 @@ def _write_json(path: Path, obj) -> None:
 
 
 class EdgeDaemon:
-    def __init__(self, cfg: EdgeConfig, exit_when_done: bool = False, notifier: Notifier | None = None):
+    """One device. ``link_factory`` makes its broker link (an :class:`~fedmfs.adapters.mqtt.MqttLink`;
+    the in-process simulator passes a loopback one); ``trainer`` defaults to the one ``cfg`` describes;
+    ``inline`` runs jobs on the caller's thread instead of a worker thread (the simulator's
+    synchronous mode: :meth:`start`, then :meth:`pump` until :attr:`finished`)."""
+
+    def __init__(self, cfg: EdgeConfig, exit_when_done: bool = False, notifier: Notifier | None = None,
+                 link_factory=MqttLink, trainer: Trainer | None = None, inline: bool = False):
         self.cfg = cfg
         self.exit_when_done = exit_when_done
         self.dir = cfg.state_dir
@@ -80,11 +86,12 @@ class EdgeDaemon:
         self._exit_after_frames = int(os.environ.get("FEDMFS_FAULT_EXIT_AFTER_FRAMES", "0") or 0)
         self._frames_published = 0
         self._overdue_logged = False
-        self.trainer = Trainer(cfg)
-        self.worker: Worker | None = None
+        self.trainer = trainer or Trainer.from_config(cfg)
+        self.inline = inline
+        self.worker: Worker | InlineWorker | None = None
         t = self.topics
         offline = encode_message(DeviceStatus(cfg.device, DeviceState.OFFLINE))
-        self.link = MqttLink(
+        self.link = link_factory(
             cfg.broker, f"fedmfs-edge-{cfg.fleet}-{cfg.device}",
             [(t.round(), 1), (t.global_all(), 1), (t.config(cfg.device), 1), (t.ack(cfg.device), 1)],
             self.events, will=(t.status(cfg.device), offline, 1, True), persistent=True,
@@ -173,9 +180,7 @@ class EdgeDaemon:
 
     # -- health --------------------------------------------------------------------------------------
     def _network_alive(self) -> bool:
-        c = self.link._client
-        t = getattr(c, "_thread", None)   # paho's loop_start thread
-        return t is not None and t.is_alive()
+        return self.link.alive()
 
     def _beat(self) -> None:
         """Heartbeats of the three loops; the watchdog pings only while all are fresh."""
@@ -194,42 +199,58 @@ class EdgeDaemon:
         wd.maybe_ping()
 
     # -- the loop ----------------------------------------------------------------------------------
+    def start(self, connect_timeout: float = 60.0) -> None:
+        """Start the worker and connect (READY to systemd once connected)."""
+        if self.inline:
+            self.worker = InlineWorker(self.trainer.run, self.events.put)
+        else:
+            self.worker = Worker(self.trainer.run, self.events.put)
+        self.link.start(timeout=connect_timeout)
+        self.notifier.ready(f"device {self.cfg.device} connected")
+
+    def pump(self, block: float = 0.0) -> int:
+        """Feed the machine what arrived (waiting up to ``block`` seconds for the first item), then
+        tick it; returns the number of items handled."""
+        try:
+            item = self.events.get(timeout=block) if block > 0 else self.events.get_nowait()
+        except queue.Empty:
+            item = None
+        n = 0
+        while item is not None:
+            self._safely(self._dispatch, item)
+            n += 1
+            try:
+                item = self.events.get_nowait() if n < MAX_BATCH else None
+            except queue.Empty:
+                item = None
+        self._safely(lambda _: self._apply(self.machine.handle(Tick(time.time()))), None)
+        return n
+
+    def stop(self) -> None:
+        self.notifier.stopping()
+        if self.worker is not None and not self.worker.stop(STOP_TIMEOUT):
+            log.warning("a %s job is still running; leaving it (a restart redoes it)", "training or Stage #2")
+        try:
+            self.link.publish(self.topics.status(self.cfg.device),
+                              encode_message(DeviceStatus(self.cfg.device, DeviceState.OFFLINE)), 1, True,
+                              timeout=2.0)
+        except Exception as e:  # best effort on the way out
+            log.info("no offline status published: %s", e)
+        self.link.stop()
+
     def run(self, connect_timeout: float = 60.0) -> int:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
             signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
-        self.worker = Worker(self.trainer.run, self.events.put)
         try:
-            self.link.start(timeout=connect_timeout)
-            self.notifier.ready(f"device {self.cfg.device} connected")
+            self.start(connect_timeout)
             while not self.stop_event.is_set():
                 self._beat()
-                try:
-                    item = self.events.get(timeout=0.1)
-                except queue.Empty:
-                    item = None
-                n = 0
-                while item is not None:
-                    self._safely(self._dispatch, item)
-                    n += 1
-                    try:
-                        item = self.events.get_nowait() if n < MAX_BATCH else None
-                    except queue.Empty:
-                        item = None
-                self._safely(lambda _: self._apply(self.machine.handle(Tick(time.time()))), None)
+                self.pump(block=0.1)
                 if self.finished and self.exit_when_done:
                     break
         finally:
-            self.notifier.stopping()
-            if not self.worker.stop(STOP_TIMEOUT):
-                log.warning("a %s job is still running; leaving it (a restart redoes it)", "training or Stage #2")
-            try:
-                self.link.publish(self.topics.status(self.cfg.device),
-                                  encode_message(DeviceStatus(self.cfg.device, DeviceState.OFFLINE)), 1, True,
-                                  timeout=2.0)
-            except Exception as e:  # best effort on the way out
-                log.info("no offline status published: %s", e)
-            self.link.stop()
+            self.stop()
         return self.exit_code
 
     @staticmethod

@@ -20,9 +20,14 @@ Invariants (checked by tests/edge/test_edge_machine.py):
   ``max_attempts``), and an ack for another round, modality or payload changes nothing;
 * nothing a peer sends raises out of :meth:`EdgeMachine.handle`.
 
+After each Stage #2 the device sends its :class:`~fedmfs.core.wire.Evaluation` (test accuracy of the
+personalised model) until the coordinator records it; the run is finished once the evaluation after the
+last round is recorded (or unanswered after ``max_attempts``).
+
 Progress (``state.json``)::
 
     {"reported": <last finished round or -1>, "stage2": <last round Stage #2 ran on or -1>,
+     "evaluated": <last round whose evaluation the coordinator recorded or -1>,
      "pending": null | {"round": r, "chosen": [modality, ...], "status": {modality: final reason},
                         "chunk_bytes": n, "started": {modality: true}}}
 """
@@ -35,10 +40,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
-from fedmfs.errors import ConfigError, PayloadError
-from fedmfs.protocol import (
-    Ack, AckReason, DeviceConfig, DeviceState, DeviceStatus, Report, RoundAnnouncement, RoundState, TopicKind,
-    Topics, Verifier, decode_global, decode_message, encode_message, parse_topic,
+from fedmfs.core.errors import ConfigError, PayloadError
+from fedmfs.core.records import RoundRecord
+from fedmfs.core.wire import (
+    Ack, AckReason, DeviceConfig, DeviceState, DeviceStatus, Evaluation, Publish, Report, RoundAnnouncement,
+    RoundState, Tick, TopicKind, Topics, Verifier, decode_global, decode_message, encode_message, parse_topic,
 )
 
 from .uploads import UploadStatus, UploadTracker, publish_packet_bytes
@@ -52,7 +58,7 @@ __all__ = [
 
 log = logging.getLogger("fedmfs.edge")
 
-FRESH_PROGRESS: Mapping[str, Any] = {"reported": -1, "stage2": -1, "pending": None}
+FRESH_PROGRESS: Mapping[str, Any] = {"reported": -1, "stage2": -1, "evaluated": -1, "pending": None}
 
 
 class JobKind(str, Enum):
@@ -108,18 +114,20 @@ class GlobalFrame:
 
 @dataclass(frozen=True, slots=True)
 class Trained:
-    """The training job of ``round`` is over: its payloads are written, ``record`` goes to the history."""
+    """The training job of ``round`` is over: its payloads are written; ``record`` is what the report says."""
     round: int
     chosen: tuple[str, ...]
     payloads: Mapping[str, bytes]
-    record: Mapping[str, Any]
+    record: RoundRecord
     now: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class Stage2Done:
+    """Stage #2 on round ``round``'s globals is over: ``accuracy`` on ``windows`` test windows."""
     round: int
     accuracy: float
+    windows: int = 0
     now: float = 0.0
 
 
@@ -134,25 +142,10 @@ class JobFailed:
     exit_code: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """Time passed: advance whatever can advance (also the upload and report retries)."""
-    now: float
-
-
 Event = Connected | Announced | ConfigArrived | AckArrived | GlobalArrived | Trained | Stage2Done | JobFailed | Tick
 
 
 # -------------------------------------------------------------------------------------------- actions
-
-@dataclass(frozen=True, slots=True)
-class Publish:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-    chunk: bool = False      # an upload chunk frame (the adapter counts them for fault injection)
-
 
 @dataclass(frozen=True, slots=True)
 class SaveProgress:
@@ -231,7 +224,7 @@ def decode_inbound(topic: str, payload: bytes, device: str, now: float) -> Event
 
 def verify_global(frame: bytes, verifier: Verifier, fleet: str, stored: bool = False) -> GlobalArrived:
     """Check a signed global frame (signature, fleet, payload) and decode its tensors."""
-    from fedmfs.payload import decode_model   # numpy; imported here so the protocol half stays light
+    from fedmfs.core.payload import decode_model   # numpy; imported here so the protocol half stays light
 
     h, payload = decode_global(frame, verifier)
     if h.fleet != fleet:
@@ -249,6 +242,9 @@ def check_progress(obj: Any, where: str = "state.json") -> dict:
 
     if not isinstance(obj, dict) or not isinstance(obj.get("reported"), int) or not isinstance(obj.get("stage2"), int):
         raise bad("needs integer 'reported' and 'stage2'")
+    evaluated = obj.get("evaluated", obj["stage2"])   # files of earlier versions had no evaluations
+    if not isinstance(evaluated, int):
+        raise bad("'evaluated' must be an integer")
     p = obj.get("pending")
     if p is not None:
         if not (isinstance(p, dict) and isinstance(p.get("round"), int) and isinstance(p.get("chosen"), list)
@@ -257,7 +253,7 @@ def check_progress(obj: Any, where: str = "state.json") -> dict:
                 and isinstance(p.get("started", {}), dict)):
             raise bad("'pending' is malformed")
         p.setdefault("status", {})
-    return {"reported": obj["reported"], "stage2": obj["stage2"], "pending": p}
+    return {"reported": obj["reported"], "stage2": obj["stage2"], "evaluated": evaluated, "pending": p}
 
 
 # ------------------------------------------------------------------------------------------- machine
@@ -294,7 +290,8 @@ class EdgeMachine:
     retry_at: float = field(init=False, default=float("-inf"))
     report_sent_at: float | None = field(init=False, default=None)
     report_attempts: int = field(init=False, default=0)
-    accuracy: float | None = field(init=False, default=None)
+    evaluation_sent_at: float | None = field(init=False, default=None)
+    evaluation_attempts: int = field(init=False, default=0)
     wire_bytes: int = field(init=False, default=0)   # MQTT PUBLISH bytes of this round's chunks (this process)
     mqtt5: bool = field(init=False, default=True)
     finished: bool = field(init=False, default=False)
@@ -357,6 +354,11 @@ class EdgeMachine:
 
     # -- events ----------------------------------------------------------------------------------
     def _on_ack(self, ack: Ack, now: float) -> list[Action]:
+        if ack.reason is AckReason.EVALUATION_ACCEPTED:
+            if ack.round <= self.progress["evaluated"]:
+                return []
+            log.info("round %d: evaluation recorded by the coordinator", ack.round)
+            return self._evaluated(ack.round)
         pending = self.progress["pending"]
         if pending is None or ack.round != pending["round"]:
             return []
@@ -379,7 +381,7 @@ class EdgeMachine:
             log.error("a training result for round %d that nobody asked for; ignored", ev.round)
             return []
         self.job = None
-        self.history.setdefault(str(ev.round), {}).update(copy.deepcopy(dict(ev.record)))
+        self.history.setdefault(str(ev.round), {})["record"] = ev.record.to_dict()
         self.payloads = {m: ev.payloads[m] for m in ev.chosen}
         self.progress["pending"] = {"round": ev.round, "chosen": list(ev.chosen), "status": {},
                                     "chunk_bytes": job.chunk_bytes}
@@ -392,9 +394,10 @@ class EdgeMachine:
             log.error("a Stage #2 result for round %d that nobody asked for; ignored", ev.round)
             return []
         self.job = None
-        self.accuracy = ev.accuracy
-        self.history.setdefault(str(ev.round), {})["accuracy"] = ev.accuracy
+        h = self.history.setdefault(str(ev.round), {})
+        h["accuracy"], h["windows"] = ev.accuracy, ev.windows
         self.progress["stage2"] = ev.round
+        self.evaluation_sent_at, self.evaluation_attempts = None, 0
         return [self._history_snapshot(), *self._snapshot()]
 
     def _on_failed(self, ev: JobFailed) -> list[Action]:
@@ -430,8 +433,11 @@ class EdgeMachine:
         if self.progress["stage2"] < last_closed and last_closed >= 0:
             return out + self._start(_Job(JobKind.STAGE2, last_closed),
                                      RunStage2(last_closed, self.deploy_states()), now)
+        if self.progress["evaluated"] < self.progress["stage2"]:
+            out += self._send_evaluation(now)
         if ann.state is RoundState.DONE:
-            if self.job is None:   # a job still running (a slow last round) is waited for
+            if self.job is None and self.progress["evaluated"] >= last_closed:
+                # a job still running (a slow last round) or an unrecorded evaluation is waited for
                 self.finished = True
                 out.append(Finished())
             return out
@@ -477,15 +483,40 @@ class EdgeMachine:
             log.error("round %d: no answer to the report after %d attempts", pending["round"], self.report_attempts)
             return self._finish_round(pending["round"])
         r = pending["round"]
-        h = self.history.get(str(r), {})
+        try:
+            record = RoundRecord.from_dict(self.history.get(str(r), {}).get("record"))
+        except PayloadError as e:   # history.json damaged: report what is known for sure
+            log.error("round %d: the round record is unreadable (%s); reporting the choice only", r, e)
+            record = RoundRecord(self.device, r, 0, chosen=tuple(pending["chosen"]),
+                                 sizes={m: 0 for m in pending["chosen"]})
         accepted = tuple(m for m in pending["chosen"] if pending["status"].get(m) == AckReason.ACCEPTED.value)
-        sizes = {m: int(v) for m, v in h.get("sizes", {}).items()}
-        rep = Report(self.device, r, int(h.get("samples", 0)), h.get("shapley", {}), h.get("priorities", {}),
-                     sizes, tuple(pending["chosen"]), accepted, sum(sizes.get(m, 0) for m in accepted),
-                     self.accuracy)
+        rep = Report(record, accepted, sum(int(record.sizes.get(m, 0)) for m in accepted), self.wire_bytes)
         self.report_sent_at = now
         self.report_attempts += 1
         return [Publish(self.topics.report(self.device), encode_message(rep), 1, False)]
+
+    def _send_evaluation(self, now: float) -> list[Action]:
+        r = self.progress["stage2"]
+        if self.evaluation_sent_at is not None and now - self.evaluation_sent_at < self.ack_timeout:
+            return []
+        if self.evaluation_attempts >= self.max_attempts:
+            log.error("round %d: no answer to the evaluation after %d attempts; giving it up", r,
+                      self.evaluation_attempts)
+            return self._evaluated(r)
+        h = self.history.get(str(r), {})
+        if "accuracy" not in h:   # history.json lost: Stage #2 is redone on the next step
+            log.error("round %d: the Stage #2 accuracy is not in the history; running Stage #2 again", r)
+            self.progress["stage2"] = r - 1
+            return self._snapshot()
+        self.evaluation_sent_at = now
+        self.evaluation_attempts += 1
+        ev = Evaluation(self.device, r, float(h["accuracy"]), int(h.get("windows", 0)))
+        return [Publish(self.topics.report(self.device), encode_message(ev), 1, False)]
+
+    def _evaluated(self, r: int) -> list[Action]:
+        self.progress["evaluated"] = max(self.progress["evaluated"], r)
+        self.evaluation_sent_at, self.evaluation_attempts = None, 0
+        return self._snapshot()
 
     def _finish_round(self, r: int) -> list[Action]:
         pending = self.progress["pending"] or {}

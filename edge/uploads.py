@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from fedmfs.protocol import Ack, AckReason, split_payload
+from fedmfs.core.wire import Ack, AckReason, split_payload
 
 __all__ = ["UploadStatus", "UploadTracker", "publish_packet_bytes"]
 

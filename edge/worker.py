@@ -1,6 +1,6 @@
 """The edge daemon's heavy work, off the network loop: training, Stage #2 and ONNX export.
 
-:class:`Trainer` owns the training-side :class:`fedmfs.client.LocalClient` (torch) and the files it
+:class:`Trainer` owns the device's :class:`fedmfs.learner.learner.Learner` (torch) and the files it
 writes (``client/``, ``pending/``, ``model/``); it turns a job action of the round machine
 (:class:`~fedmfs.edge.machine.StartTraining`, :class:`~fedmfs.edge.machine.RunStage2`) into the
 completion event. :class:`Worker` runs one job at a time on a background thread and posts that
@@ -14,17 +14,21 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from fedmfs.errors import FedMFSError, PayloadError
+from fedmfs.core.data.format import ClientData
+from fedmfs.core.errors import FedMFSError, PayloadError
+from fedmfs.core.fsio import atomic_write
+from fedmfs.core.modality import DatasetSpec
+from fedmfs.core.settings import TrainConfig
 
 from .config import EdgeConfig
 from .machine import JobFailed, JobKind, RunStage2, Stage2Done, StartTraining, Trained
-from fedmfs.fsio import atomic_write
 
-__all__ = ["Trainer", "Worker"]
+__all__ = ["Trainer", "Worker", "InlineWorker"]
 
 log = logging.getLogger("fedmfs.edge")
 
@@ -32,12 +36,37 @@ Job = StartTraining | RunStage2
 
 
 class Trainer:
-    """Runs jobs against the device's LocalClient; only ever called from one thread at a time."""
+    """Runs jobs against the device's Learner; only ever called from one thread at a time.
 
-    def __init__(self, cfg: EdgeConfig):
-        self.cfg = cfg
-        self.dir = cfg.state_dir
+    ``load`` returns the dataset spec and the device's data; it runs on the first job, so the
+    daemon's start-up stays light (torch is imported with the learner, on the worker thread).
+    ``export_model`` False skips the personalised ONNX model set after Stage #2 (simulations that
+    only need the accuracy)."""
+
+    def __init__(self, device: str, state_dir: Path, train: TrainConfig, seed: int, index: int,
+                 load: Callable[[], tuple[DatasetSpec, ClientData]], spool: Path | None = None,
+                 export_model: bool = True):
+        self.device = device
+        self.dir = Path(state_dir)
+        self.train_config = train
+        self.seed = seed
+        self.index = index
+        self.load = load
+        self.spool = spool
+        self.export_model = export_model
         self._client = None
+
+    @classmethod
+    def from_config(cls, cfg: EdgeConfig) -> "Trainer":
+        """The daemon's trainer: spec and data from the files edge.toml names."""
+        def load() -> tuple[DatasetSpec, ClientData]:
+            from fedmfs.core.data.format import load_client
+            from fedmfs.core.modality import load_spec
+
+            spec = load_spec(cfg.spec)
+            return spec, load_client(cfg.data, spec, cfg.device)
+
+        return cls(cfg.device, cfg.state_dir, cfg.train, cfg.seed, cfg.index, load, cfg.spool)
 
     def run(self, job: Job):
         if isinstance(job, StartTraining):
@@ -46,7 +75,7 @@ class Trainer:
             return self.stage2(job)
         raise TypeError(f"not a job: {job!r}")
 
-    # -- the client, created lazily (torch is imported only here) ---------------------------------
+    # -- the learner, created lazily (torch is imported only here) --------------------------------
     def client(self, deploy: dict):
         if self._client is None:
             self._client = self._make_client(deploy)
@@ -55,65 +84,59 @@ class Trainer:
     def _make_client(self, deploy: dict):
         import torch
 
-        from fedmfs.client import LocalClient
-        from fedmfs.config import train_config_from
-        from fedmfs.coordinator.config import load_spec
-        from fedmfs.data.format import load_client
+        from fedmfs.learner.learner import Learner
+        from fedmfs.learner.store import restore_learner
 
-        spec = load_spec(self.cfg.spec)
-        data = load_client(self.cfg.data, spec, self.cfg.device)
-        train = train_config_from(self.cfg.train, f"{self.cfg.device} [train]")
-        torch.set_num_threads(train.threads)
-        c = LocalClient(spec, data, train, self.cfg.seed, self.cfg.index)
+        spec, data = self.load()
+        torch.set_num_threads(self.train_config.threads)
+        c = Learner(spec, data, self.train_config, self.seed, self.index)
         if (self.dir / "client" / "client.json").exists():
-            c.restore(self.dir / "client", deploy)
+            restore_learner(c, self.dir / "client", deploy)
         return c
 
     # -- jobs --------------------------------------------------------------------------------------
     def train(self, job: StartTraining) -> Trained:
-        from fedmfs.engine import SimConfig, make_selector
-        from fedmfs.selection import Alphas
+        """Train round ``job.round`` and choose under exactly the policy the coordinator sent."""
+        from fedmfs.learner.store import save_learner
 
         self._merge_spool(dict(job.deploy))
-        c, cfg, r = self.client(dict(job.deploy)), job.config, job.round
+        c, policy, r = self.client(dict(job.deploy)), job.config.policy, job.round
         t0 = time.perf_counter()
-        upd = c.local_round(r, dict(job.starts))
-        gamma = len(c.spec.names) if cfg.method == "all" else cfg.gamma
-        selector = make_selector(SimConfig(method=cfg.method, alphas=Alphas(cfg.alpha_s, cfg.alpha_c, cfg.alpha_r)))
-        choice = c.choose(upd, selector, gamma, cfg.cap_bytes, r)
+        upd = c.local_round(r, dict(job.starts), policy.codec)
+        choice = c.choose(upd, policy)
         c.mark_uploaded(choice.modalities, r)
-        payloads = {m: c.payload(upd, m, r) for m in choice.modalities}
+        payloads = {m: c.payload(upd, m) for m in choice.modalities}
         (self.dir / "pending").mkdir(parents=True, exist_ok=True)
         for m, p in payloads.items():
             atomic_write(self.dir / "pending" / f"{m}.bin", p)
-        c.save(self.dir / "client")
-        seconds = time.perf_counter() - t0
-        log.info("round %d: trained in %.1f s", r, seconds)
-        record = {"shapley": upd.shapley, "sizes": upd.sizes, "priorities": choice.priorities,
-                  "choice": list(choice.modalities), "stage1_accuracy": upd.stage1_accuracy,
-                  "samples": upd.samples, "train_seconds": seconds}
-        return Trained(r, tuple(choice.modalities), payloads, record, time.time())
+        save_learner(c, self.dir / "client")
+        log.info("round %d: trained in %.1f s; %s chosen (%s, %s)", r, time.perf_counter() - t0,
+                 ", ".join(choice.modalities) or "nothing", policy.method, policy.codec)
+        return Trained(r, tuple(choice.modalities), payloads, c.record(upd, choice), time.time())
 
     def stage2(self, job: RunStage2) -> Stage2Done:
+        from fedmfs.learner.store import save_learner
+
         deploy = dict(job.deploy)
         c = self.client(deploy)
         c.stage2(deploy, job.round)
         acc = c.evaluate()
-        self._export_model(job.round)
-        c.save(self.dir / "client")
-        log.info("stage 2 after round %d: accuracy %.4f on %d test windows", job.round, acc,
-                 int((~c.data.train).sum()))
-        return Stage2Done(job.round, acc, time.time())
+        if self.export_model:
+            self._export_model(job.round)
+        save_learner(c, self.dir / "client")
+        windows = int((~c.data.train).sum())
+        log.info("stage 2 after round %d: accuracy %.4f on %d test windows", job.round, acc, windows)
+        return Stage2Done(job.round, acc, windows, time.time())
 
     def _export_model(self, round_index: int) -> None:
         """The personalised ONNX model set: per-modality graphs, fusion, coalition graph, and the
         one-graph personalised model (``fedmfs-edge predict``'s fast path)."""
         try:
-            from fedmfs.export.builder import model_set_onnx, personalised_model_onnx
+            from fedmfs.core.runtime.graphs import model_set_onnx, personalised_model_onnx
         except ImportError as e:   # an inference-only install cannot export
             log.warning("no personalised ONNX model (export needs onnx): %s", e)
             return
-        from .modelset import write_model_set
+        from fedmfs.core.runtime.modelset import write_model_set
 
         c = self._client
         mods, fusion = c.personalised_states()
@@ -127,14 +150,15 @@ class Trainer:
 
     def _merge_spool(self, deploy: dict) -> None:
         """New labelled windows (``*.npz`` in the client-file format) join the local data."""
-        sp = self.cfg.spool
+        sp = self.spool
         if sp is None or not sp.is_dir():
             return
         files = sorted(sp.glob("*.npz"))
         if not files:
             return
-        from fedmfs.client import LocalClient
-        from fedmfs.data.format import ClientData, load_client
+        from fedmfs.core.data.format import load_client
+        from fedmfs.learner.learner import Learner
+        from fedmfs.learner.store import restore_learner, save_learner
 
         c = self.client(deploy)
         xs, ys, trains = {m: [v] for m, v in c.data.x.items()}, [c.data.y], [c.data.train]
@@ -156,9 +180,9 @@ class Trainer:
             f.rename(done / f.name)
         data = ClientData(c.data.name, {m: np.concatenate(v) for m, v in xs.items()}, np.concatenate(ys),
                           np.concatenate(trains))
-        c.save(self.dir / "client")
-        n = LocalClient(c.spec, data, c.config, c.seed, c.index)
-        n.restore(self.dir / "client", deploy)
+        save_learner(c, self.dir / "client")
+        n = Learner(c.spec, data, c.config, c.seed, c.index)
+        restore_learner(n, self.dir / "client", deploy)
         self._client = n
         log.info("merged %d spool files: %d windows now", len(files), len(data))
 
@@ -211,21 +235,45 @@ class Worker:
             job = self._jobs.get()
             if job is None:
                 return
-            try:
-                result = self._run(job)
-            except self.RETRYABLE as e:
-                log.exception("%s job failed", _kind(job).value)
-                result = JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e}", True, time.time())
-            except BaseException as e:   # reported to the loop, which stops the daemon
-                log.exception("%s job failed", _kind(job).value)
-                code = e.exit_code if isinstance(e, FedMFSError) else 1
-                result = JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e}", False, time.time(), code)
+            result = self._execute(job)
             with self._lock:
                 self._current = None
             self._post(result)
+
+    def _execute(self, job: Job) -> object:
+        """The job's completion event, or a JobFailed saying whether a retry may cure it."""
+        try:
+            return self._run(job)
+        except self.RETRYABLE as e:
+            log.exception("%s job failed", _kind(job).value)
+            return JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e}", True, time.time())
+        except BaseException as e:   # reported to the loop, which stops the daemon
+            log.exception("%s job failed", _kind(job).value)
+            code = e.exit_code if isinstance(e, FedMFSError) else 1
+            return JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e}", False, time.time(), code)
 
     def stop(self, timeout: float) -> bool:
         """Ask the thread to end after its current job; True if it ended within ``timeout``."""
         self._jobs.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+class InlineWorker(Worker):
+    """The synchronous worker of the in-process simulator: :meth:`submit` runs the job on the caller's
+    thread and posts its completion (or :class:`~fedmfs.edge.machine.JobFailed`) like :class:`Worker`."""
+
+    def __init__(self, run: Callable[[Job], object], post: Callable[[object], None],
+                 clock: Callable[[], float] = time.monotonic):
+        self._run = run
+        self._post = post
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._current = None
+        self._started = 0.0
+
+    def submit(self, job: Job) -> None:
+        self._post(self._execute(job))
+
+    def stop(self, timeout: float) -> bool:
+        return True

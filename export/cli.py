@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from fedmfs.errors import ConfigError, DataError, FedMFSError
+from fedmfs.core.errors import ConfigError, DataError, FedMFSError
 
 __all__ = ["main", "build_parser"]
 
@@ -22,7 +22,7 @@ input layout (STATE_DIR), see docs/onnx.md:
   fusion.safetensors       a FusionModel state_dict (optional)
 
 output (OUT_DIR): <modality>.onnx, fusion.onnx, fusion_coalitions.onnx and manifest.json
-(sha256 of every file), loadable on a device with fedmfs.edge.modelset.load_model_set.
+(sha256 of every file), loadable on a device with fedmfs.core.runtime.modelset.load_model_set.
 
 examples:
   fedmfs-export runs/dev3/models -o runs/dev3/onnx
@@ -58,7 +58,7 @@ def _real_inputs(args, spec):
         return None, None
     if args.client is None:
         raise ConfigError("--data needs --client NAME (whose test split to use)")
-    from fedmfs.data.format import load_fleet
+    from fedmfs.core.data.format import load_fleet
 
     fleet = load_fleet(args.data)
     def shape(sp):  # hidden sizes may differ: the data only fixes names, shapes, classes and steps
@@ -79,8 +79,8 @@ def _real_inputs(args, spec):
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fedmfs.edge.modelset import write_model_set
-    from fedmfs.export.builder import model_set_onnx
+    from fedmfs.core.runtime.modelset import write_model_set
+    from fedmfs.core.runtime.graphs import model_set_onnx
     from fedmfs.export.quantize import quantization_report, quantize_model_set
     from fedmfs.export.statedir import load_state_set
     from fedmfs.export.verify import VerificationError, verify_model_set
@@ -116,7 +116,7 @@ def run(argv: list[str] | None = None) -> int:
             print(f"test accuracy ({len(y)} windows): fp32 {rep.accuracy_fp32:.4f} -> {args.quantize} "
                   f"{rep.accuracy:.4f} (change {rep.accuracy_change:+.4f}); max prob change {rep.max_prob_diff:.3e}")
     elif x is not None and y is not None and fusion is not None:
-        from fedmfs.edge.runtime import EdgeRuntime
+        from fedmfs.core.runtime.runtime import EdgeRuntime
 
         acc = float((EdgeRuntime(spec, models, fusion).predict(x).argmax(1) == np.asarray(y)).mean())
         print(f"test accuracy ({len(y)} windows): {acc:.4f}")

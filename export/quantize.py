@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fedmfs.errors import ConfigError, PayloadError
+from fedmfs.core.errors import ConfigError, PayloadError
 
 __all__ = ["Quantization", "FP16_MIN_ELEMENTS", "to_fp16", "to_int8", "quantize_model",
            "quantize_model_set", "QuantReport", "quantization_report"]
@@ -150,7 +150,7 @@ def quantization_report(
 ) -> QuantReport:
     """Sizes of both sets; with test windows ``x``/labels ``y``, the personalised model's accuracy
     (modality models + fusion, in ONNX Runtime) before and after, and the max probability change."""
-    from fedmfs.edge.runtime import EdgeRuntime
+    from fedmfs.core.runtime.runtime import EdgeRuntime
 
     def sizes(s):
         out = {f"{k}.onnx": len(v) for k, v in s[0].items()}

@@ -7,7 +7,7 @@ Layout::
     <modality>.safetensors    ModalityModel state_dict (lstm.weight_ih_l0, ..., head.bias), float32
     fusion.safetensors        FusionModel state_dict (net.0.weight, ..., net.2.bias), optional
 
-Names follow :mod:`fedmfs.models` so ``state_to_numpy(model)`` can be saved as is. numpy +
+Names follow :mod:`fedmfs.learner.models` so ``state_to_numpy(model)`` can be saved as is. numpy +
 safetensors only (never pickle).
 """
 
@@ -22,9 +22,9 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from fedmfs.fsio import atomic_write, read_spec_document
-from fedmfs.errors import PayloadError
-from fedmfs.modality import DatasetSpec
+from fedmfs.core.fsio import atomic_write, read_spec_document
+from fedmfs.core.errors import PayloadError
+from fedmfs.core.modality import DatasetSpec
 
 __all__ = ["StateSet", "save_state_set", "load_state_set", "STATESET_FORMAT", "STATESET_VERSION"]
 

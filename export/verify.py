@@ -3,7 +3,7 @@
 Modality models are compared on log-probabilities (their output), the fusion model on class
 probabilities (its ONNX output; PyTorch's log-probabilities exponentiated), the coalition graph
 against the fusion graph on substituted rows. fp32 exports must agree within :data:`TOLERANCE`.
-Training side: imports torch (through :mod:`fedmfs.models`).
+Training side: imports torch (through :mod:`fedmfs.learner.models`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from fedmfs.edge.runtime import session_options
-from fedmfs.errors import FedMFSError
-from fedmfs.modality import DatasetSpec, ModalitySpec
-from fedmfs.models import FusionModel, ModalityModel, numpy_to_state
+from fedmfs.core.runtime.runtime import session_options
+from fedmfs.core.errors import FedMFSError
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.learner.models import FusionModel, ModalityModel, numpy_to_state
 
 __all__ = ["TOLERANCE", "VerificationError", "ModelCheck", "verify_modality", "verify_fusion",
            "verify_coalitions", "verify_model_set", "random_modality_input"]

@@ -7,7 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
-from fedmfs.errors import ConfigError, FedMFSError
+from fedmfs.core.aggregation import RULES
+from fedmfs.core.errors import ConfigError, FedMFSError
+from fedmfs.core.selection import SelectionPolicy
+from fedmfs.sim.config import SimConfig, all_methods
 
 __all__ = ["main"]
 
@@ -29,17 +32,22 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--config", type=Path, help="TOML file with the same keys as these options (and a [train] table)")
     p.add_argument("--preset", default=None, help="synthetic data preset: small (fast) or actionsense (paper size) [small]")
     p.add_argument("--data", type=Path, default=None, help="a fleet directory (docs/data.md) instead of a preset")
+    d, a = SelectionPolicy(), SimConfig()
     p.add_argument("--method", default=None,
-                   help="fedmfs | all | random | size_only | shapley_only | local | holistic [fedmfs]; see `fedmfs methods`")
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds [10]")
-    p.add_argument("--gamma", type=int, default=None, help="modality models each client uploads per round [1]")
-    p.add_argument("--alpha-s", type=float, default=None, help="weight of normalised Shapley impact [1/3]")
-    p.add_argument("--alpha-c", type=float, default=None, help="weight of (1 - normalised model size) [1/3]")
-    p.add_argument("--alpha-r", type=float, default=None, help="weight of recency (rounds since the last upload) [1/3]")
+                   help=f"{' | '.join(all_methods())} [{d.method}]; see `fedmfs methods`")
+    p.add_argument("--rounds", type=int, default=None, help=f"federated rounds [{a.rounds}]")
+    p.add_argument("--gamma", type=int, default=None, help=f"modality models each client uploads per round [{d.gamma}]")
+    p.add_argument("--alpha-s", type=float, default=None, help=f"weight of normalised Shapley impact [{d.alphas.s:.3g}]")
+    p.add_argument("--alpha-c", type=float, default=None,
+                   help=f"weight of (1 - normalised model size) [{d.alphas.c:.3g}]")
+    p.add_argument("--alpha-r", type=float, default=None,
+                   help=f"weight of recency (rounds since the last upload) [{d.alphas.r:.3g}]")
     p.add_argument("--cap-bytes", type=int, default=None,
-                   help="per-device upload cap in bytes per round; selection becomes an exact knapsack")
-    p.add_argument("--seed", type=int, default=None, help="seed of data, initial models and training [0]")
-    p.add_argument("--aggregation", default=None, help="weighted_mean | trimmed_mean | median [weighted_mean]")
+                   help="per-device upload cap in bytes per round; selection becomes an exact knapsack [no cap]")
+    p.add_argument("--codec", default=None, help=f"encoding of the uploaded weights: fp32 | fp16 | int8 [{d.codec}]")
+    p.add_argument("--seed", type=int, default=None, help=f"seed of data, initial models and training [{a.seed}]")
+    p.add_argument("--aggregation", default=None,
+                   help=f"per-modality rule on the coordinator: {' | '.join(RULES)} [{a.aggregation}]")
     p.add_argument("--transport", default=None, choices=["inproc", "mqtt"],
                    help="mqtt: the real coordinator and one edge daemon process per client over a broker "
                    "(the bytes in the report are the ones that crossed it); inproc: every client in this "
@@ -52,7 +60,7 @@ def _simulate_parser(sub) -> None:
 
 
 def _resolve(args) -> dict:
-    from fedmfs.config import SIM_KEYS, check_keys, load_toml, train_config_from
+    from fedmfs.core.config import SIM_KEYS, check_keys, load_toml, train_config_from
 
     conf: dict = {}
     train_table: dict = {}
@@ -66,40 +74,33 @@ def _resolve(args) -> dict:
         if v is not None:
             conf[k] = v
     conf.setdefault("preset", "small")
-    conf.setdefault("method", "fedmfs")
-    conf.setdefault("rounds", 10)
-    conf.setdefault("gamma", 1)
-    conf.setdefault("seed", 0)
     if "transport" not in conf:
-        # the holistic baseline has no modality uploads for the fleet services: it runs in process
-        conf["transport"] = "inproc" if conf["method"] == "holistic" else "mqtt"
+        # a baseline has no modality uploads for the fleet services: it runs in process
+        conf["transport"] = "inproc" if conf.get("method") == "holistic" else "mqtt"
     conf["train"] = train_config_from(train_table, f"{args.config} [train]") if train_table else None
     return conf
 
 
 def cmd_simulate(args) -> int:
-    from fedmfs.data import load_fleet, make_synthetic
-    from fedmfs.engine import SimConfig, run_simulation
-    from fedmfs.report import write_report
-    from fedmfs.selection import Alphas
+    from fedmfs.core.data import load_fleet, make_synthetic
+    from fedmfs.core.selection import Alphas
+    from fedmfs.sim.driver import run_simulation
+    from fedmfs.sim.report import write_report
 
     conf = _resolve(args)
+    kw = {k: conf[k] for k in ("gamma", "cap_bytes", "codec", "rounds", "seed", "aggregation") if k in conf}
+    if any(f"alpha_{x}" in conf for x in "scr"):
+        d = Alphas()
+        kw["alphas"] = Alphas(conf.get("alpha_s", d.s), conf.get("alpha_c", d.c), conf.get("alpha_r", d.r))
+    if conf["train"] is not None:
+        kw["train"] = conf["train"]
+    cfg = SimConfig.build(conf.get("method"), **kw)
+    out = Path(conf.get("out") or f"runs/{cfg.method}")
     if conf.get("data"):
         fleet = load_fleet(conf["data"])
     else:
-        fleet = make_synthetic(conf["preset"], seed=conf["seed"])
-    alphas = Alphas(conf.get("alpha_s", 1 / 3), conf.get("alpha_c", 1 / 3), conf.get("alpha_r", 1 / 3))
-    kw = dict(method=conf["method"], rounds=conf["rounds"], gamma=conf["gamma"], alphas=alphas,
-              cap_bytes=conf.get("cap_bytes"), seed=conf["seed"],
-              aggregation=conf.get("aggregation", "weighted_mean"))
-    cfg = SimConfig(**kw) if conf["train"] is None else SimConfig(**kw, train=conf["train"])
-    out = Path(conf.get("out") or f"runs/{cfg.method}")
-    if conf["transport"] == "mqtt":
-        from fedmfs.mqtt_sim import run_mqtt_simulation
-
-        report = run_mqtt_simulation(fleet, cfg, conf.get("broker"), progress=not args.quiet)
-    else:
-        report = run_simulation(fleet, cfg, progress=not args.quiet)
+        fleet = make_synthetic(conf["preset"], seed=cfg.seed)
+    report = run_simulation(fleet, cfg, conf["transport"], conf.get("broker"), progress=not args.quiet)
     path = write_report(report, out, plots=not args.no_plots)
     print(f"final accuracy {report['final_accuracy'] * 100:.2f}%  total upload "
           f"{report['total_upload_bytes'] / 1e6:.3f} MB over {cfg.rounds} rounds  -> {path}")
@@ -107,15 +108,13 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from fedmfs.engine import METHODS
-
-    for k, v in METHODS.items():
+    for k, v in all_methods().items():
         print(f"{k:13s} {v}")
     return 0
 
 
 def cmd_data(args) -> int:
-    from fedmfs.data import make_synthetic, save_fleet
+    from fedmfs.core.data import make_synthetic, save_fleet
 
     fleet = make_synthetic(args.preset, seed=args.seed)
     d = save_fleet(fleet, args.out)

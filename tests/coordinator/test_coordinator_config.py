@@ -4,18 +4,20 @@ import json
 from pathlib import Path
 
 import pytest
-
 from fedmfs.coordinator.config import load_coordinator_config, load_fleet_file
 from fedmfs.edge.config import load_edge_config
-from fedmfs.errors import ConfigError
-from fedmfs.modality import ACTIONSENSE_MODALITIES, DatasetSpec
+
+from fedmfs.core.errors import ConfigError
+from fedmfs.core.selection import SelectionPolicy
+from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_example_fleet_file_parses():
     devs = load_fleet_file(ROOT / "examples" / "devices.toml")
-    assert [(d.device, d.cap_bytes, d.gamma, d.alpha_c) for d in devs] == [("s00", 200000, 1, 0.8), ("s06", 80000, 2, 0.8)]
+    assert [(d.device, d.policy.cap_bytes, d.policy.gamma, d.policy.alphas.c) for d in devs] == [
+        ("s00", 200000, 1, SelectionPolicy().alphas.c), ("s06", 80000, 2, 0.5)]
 
 
 @pytest.mark.parametrize("text, words", [
@@ -25,7 +27,7 @@ def test_example_fleet_file_parses():
     ('[[device]]\nid = "a/b"\n', "device 'a/b' must match"),
     ('[[device]]\nid = "a"\n[[device]]\nid = "a"\n', "duplicate device ids"),
     ('[defaults]\ngamma = 1\n', "no devices"),
-    ('[[device]]\nid = "a"\nmethod = "best"\n', "method must be one of"),
+    ('[[device]]\nid = "a"\nmethod = "best"\n', "unknown method 'best'"),
     ('[[device]\n', "not valid TOML"),
 ])
 def test_fleet_file_errors(tmp_path, text, words):

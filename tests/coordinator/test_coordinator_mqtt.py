@@ -9,15 +9,26 @@ import time
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
+from fedmfs.core.records import RoundRecord
+from fedmfs.coordinator.machine import modality_shapes
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedmfs.modality import DatasetSpec, ModalitySpec
-from fedmfs.payload import ModelHeader, decode_model, encode_model
-from fedmfs.protocol import (
-    Ack, AckReason, Report, RoundAnnouncement, RoundState, Topics, Verifier, decode_global, decode_message,
-    encode_message, generate_keypair, split_payload,
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.payload import ModelHeader, decode_model, encode_model
+from fedmfs.core.wire import (
+    Ack,
+    AckReason,
+    Report,
+    RoundAnnouncement,
+    RoundState,
+    Topics,
+    Verifier,
+    decode_global,
+    decode_message,
+    encode_message,
+    generate_keypair,
+    split_payload,
 )
-from fedmfs.rounds import modality_shapes
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +112,7 @@ class Peer:
             self.c.publish(self.t.upload(dev, r, mod), frames[i], 1).wait_for_publish(10)
 
     def report(self, dev, r):
-        rep = Report(dev, r, 10, {"eye": 1.0}, {"eye": 1.0}, {"eye": 1}, ("eye",))
+        rep = Report(RoundRecord(dev, r, 10, {"eye": 1.0}, {"eye": 1}, {"eye": 1.0}, ("eye",)))
         self.c.publish(self.t.report(dev), encode_message(rep), 1).wait_for_publish(10)
 
     def close(self):

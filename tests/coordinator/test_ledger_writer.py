@@ -4,9 +4,9 @@ import sqlite3
 import threading
 
 from fedmfs.coordinator.ledger import Ledger
+from fedmfs.coordinator.machine import PersistUpload, Publish
 from fedmfs.coordinator.metrics import Metrics
 from fedmfs.coordinator.writer import Batch, LedgerWriter, SetOnline
-from fedmfs.rounds import PersistUpload, Publish
 
 
 def _committed(path, device):

@@ -1,21 +1,42 @@
 """The sans-I/O round machine: acceptance, refusals, caps, duplicates, closing, replayed event orders."""
 
-import itertools
 import random
 
 import numpy as np
 import pytest
-
-from fedmfs.aggregation import WeightedMean
-from fedmfs.modality import DatasetSpec, ModalitySpec
-from fedmfs.payload import Codec, ModelHeader, decode_model, encode_model
-from fedmfs.protocol import (
-    Ack, AckReason, DeviceConfig, Report, RoundAnnouncement, RoundState, Signer, Verifier, decode_global,
-    decode_message, encode_message, generate_keypair, split_payload,
+from fedmfs.core.records import RoundRecord
+from fedmfs.core.selection import SelectionPolicy
+from fedmfs.coordinator.machine import (
+    ChunkArrived,
+    FleetChanged,
+    PersistGlobal,
+    PersistUpload,
+    Publish,
+    Refused,
+    ReportArrived,
+    RoundClosed,
+    CoordinatorMachine,
+    RoundPolicy,
+    Start,
+    Tick,
+    modality_shapes,
 )
-from fedmfs.rounds import (
-    ChunkArrived, FleetChanged, PersistGlobal, PersistUpload, Publish, Refused, ReportArrived, RoundClosed,
-    RoundMachine, RoundPolicy, Start, Tick, modality_shapes,
+
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.payload import Codec, ModelHeader, decode_model, encode_model
+from fedmfs.core.wire import (
+    Ack,
+    AckReason,
+    DeviceConfig,
+    Report,
+    RoundState,
+    Signer,
+    Verifier,
+    decode_global,
+    decode_message,
+    encode_message,
+    generate_keypair,
+    split_payload,
 )
 
 SPEC = DatasetSpec((ModalitySpec("eye", (2,), hidden=3), ModalitySpec("emg", (4,), hidden=2)), 3, 5)
@@ -33,8 +54,8 @@ def payload(mod, seed, round_index=0, samples=10, codec=Codec.FP32):
 
 def machine(devices=("a", "b", "c"), caps=None, rounds=2, quorum=1, chunk=200):
     caps = caps or {}
-    devs = tuple(DeviceConfig(d, 1, cap_bytes=caps.get(d)) for d in devices)
-    m = RoundMachine("lab", SPEC, devs, RoundPolicy(rounds, 60.0, quorum, chunk), Signer(PRIV))
+    devs = tuple(DeviceConfig(d, SelectionPolicy(gamma=1, cap_bytes=caps.get(d))) for d in devices)
+    m = CoordinatorMachine("lab", SPEC, devs, RoundPolicy(rounds, 60.0, quorum, chunk), Signer(PRIV))
     m.seed_globals({n: state(n, 100 + i) for i, n in enumerate(SPEC.names)})
     m.handle(Start(now=1000.0))
     return m
@@ -53,21 +74,21 @@ def upload(m, dev, mod, data, now=1001.0, order=None, round_index=None):
 
 
 def report(m, dev, now=1002.0, round_index=None):
-    rep = Report(dev, m.round if round_index is None else round_index, 10, {"eye": 1.0}, {"eye": 1.0},
-                 {"eye": 1}, ("eye",))
+    rep = Report(RoundRecord(dev, m.round if round_index is None else round_index, 10, {"eye": 1.0}, {"eye": 1},
+                             {"eye": 1.0}, ("eye",)))
     return m.handle(ReportArrived(dev, encode_message(rep), now))
 
 
 def test_modality_shapes_match_torch_model():
     torch = pytest.importorskip("torch")
-    from fedmfs.models import ModalityModel, state_to_numpy
+    from fedmfs.learner.models import ModalityModel, state_to_numpy
     ms = ModalitySpec("tactile", (4, 4), hidden=5)
     got = {k: v.shape for k, v in state_to_numpy(ModalityModel(ms, 7)).items()}
     assert got == modality_shapes(ms, 7)
 
 
 def test_start_publishes_configs_globals_and_open_round():
-    m = RoundMachine("lab", SPEC, (DeviceConfig("a", 1, cap_bytes=5000),), RoundPolicy(2), Signer(PRIV))
+    m = CoordinatorMachine("lab", SPEC, (DeviceConfig("a", SelectionPolicy(gamma=1, cap_bytes=5000)),), RoundPolicy(2), Signer(PRIV))
     acts = m.seed_globals({n: state(n, 1) for n in SPEC.names}) + m.handle(Start(now=10.0))
     topics = [a.topic for a in acts if isinstance(a, Publish)]
     assert topics.count("fedmfs/v1/lab/global/eye") == 2  # seeded, then republished on start
@@ -87,7 +108,7 @@ def test_accept_out_of_order_and_missing_chunks():
     assert n >= 4
     out = upload(m, "a", "eye", data, order=[n - 1, 0])
     (a,) = acks(out)
-    assert a.reason is AckReason.MISSING_CHUNKS and a.missing == tuple(range(0, n - 1))
+    assert a.reason is AckReason.MISSING_CHUNKS and a.missing == tuple(range(n - 1))
     (a,) = acks(upload(m, "a", "eye", data, order=[n - 1]))    # the device's probe
     assert a.reason is AckReason.MISSING_CHUNKS and a.missing == tuple(range(1, n - 1))
     out = upload(m, "a", "eye", data, order=list(range(1, n - 1)))
@@ -157,7 +178,7 @@ def test_bad_report_answered():
     m = machine()
     out = m.handle(ReportArrived("a", b"{not json", 1.0))
     assert acks(out)[0].reason is AckReason.BAD_MESSAGE
-    rep = Report("b", 0, 1, {}, {}, {}, ())
+    rep = Report(RoundRecord("b", 0, 1))
     out = m.handle(ReportArrived("a", encode_message(rep), 1.0))
     assert acks(out)[0].reason is AckReason.BAD_MESSAGE and not m.reported
 
@@ -223,7 +244,7 @@ def test_last_round_announces_done():
 def test_fleet_change_applies_caps_next_round():
     m = machine(devices=("a",), rounds=2)
     d = payload("eye", 1)
-    m.handle(FleetChanged((DeviceConfig("a", 1, cap_bytes=10),), 1.0))
+    m.handle(FleetChanged((DeviceConfig("a", SelectionPolicy(gamma=1, cap_bytes=10)),), 1.0))
     assert acks(upload(m, "a", "eye", d))[-1].reason is AckReason.ACCEPTED   # the open round keeps its cap
     report(m, "a")
     assert m.round == 1 and m.caps == {"a": 10}
@@ -273,7 +294,7 @@ def test_restore_resumes_without_double_counting():
     upload(m, "a", "eye", d)
     report(m, "a")
     # a "restarted" machine from what was persisted
-    m2 = RoundMachine("lab", SPEC, tuple(m.devices.values()), m.policy, Signer(PRIV))
+    m2 = CoordinatorMachine("lab", SPEC, tuple(m.devices.values()), m.policy, Signer(PRIV))
     for mod, g in m.globals.items():
         m2.restore_global(mod, g.version, g.round, g.frame)
     m2.restore_round(m.round, m.state, m.deadline, m.opened_at, m.expected, m.caps)
@@ -290,7 +311,8 @@ def test_restore_resumes_without_double_counting():
     np.testing.assert_array_equal(m2.globals["eye"].state["head.weight"], state("eye", 1)["head.weight"])
 
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @settings(max_examples=150, deadline=None)
@@ -307,3 +329,35 @@ def test_fuzz_machine_never_raises_on_peer_bytes(msgs):
         m.handle(ChunkArrived(dev, rnd, mod, bytes(frame), 1001.0))
         m.handle(ReportArrived(dev, bytes(data), 1001.0))
     assert m.used.get("a", 0) <= len(payload("eye", 1)) * 2
+
+
+def _filled(mod, value, samples, round_index=0):
+    st = {k: np.full(v.shape, value, np.float32) for k, v in state(mod, 0).items()}
+    return encode_model(st, ModelHeader(round_index, mod, samples, Codec.FP32))
+
+
+@pytest.mark.parametrize("rule, expect", [("weighted_mean", 2.5), ("median", 2.0), ("trimmed_mean", 2.0)])
+def test_the_fleets_aggregation_rule_is_used_and_unsent_modalities_keep_their_global(rule, expect):
+    """The rule of RoundPolicy (the coordinator.toml [rounds] aggregation) makes the global: a weighted
+    mean of 1 (10 samples) and 3 (30 samples) is 2.5, their median 2.0; emg, which nobody sent, keeps
+    its version-0 global."""
+    devs = tuple(DeviceConfig(d, SelectionPolicy()) for d in ("a", "b"))
+    m = CoordinatorMachine("lab", SPEC, devs, RoundPolicy(2, 60.0, 1, 200, rule), Signer(PRIV))
+    m.seed_globals({n: state(n, 100 + i) for i, n in enumerate(SPEC.names)})
+    m.handle(Start(now=1000.0))
+    emg_before = m.globals["emg"].sha256
+    assert acks(upload(m, "a", "eye", _filled("eye", 1.0, 10)))[-1].reason is AckReason.ACCEPTED
+    assert acks(upload(m, "b", "eye", _filled("eye", 3.0, 30)))[-1].reason is AckReason.ACCEPTED
+    report(m, "a")
+    out = report(m, "b")
+    assert [a for a in out if isinstance(a, RoundClosed)][0].aggregated == {"eye": 2}
+    for v in m.globals["eye"].state.values():
+        np.testing.assert_allclose(v, expect)
+    assert (m.globals["eye"].version, m.globals["emg"].version) == (1, 0)
+    assert m.globals["emg"].sha256 == emg_before
+    assert m.training_globals(1).keys() == {"eye"} and m.training_globals(0).keys() == {"eye", "emg"}
+
+
+def test_an_unknown_aggregation_rule_is_refused_by_name():
+    with pytest.raises(ValueError, match="median"):
+        RoundPolicy(2, aggregation="mode")

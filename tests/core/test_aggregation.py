@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
-
-from fedmfs.aggregation import Median, TrimmedMean, WeightedMean, clip_update, make_aggregator
-from fedmfs.engine import GlobalModels, Upload
-from fedmfs.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.aggregation import (
+    Median,
+    TrimmedMean,
+    WeightedMean,
+    clip_update,
+    make_aggregator,
+)
 
 
 def test_weighted_mean_by_hand():
@@ -57,19 +60,3 @@ def test_robust_rules():
     np.testing.assert_allclose(clipped["w"], [0.6, 0.8], rtol=1e-6)
     with pytest.raises(ValueError):
         make_aggregator("mode")
-
-
-def test_global_models_weighting_and_untouched_modality():
-    spec = DatasetSpec((ModalitySpec("a", (2,), 4), ModalitySpec("b", (3,), 4)), 3, 5)
-    g = GlobalModels(spec, seed=0)
-    before_b = {k: v.copy() for k, v in g.states["b"].items()}
-    sa = {k: np.full_like(v, 1.0) for k, v in g.states["a"].items()}
-    sb = {k: np.full_like(v, 3.0) for k, v in g.states["a"].items()}
-    counts = g.aggregate([Upload("d1", "a", 10, sa, 0), Upload("d2", "a", 30, sb, 0)])
-    assert counts == {"a": 2}
-    for v in g.states["a"].values():
-        np.testing.assert_allclose(v, 2.5)  # (10*1 + 30*3) / 40
-    for k, v in g.states["b"].items():
-        np.testing.assert_array_equal(v, before_b[k])  # nobody uploaded b: previous global kept
-    assert g.versions == {"a": 1, "b": 0}
-    assert set(g.for_deployment()) == {"a"} and set(g.for_training(0)) == {"a", "b"}

@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from fedmfs.data import load_actionsense_hdf5, load_fleet, load_uci_har, save_fleet
-from fedmfs.data.actionsense import STREAMS, resample_steps
-from fedmfs.errors import DataError
+from fedmfs.core.data import load_actionsense_hdf5, load_fleet, load_uci_har, save_fleet
+from fedmfs.core.data.actionsense import STREAMS, resample_steps
+from fedmfs.core.errors import DataError
 
 # ---------------------------------------------------------------- ActionSense
 

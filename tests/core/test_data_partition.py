@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmfs.data import by_subject, dirichlet_label_skew, drop_modalities, make_synthetic, stratified_split
-from fedmfs.errors import DataError
+from fedmfs.core.data import (
+    by_subject,
+    dirichlet_label_skew,
+    drop_modalities,
+    make_synthetic,
+    stratified_split,
+)
+from fedmfs.core.errors import DataError
 
 
 def _pool(n_per_class=30, classes=5, t=4):

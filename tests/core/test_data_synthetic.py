@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from fedmfs.data import PRESETS, load_fleet, make_synthetic, save_fleet
-from fedmfs.data.synthetic import SUBJECTS, TACTILE_MISSING
-from fedmfs.modality import ACTIONSENSE_MODALITIES
+from fedmfs.core.data import PRESETS, load_fleet, make_synthetic, save_fleet
+from fedmfs.core.data.synthetic import SUBJECTS, TACTILE_MISSING
+from fedmfs.core.modality import ACTIONSENSE_MODALITIES
 
 
 @pytest.fixture(scope="module")

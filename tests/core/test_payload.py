@@ -5,8 +5,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmfs.errors import PayloadError
-from fedmfs.payload import Codec, ModelHeader, decode_model, encode_model, encoded_size
+from fedmfs.core.errors import PayloadError
+from fedmfs.core.payload import (
+    Codec,
+    ModelHeader,
+    decode_model,
+    encode_model,
+    encoded_size,
+)
 
 
 def _state():

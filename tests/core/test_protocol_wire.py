@@ -4,14 +4,38 @@ import hashlib
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fedmfs.errors import PayloadError
-from fedmfs.protocol import (
-    Ack, AckReason, ChunkHeader, DeviceConfig, DeviceState, DeviceStatus, Reassembler, Report,
-    RoundAnnouncement, RoundState, Signer, TopicKind, Topics, Verifier, decode_chunk, decode_global,
-    decode_message, encode_chunk, encode_global, encode_message, generate_keypair, parse_topic,
-    split_payload, CHUNK_HEADER_BYTES,
+from fedmfs.core.records import RoundRecord
+from fedmfs.core.selection import Alphas, SelectionPolicy
+from fedmfs.core.errors import PayloadError
+from fedmfs.core.wire import (
+    CHUNK_HEADER_BYTES,
+    Ack,
+    AckReason,
+    ChunkHeader,
+    DeviceConfig,
+    DeviceState,
+    DeviceStatus,
+    Evaluation,
+    Reassembler,
+    Report,
+    RoundAnnouncement,
+    RoundState,
+    Signer,
+    TopicKind,
+    Topics,
+    Verifier,
+    decode_chunk,
+    decode_global,
+    decode_message,
+    encode_chunk,
+    encode_global,
+    encode_message,
+    generate_keypair,
+    parse_topic,
+    split_payload,
 )
 
 
@@ -45,10 +69,11 @@ def test_bad_names_refused():
 
 MESSAGES = [
     RoundAnnouncement("lab", 2, RoundState.OPEN, 1700000000.5, 5, ("a", "b"), {"eye": "0" * 64}, 4096),
-    DeviceConfig("a", 2, 0.2, 0.8, 0.0, 100000, "fp16"),
-    DeviceConfig("b", 1),
-    Report("a", 2, 40, {"eye": 0.5, "emg": 0.1}, {"eye": 1.0, "emg": 0.0}, {"eye": 900, "emg": 1200},
-           ("eye",), ("eye",), 900, 0.75),
+    DeviceConfig("a", SelectionPolicy("fedmfs", 2, Alphas(0.2, 0.8, 0.0), 100000, "fp16")),
+    DeviceConfig("b", SelectionPolicy(gamma=1)),
+    Report(RoundRecord("a", 2, 40, {"eye": 0.5, "emg": 0.1}, {"eye": 900, "emg": 1200}, {"eye": 1.0, "emg": 0.0},
+                       ("eye",), 0.5), ("eye",), 900, 950),
+    Evaluation("a", 2, 0.75, 80),
     Ack("a", 2, AckReason.MISSING_CHUNKS, "eye", "ab" * 32, (1, 3), "resend"),
     Ack("a", 2, AckReason.REPORT_ACCEPTED),
     DeviceStatus("a", DeviceState.OFFLINE),
@@ -65,15 +90,30 @@ def test_message_roundtrip(msg):
 def test_message_validation_names_the_field():
     good = json.loads(encode_message(MESSAGES[3]))
     for key, value, words in [("round", -1, "round"), ("shapley", {"eye": "x"}, "shapley"),
-                              ("samples", True, "samples"), ("chosen", ["Eye"], "modality"),
-                              ("v", 9, "version"), ("type", "nope", "type")]:
+                              ("samples", True, "samples"), ("chosen", ["Eye"], "modality")]:
+        bad = dict(good, record=dict(good["record"], **{key: value}))
+        with pytest.raises(PayloadError, match=words):
+            decode_message(json.dumps(bad).encode())
+    for key, value, words in [("v", 9, "version"), ("type", "nope", "type"), ("accepted", ["emg"], "not chosen")]:
         bad = dict(good, **{key: value})
         with pytest.raises(PayloadError, match=words):
             decode_message(json.dumps(bad).encode())
     with pytest.raises(PayloadError, match="expected a config"):
         decode_message(encode_message(MESSAGES[0]), DeviceConfig)
     with pytest.raises(PayloadError, match="lacks field 'samples'"):
-        decode_message(json.dumps({k: v for k, v in good.items() if k != "samples"}).encode())
+        rec = {k: v for k, v in good["record"].items() if k != "samples"}
+        decode_message(json.dumps(dict(good, record=rec)).encode())
+    cfg = json.loads(encode_message(MESSAGES[1]))
+    for key, value, words in [("method", "best", "unknown method"), ("codec", "fp8", "codec"),
+                              ("alpha_s", -1.0, "alphas"), ("gamma", True, "gamma")]:
+        with pytest.raises(PayloadError, match=words):
+            decode_message(json.dumps(dict(cfg, **{key: value})).encode())
+
+
+def test_decode_message_is_typed():
+    """A caller that names the type gets that type (and mypy knows it)."""
+    rep: Report = decode_message(encode_message(MESSAGES[3]), Report)
+    assert rep.record.shapley == {"eye": 0.5, "emg": 0.1} and rep.device == "a" and rep.round == 2
 
 
 def test_chunks_roundtrip_any_order_and_missing():

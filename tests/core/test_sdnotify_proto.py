@@ -1,6 +1,6 @@
 import socket
 
-from fedmfs.sdnotify import Notifier, Watchdog
+from fedmfs.adapters.sdnotify import Notifier, Watchdog
 
 
 def test_noop_without_socket():

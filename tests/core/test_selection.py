@@ -7,8 +7,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmfs.selection import (AllSelector, Alphas, NoneSelector, PrioritySelector, RandomSelector,
-                              SelectionInput, knapsack, minmax, priority, top_gamma)
+from fedmfs.core.selection import (
+    AllSelector,
+    Alphas,
+    NoneSelector,
+    PrioritySelector,
+    RandomSelector,
+    SelectionInput,
+    knapsack,
+    minmax,
+    priority,
+    top_gamma,
+)
 
 
 def test_priority_by_hand():

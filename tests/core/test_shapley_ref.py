@@ -6,8 +6,14 @@ from math import factorial
 import numpy as np
 import pytest
 
-from fedmfs.shapley import (coalition_masks, coalition_values, exact_shapley, modality_scores,
-                            permutation_shapley, shapley_from_coalition_values)
+from fedmfs.core.shapley import (
+    coalition_masks,
+    coalition_values,
+    exact_shapley,
+    modality_scores,
+    permutation_shapley,
+    shapley_from_coalition_values,
+)
 
 
 def softmax_fusion(w):

@@ -2,23 +2,60 @@
 
 import hashlib
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from fedmfs.core.records import RoundRecord
+from fedmfs.core.selection import SelectionPolicy
+from fedmfs.edge.machine import (
+    AckArrived,
+    Announced,
+    ConfigArrived,
+    Connected,
+    DropPending,
+    EdgeMachine,
+    Fatal,
+    Finished,
+    GlobalArrived,
+    GlobalFrame,
+    JobFailed,
+    JobKind,
+    Publish,
+    RunStage2,
+    SaveGlobal,
+    SaveHistory,
+    SaveProgress,
+    Stage2Done,
+    StartTraining,
+    Tick,
+    Trained,
+    check_progress,
+    decode_inbound,
+    verify_global,
+)
+from fedmfs.edge.uploads import publish_packet_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmfs.edge.machine import (
-    AckArrived, Announced, ConfigArrived, Connected, DropPending, EdgeMachine, Fatal, Finished, GlobalArrived,
-    GlobalFrame, JobFailed, JobKind, Publish, RunStage2, SaveGlobal, SaveHistory, SaveProgress, Stage2Done,
-    StartTraining, Tick, Trained, check_progress, decode_inbound, verify_global,
-)
-from fedmfs.edge.uploads import publish_packet_bytes
-from fedmfs.errors import ConfigError, PayloadError
-from fedmfs.payload import ModelHeader, encode_model
-from fedmfs.protocol import (
-    Ack, AckReason, DeviceConfig, Report, RoundAnnouncement, RoundState, Signer, Topics, Verifier,
-    decode_chunk, decode_message, encode_global, encode_message, generate_keypair,
+from fedmfs.core.errors import ConfigError, PayloadError
+from fedmfs.core.payload import ModelHeader, encode_model
+from fedmfs.core.wire import (
+    Ack,
+    AckReason,
+    DeviceConfig,
+    Evaluation,
+    Report,
+    RoundAnnouncement,
+    RoundState,
+    Signer,
+    Topics,
+    Verifier,
+    decode_chunk,
+    decode_message,
+    encode_global,
+    encode_message,
+    generate_keypair,
 )
 
 DEV, FLEET, CHUNK = "d1", "f", 4
@@ -26,8 +63,7 @@ T = Topics(FLEET)
 PAYLOADS = {"a": b"A" * 10, "b": b"B" * 7}          # 3 and 2 chunks of 4 bytes
 SHA = {m: hashlib.sha256(p).hexdigest() for m, p in PAYLOADS.items()}
 G = {"a": "1" * 64, "b": "2" * 64}                  # sha256 of the globals a round starts from
-RECORD = {"shapley": {"a": 0.5, "b": 0.25}, "sizes": {"a": 10, "b": 7}, "priorities": {"a": 1.0, "b": 0.5},
-          "choice": ["a", "b"], "samples": 40}
+RECORD = RoundRecord(DEV, 0, 40, {"a": 0.5, "b": 0.25}, {"a": 10, "b": 7}, {"a": 1.0, "b": 0.5}, ("a", "b"), 0.5)
 
 
 def ann(r, state=RoundState.OPEN, globals_=None):
@@ -55,7 +91,7 @@ def chunks(actions):
 
 def ready(m: EdgeMachine, r=0, globals_=None):
     """Config, globals and an open round r: the machine asks to train (round 0) or for Stage #2."""
-    m.handle(ConfigArrived(DeviceConfig(DEV, gamma=2)))
+    m.handle(ConfigArrived(DeviceConfig(DEV, SelectionPolicy(gamma=2))))
     for mod, sha in G.items():
         m.handle(GlobalArrived(mod, sha, f"state-{mod}", b"frame", stored=True))
     m.handle(ann(r, globals_=globals_))
@@ -66,7 +102,7 @@ def trained(m: EdgeMachine, r=0, now=0.0):
     acts = m.handle(Tick(now))
     [job] = of(acts, StartTraining)
     assert job.round == r and dict(job.starts) == {"a": "state-a", "b": "state-b"}
-    out = m.handle(Trained(r, ("a", "b"), PAYLOADS, RECORD, now))
+    out = m.handle(Trained(r, ("a", "b"), PAYLOADS, replace(RECORD, round=r), now))
     assert of(out, SaveProgress)[-1].progress["pending"]["chosen"] == ["a", "b"]
     return out + m.handle(Tick(now))
 
@@ -88,10 +124,10 @@ def test_a_full_round_then_stage2_then_the_next_round():
     [rep] = [a for a in m.handle(Tick(1.5)) if isinstance(a, Publish)]
     assert rep.topic == T.report(DEV)
     report = decode_message(rep.payload, Report)
-    assert report.accepted == ("a", "b") and report.bytes_sent == 17 and report.samples == 40
+    assert report.accepted == ("a", "b") and report.bytes_sent == 17 and report.record == RECORD
     done = m.handle(AckArrived(ack(0, AckReason.REPORT_ACCEPTED), 2.0))
     assert of(done, DropPending) and of(done, SaveProgress)[-1].progress == {"reported": 0, "stage2": -1,
-                                                                             "pending": None}
+                                                                             "evaluated": -1, "pending": None}
     h = of(done, SaveHistory)[-1].history["0"]
     assert h["acks"] == {"a": "accepted", "b": "accepted"}
     frames = [a for a in first if isinstance(a, Publish) and a.chunk]
@@ -106,9 +142,13 @@ def test_a_full_round_then_stage2_then_the_next_round():
     [s2] = of(m.handle(Tick(5.0)), RunStage2)
     assert s2.round == 0 and dict(s2.deploy) == {"a": "g1-a", "b": "g1-b"}
     assert m.handle(Tick(6.0)) == [] and m.busy           # one job at a time
-    m.handle(Stage2Done(0, 0.75))
-    [tr] = of(m.handle(Tick(7.0)), StartTraining)
-    assert tr.round == 1 and m.accuracy == 0.75
+    m.handle(Stage2Done(0, 0.75, 80))
+    acts = m.handle(Tick(7.0))
+    [tr] = of(acts, StartTraining)
+    [ev] = [decode_message(a.payload, Evaluation) for a in of(acts, Publish)]
+    assert tr.round == 1 and ev == Evaluation(DEV, 0, 0.75, 80)     # the accuracy goes to the coordinator
+    assert of(m.handle(AckArrived(ack(0, AckReason.EVALUATION_ACCEPTED), 7.5)), SaveProgress)[-1].progress[
+        "evaluated"] == 0
 
 
 def test_duplicate_and_out_of_order_acks_change_nothing():
@@ -147,7 +187,7 @@ def test_every_order_of_acks_finishes_the_round_exactly_once():
             now += 0.1
         acts += m.handle(Tick(now + 100))
         assert len(of(acts, DropPending)) == 1, order
-        assert m.progress == {"reported": 0, "stage2": -1, "pending": None}
+        assert m.progress == {"reported": 0, "stage2": -1, "evaluated": -1, "pending": None}
         assert not of(acts, StartTraining) and not m.uploads
         # a report went out only once both uploads had final answers, and it names the accepted ones
         for p in of(acts, Publish):
@@ -197,7 +237,7 @@ def test_round_closing_while_training_finishes_it_without_uploading():
     ready(m)
     assert of(m.handle(Tick(0.0)), StartTraining)
     m.handle(ann(0, RoundState.CLOSED))
-    m.handle(ConfigArrived(DeviceConfig(DEV, gamma=1, cap_bytes=5)))   # a new cap, for the next round
+    m.handle(ConfigArrived(DeviceConfig(DEV, SelectionPolicy(gamma=1, cap_bytes=5))))   # a new cap, for the next round
     assert m.handle(Tick(1.0)) == [] and m.busy
     m.handle(Trained(0, ("a", "b"), PAYLOADS, RECORD, 2.0))
     acts = m.handle(Tick(2.0))
@@ -206,7 +246,7 @@ def test_round_closing_while_training_finishes_it_without_uploading():
     [s2] = of(m.handle(Tick(3.0)), RunStage2)
     m.handle(Stage2Done(0, 0.5))
     [tr] = of(m.handle(Tick(4.0)), StartTraining)
-    assert tr.round == 1 and tr.config.cap_bytes == 5
+    assert tr.round == 1 and tr.config.policy.cap_bytes == 5
 
 
 def test_a_new_round_while_uploading_abandons_the_old_one():
@@ -234,7 +274,7 @@ def test_restart_mid_upload_probes_and_resends_only_what_is_missing():
     assert chunks(b.handle(AckArrived(ack(0, AckReason.MISSING_CHUNKS, "b", [0]), 100.5))) == [("b", 0)]
     b.handle(AckArrived(ack(0, AckReason.ACCEPTED, "b"), 101.0))
     rep = decode_message(of(b.handle(Tick(101.0)), Publish)[0].payload, Report)
-    assert rep.accepted == ("a", "b") and rep.shapley == RECORD["shapley"]
+    assert rep.accepted == ("a", "b") and rep.record.shapley == RECORD.shapley
 
 
 def test_restart_after_training_before_any_chunk_sends_everything():
@@ -253,7 +293,7 @@ def test_restart_with_a_lost_payload_gives_it_up_and_reports():
     ready(m)
     acts = m.handle(Tick(0.0))
     assert m.progress["pending"]["status"] == {"a": "failed"}
-    assert decode_message(of(acts, Publish)[0].payload, Report).chosen == ("a",)
+    assert decode_message(of(acts, Publish)[0].payload, Report).record.chosen == ("a",)
 
 
 def test_restart_after_the_report_does_not_train_the_round_again():
@@ -284,7 +324,10 @@ def test_done_runs_the_last_stage2_then_finishes_once():
     [s2] = of(m.handle(Tick(0.0)), RunStage2)
     assert s2.round == 2 and m.handle(Tick(0.5)) == []
     m.handle(Stage2Done(2, 0.9))
-    assert of(m.handle(Tick(1.0)), Finished) and m.finished
+    [ev] = of(m.handle(Tick(1.0)), Publish)        # the last evaluation goes out before the run ends
+    assert decode_message(ev.payload, Evaluation).round == 2 and not m.finished
+    m.handle(AckArrived(ack(2, AckReason.EVALUATION_ACCEPTED), 1.2))
+    assert of(m.handle(Tick(1.5)), Finished) and m.finished
     assert m.handle(Tick(2.0)) == []
 
 
@@ -292,7 +335,7 @@ def test_other_fleets_and_missing_config_hold_the_machine():
     m = machine()
     m.handle(ann(0))
     assert m.handle(Tick(0.0)) == []                                  # no config yet
-    m.handle(ConfigArrived(DeviceConfig(DEV, gamma=1)))
+    m.handle(ConfigArrived(DeviceConfig(DEV, SelectionPolicy(gamma=1))))
     assert m.handle(Tick(0.0)) == []                                  # globals not held
     m.handle(Announced(RoundAnnouncement("other", 0, RoundState.OPEN, 1e9, 3, (DEV,), {}, CHUNK)))
     assert m.handle(Tick(0.0)) == []
@@ -303,7 +346,7 @@ def test_other_fleets_and_missing_config_hold_the_machine():
 # ------------------------------------------------------------------------------- decoding, verification
 
 def test_decode_inbound_routes_this_devices_messages_only():
-    cfg = DeviceConfig(DEV, gamma=1)
+    cfg = DeviceConfig(DEV, SelectionPolicy(gamma=1))
     assert decode_inbound(T.config(DEV), encode_message(cfg), DEV, 1.0) == ConfigArrived(cfg, 1.0)
     assert decode_inbound(T.config("other"), encode_message(cfg), DEV, 1.0) is None
     assert decode_inbound(T.round(), b"", DEV, 1.0) is None                    # cleared retained

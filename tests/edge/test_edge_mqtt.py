@@ -6,14 +6,19 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
+from fedmfs.sim.config import SimConfig
+from fedmfs.sim.driver import run_simulation
 
-from fedmfs.client import TrainConfig
-from fedmfs.data.format import Fleet
-from fedmfs.data.synthetic import make_synthetic
-from fedmfs.engine import SimConfig, run_simulation
-from fedmfs.mqtt_sim import _spawn, build_report, run_mqtt_simulation, write_fleet_configs
+from fedmfs.core.data.format import Fleet
+from fedmfs.core.data.synthetic import make_synthetic
+from fedmfs.core.settings import TrainConfig
+from fedmfs.sim.processes import (
+    _spawn,
+    build_report,
+    run_mqtt_simulation,
+    write_fleet_configs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +41,7 @@ def _check_same(ref, rep):
 
 
 def test_simulation_over_mosquitto_equals_inproc_and_caps_hold(fleet, mosquitto, tmp_path):
-    cfg = SimConfig(rounds=3, gamma=2, seed=1, cap_bytes=60000, train=TRAIN)
+    cfg = SimConfig.build(rounds=3, gamma=2, seed=1, cap_bytes=60000, train=TRAIN)
     ref = run_simulation(fleet, cfg)
     rep = run_mqtt_simulation(fleet, cfg, mosquitto.url, workdir=tmp_path / "run", timeout=240)
     _check_same(ref, rep)
@@ -47,7 +52,7 @@ def test_simulation_over_mosquitto_equals_inproc_and_caps_hold(fleet, mosquitto,
             per_dev[u["device"]] = per_dev.get(u["device"], 0) + u["bytes"]
         assert max(per_dev.values()) <= 60000
         # the ledger's bytes == the payload bytes the devices chose and had accepted
-        sent = sum(c["sizes"][m] for c in r["clients"].values() for m in c["choice"])
+        sent = sum(c["sizes"][m] for c in r["clients"].values() for m in c["chosen"])
         assert r["upload_bytes"] == sent > 0
         assert all(set(c["acks"].values()) == {"accepted"} for c in r["clients"].values())
     assert 1.0 < rep["wire_over_payload"] <= 1.05
@@ -81,7 +86,7 @@ def _wait(pred, timeout, what):
 def test_restarts_mid_round_and_mid_upload_lose_and_double_count_nothing(fleet, mosquitto, tmp_path):
     from fedmfs.coordinator.ledger import Ledger
 
-    cfg = SimConfig(rounds=2, gamma=2, seed=2, train=TRAIN)
+    cfg = SimConfig.build(rounds=2, gamma=2, seed=2, train=TRAIN)
     ref = run_simulation(fleet, cfg)
     work = tmp_path / "run"
     (work / "logs").mkdir(parents=True)

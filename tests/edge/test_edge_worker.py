@@ -8,19 +8,28 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-
+from fedmfs.core.records import RoundRecord
+from fedmfs.core.selection import SelectionPolicy
 from fedmfs.edge.config import EdgeConfig
 from fedmfs.edge.daemon import EdgeDaemon
 from fedmfs.edge.machine import JobFailed, JobKind, RunStage2, StartTraining, Trained
 from fedmfs.edge.worker import Worker
-from fedmfs.errors import ConfigError
-from fedmfs.mqtt import BrokerConfig
-from fedmfs.protocol import (
-    Ack, AckReason, DeviceConfig, RoundAnnouncement, RoundState, Topics, decode_chunk, encode_message,
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fedmfs.adapters.mqtt import BrokerConfig
+from fedmfs.adapters.sdnotify import Notifier, Watchdog
+from fedmfs.core.errors import ConfigError
+from fedmfs.core.wire import (
+    Ack,
+    AckReason,
+    DeviceConfig,
+    RoundAnnouncement,
+    RoundState,
+    Topics,
+    decode_chunk,
+    encode_message,
     generate_keypair,
 )
-from fedmfs.sdnotify import Notifier, Watchdog
 
 
 def _wait(pred, timeout=10.0, what="condition"):
@@ -70,7 +79,7 @@ def test_worker_turns_exceptions_into_job_failures(exc, retryable, code):
 
     w = Worker(run, out.put)
     try:
-        w.submit(StartTraining(2, {}, {}, DeviceConfig("d", gamma=1)))
+        w.submit(StartTraining(2, {}, {}, DeviceConfig("d", SelectionPolicy(gamma=1))))
         ev = out.get(timeout=10)
         assert isinstance(ev, JobFailed) and ev.kind is JobKind.TRAIN and ev.round == 2
         assert (ev.retryable, ev.exit_code) == (retryable, code) and str(exc) in ev.error
@@ -93,7 +102,7 @@ def _drain(s) -> list[str]:
     while True:
         try:
             out.append(s.recv(4096).decode())
-        except (socket.timeout, BlockingIOError):
+        except (TimeoutError, BlockingIOError):
             return out
 
 
@@ -141,7 +150,7 @@ def test_acks_and_configs_flow_while_the_round_trains(tmp_path, mosquitto, notif
     def fake_run(job):
         started.set()
         assert release.wait(30)
-        return Trained(job.round, ("a",), {"a": payload}, {"sizes": {"a": 10}, "samples": 5}, time.time())
+        return Trained(job.round, ("a",), {"a": payload}, RoundRecord("d1", job.round, 5, sizes={"a": 10}, chosen=("a",)), time.time())
 
     d.trainer.run = fake_run
     t = Topics("f")
@@ -154,15 +163,15 @@ def test_acks_and_configs_flow_while_the_round_trains(tmp_path, mosquitto, notif
     c.loop_start()
     runner = threading.Thread(target=lambda: d.run(connect_timeout=10))
     try:
-        c.publish(t.config("d1"), encode_message(DeviceConfig("d1", gamma=1)), 1, True).wait_for_publish(5)
+        c.publish(t.config("d1"), encode_message(DeviceConfig("d1", SelectionPolicy(gamma=1))), 1, True).wait_for_publish(5)
         ann = RoundAnnouncement("f", 0, RoundState.OPEN, time.time() + 600, 1, ("d1",), {}, 4)
         c.publish(t.round(), encode_message(ann), 1, True).wait_for_publish(5)
         runner.start()
         assert started.wait(20)
         _drain(sock)
         # while the job blocks: a new config reaches the machine, the watchdog keeps being pinged
-        c.publish(t.config("d1"), encode_message(DeviceConfig("d1", gamma=1, cap_bytes=99)), 1, True)
-        _wait(lambda: d.machine.config is not None and d.machine.config.cap_bytes == 99, what="config applied")
+        c.publish(t.config("d1"), encode_message(DeviceConfig("d1", SelectionPolicy(gamma=1, cap_bytes=99))), 1, True)
+        _wait(lambda: d.machine.config is not None and d.machine.config.policy.cap_bytes == 99, what="config applied")
         _wait(lambda: "WATCHDOG=1" in _drain(sock), what="a watchdog ping during training")
         assert d.machine.busy
         release.set()
@@ -175,7 +184,7 @@ def test_acks_and_configs_flow_while_the_round_trains(tmp_path, mosquitto, notif
         c.publish(t.ack("d1"), encode_message(Ack("d1", 0, AckReason.REPORT_ACCEPTED)), 1)
         state = tmp_path / "state" / "state.json"
         _wait(lambda: json.loads(state.read_text())["pending"] is None, what="round finished on disk")
-        assert json.loads(state.read_text()) == {"reported": 0, "stage2": -1, "pending": None}
+        assert json.loads(state.read_text()) == {"reported": 0, "stage2": -1, "evaluated": -1, "pending": None}
         assert json.loads((tmp_path / "state" / "history.json").read_text())["0"]["acks"] == {"a": "accepted"}
     finally:
         release.set()

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from fedmfs.edge.modelset import MANIFEST, check_model_set, load_model_set, read_manifest, write_model_set
-from fedmfs.edge.runtime import EdgeRuntime
-from fedmfs.errors import ManifestError, PayloadError
-from fedmfs.export.builder import model_set_onnx
-from fedmfs.modality import DatasetSpec, ModalitySpec
-from fedmfs.models import FusionModel, ModalityModel, state_to_numpy
+from fedmfs.core.errors import ManifestError, PayloadError
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.runtime.graphs import model_set_onnx
+from fedmfs.core.runtime.modelset import (
+    MANIFEST,
+    check_model_set,
+    load_model_set,
+    read_manifest,
+    write_model_set,
+)
+from fedmfs.core.runtime.runtime import EdgeRuntime
+from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 SPEC = DatasetSpec((ModalitySpec("eye", (2,), hidden=4), ModalitySpec("emg", (3,), hidden=4),
                     ModalitySpec("xsens", (2, 2), hidden=4)), 3, 4)

@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedmfs.edge.modelset import load_model_set, read_manifest, write_model_set
-from fedmfs.edge.runtime import EdgeRuntime
-from fedmfs.errors import ManifestError, PayloadError
-from fedmfs.export.builder import model_set_onnx, model_set_runtime, personalised_model_onnx
-from fedmfs.modality import DatasetSpec, ModalitySpec
-from fedmfs.models import FusionModel, ModalityModel, state_to_numpy
+from fedmfs.core.errors import ManifestError, PayloadError
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.runtime.graphs import (
+    model_set_onnx,
+    model_set_runtime,
+    personalised_model_onnx,
+)
+from fedmfs.core.runtime.modelset import load_model_set, read_manifest, write_model_set
+from fedmfs.core.runtime.runtime import EdgeRuntime
+from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 SPEC = DatasetSpec((ModalitySpec("eye", (2,), hidden=4), ModalitySpec("emg", (3,), hidden=5),
                     ModalitySpec("tactile", (2, 3), hidden=4), ModalitySpec("xsens", (4,), hidden=3)), 3, 6)
@@ -125,7 +129,7 @@ def test_foreign_graph_as_personalised_is_refused():
 
 
 def test_one_graph_fast_path_checks_what_the_slow_path_checks():
-    from fedmfs.errors import DataError
+    from fedmfs.core.errors import DataError
     have = SPEC.names
     mods, fus = _states(have)
     rt = model_set_runtime(SPEC, mods, fus, 7)

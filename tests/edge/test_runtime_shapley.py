@@ -1,16 +1,16 @@
-"""The ONNX Shapley engine against the numpy reference (fedmfs.shapley), within 1e-6."""
+"""The ONNX Shapley engine against the numpy reference (fedmfs.core.shapley), within 1e-6."""
 
 import numpy as np
 import pytest
 import torch
 
-from fedmfs import shapley as ref
-from fedmfs.edge.runtime import EdgeRuntime
-from fedmfs.edge.shapley_engine import ShapleyMethod, engine_shapley
-from fedmfs.errors import ConfigError, DataError, ManifestError
-from fedmfs.export.builder import model_set_onnx
-from fedmfs.modality import DatasetSpec, ModalitySpec
-from fedmfs.models import FusionModel, ModalityModel, state_to_numpy
+from fedmfs.core import shapley as ref
+from fedmfs.core.errors import ConfigError, DataError, ManifestError
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.runtime.graphs import model_set_onnx
+from fedmfs.core.runtime.runtime import EdgeRuntime
+from fedmfs.core.runtime.shapley_engine import ShapleyMethod, engine_shapley
+from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 SPEC = DatasetSpec(tuple(ModalitySpec(f"m{i}", (i + 1,) if i % 2 else (2, 2), hidden=4) for i in range(5)), 3, 4)
 

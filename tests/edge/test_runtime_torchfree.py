@@ -1,6 +1,5 @@
 """The edge runtime runs in a process where `import torch` (and `import onnx`) fail."""
 
-import json
 import subprocess
 import sys
 import textwrap
@@ -8,11 +7,11 @@ import textwrap
 import numpy as np
 import torch
 
-from fedmfs import shapley as ref
-from fedmfs.edge.modelset import write_model_set
-from fedmfs.export.builder import model_set_onnx
-from fedmfs.modality import DatasetSpec, ModalitySpec
-from fedmfs.models import FusionModel, ModalityModel, state_to_numpy
+from fedmfs.core import shapley as ref
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.runtime.graphs import model_set_onnx
+from fedmfs.core.runtime.modelset import write_model_set
+from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 CHILD = textwrap.dedent("""
     import sys
@@ -31,7 +30,7 @@ CHILD = textwrap.dedent("""
     except ImportError:
         pass
     import numpy as np
-    from fedmfs.edge.modelset import load_model_set
+    from fedmfs.core.runtime.modelset import load_model_set
 
     d = sys.argv[1]
     with np.load(d + "/inputs.npz", allow_pickle=False) as z:

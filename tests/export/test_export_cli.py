@@ -5,15 +5,15 @@ import re
 import numpy as np
 import pytest
 import torch
-
-from fedmfs.data.format import ClientData, Fleet, save_fleet
-from fedmfs.edge.modelset import load_model_set, read_manifest
-from fedmfs.export.builder import model_set_onnx
 from fedmfs.export.cli import main
 from fedmfs.export.quantize import quantization_report, quantize_model_set, to_fp16
 from fedmfs.export.statedir import StateSet, save_state_set
-from fedmfs.modality import DatasetSpec, ModalitySpec
-from fedmfs.models import FusionModel, ModalityModel, state_to_numpy
+
+from fedmfs.core.data.format import ClientData, Fleet, save_fleet
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.runtime.graphs import model_set_onnx
+from fedmfs.core.runtime.modelset import load_model_set, read_manifest
+from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 SPEC = DatasetSpec((ModalitySpec("eye", (2,), hidden=8), ModalitySpec("tactile", (6, 6), hidden=16)), 3, 5)
 
@@ -38,7 +38,7 @@ def test_cli_exports_verifies_and_writes_a_loadable_set(state_set, capsys):
     assert main([str(tmp / "models"), "-o", str(tmp / "onnx"), "--data", str(tmp / "fleet"), "--client", "s01"]) == 0
     out = capsys.readouterr().out
     rows = {m.group(1): (float(m.group(2)), m.group(3)) for m in
-            re.finditer(r"^(\w+)\s+([0-9.e+-]+)\s+(\S+)$", out, re.M) if m.group(1) != "model"}
+            re.finditer(r"^(\w+)\s+([0-9.e+-]+)\s+(\S+)$", out, re.MULTILINE) if m.group(1) != "model"}
     assert set(rows) == {"eye", "tactile", "fusion", "coalitions"}
     assert all(d <= 1e-5 for d, _ in rows.values())
     assert float(rows["tactile"][1]) <= 1e-5  # real-input diff printed for the modality models

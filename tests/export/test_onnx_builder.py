@@ -1,16 +1,25 @@
-"""The torch-free ONNX builder against PyTorch (fedmfs.models), 1e-5 in fp32."""
+"""The torch-free ONNX builder against PyTorch (fedmfs.learner.models), 1e-5 in fp32."""
 
 import numpy as np
 import pytest
 import torch
-
-from fedmfs.errors import PayloadError
-from fedmfs.export.builder import (
-    fusion_coalition_onnx, fusion_model_onnx, model_set_onnx, model_set_runtime, modality_model_onnx,
+from fedmfs.export.verify import (
+    TOLERANCE,
+    verify_coalitions,
+    verify_fusion,
+    verify_modality,
 )
-from fedmfs.export.verify import TOLERANCE, verify_coalitions, verify_fusion, verify_modality
-from fedmfs.modality import DatasetSpec, ModalitySpec
-from fedmfs.models import FusionModel, ModalityModel, state_to_numpy
+
+from fedmfs.core.errors import PayloadError
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.runtime.graphs import (
+    fusion_coalition_onnx,
+    fusion_model_onnx,
+    modality_model_onnx,
+    model_set_onnx,
+    model_set_runtime,
+)
+from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 SPECS = [
     ModalitySpec("eye", (2,), hidden=8),

@@ -1,0 +1,604 @@
+"""The coordinator's round machine, sans-I/O: events in, actions out; no sockets, threads or clocks.
+
+The pair of :class:`fedmfs.edge.machine.EdgeMachine`. The MQTT service (fedmfs.coordinator.service),
+the in-process simulator (fedmfs.sim.driver), the tests and the benchmarks drive the same machine.
+Events carry the time (``now``, unix seconds) and the raw bytes from the wire; actions say what to
+publish, what to persist (always before the ack that promises it) and what happened (for metrics).
+
+Invariants the tests check by replaying event orders:
+
+* an upload is counted at most once per (round, device, modality); an identical re-send is answered
+  ``accepted`` again; a different second upload is refused ``duplicate``;
+* bytes accepted for a device in a round never exceed the cap it had when the round opened;
+* nothing a peer sends raises out of :meth:`RoundMachine.handle`: it becomes an ack with a reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedmfs.core.aggregation import DEFAULT_RULE, Aggregator, make_aggregator
+from fedmfs.core.errors import PayloadError
+from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.payload import Codec, ModelHeader, decode_model, encode_model
+from fedmfs.core.wire import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    Ack,
+    AckReason,
+    DeviceConfig,
+    DeviceState,
+    DeviceStatus,
+    Evaluation,
+    Publish,
+    Reassembler,
+    Report,
+    RoundAnnouncement,
+    RoundState,
+    Signer,
+    Tick,
+    TopicKind,
+    Topics,
+    decode_chunk,
+    decode_global,
+    decode_message,
+    encode_global,
+    encode_message,
+    parse_topic,
+)
+
+__all__ = [
+    "ChunkArrived",
+    "CoordinatorMachine",
+    "FleetChanged",
+    "GlobalModel",
+    "PersistEvaluation",
+    "PersistGlobal",
+    "PersistReport",
+    "PersistRound",
+    "PersistUpload",
+    "Publish",
+    "Refused",
+    "ReportArrived",
+    "RoundClosed",
+    "RoundPolicy",
+    "Start",
+    "StatusArrived",
+    "Tick",
+    "event_for",
+    "modality_shapes",
+]
+
+log = logging.getLogger("fedmfs.coordinator.machine")
+State = dict[str, np.ndarray]
+
+
+def modality_shapes(spec: ModalitySpec, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a modality model (fedmfs.learner.models.ModalityModel), derived without torch."""
+    h, f = spec.hidden, spec.features
+    return {
+        "lstm.weight_ih_l0": (4 * h, f), "lstm.weight_hh_l0": (4 * h, h),
+        "lstm.bias_ih_l0": (4 * h,), "lstm.bias_hh_l0": (4 * h,),
+        "head.weight": (num_classes, h), "head.bias": (num_classes,),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPolicy:
+    """How rounds run. ``quorum``: reports needed to aggregate at the deadline; ``aggregation``: the
+    per-modality rule (weighted_mean, trimmed_mean or median, :func:`fedmfs.core.aggregation.make_aggregator`)."""
+
+    rounds_total: int
+    round_seconds: float = 600.0
+    quorum: int = 1
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    aggregation: str = DEFAULT_RULE
+
+    def __post_init__(self) -> None:
+        if self.rounds_total < 1:
+            raise ValueError(f"rounds_total must be >= 1, got {self.rounds_total}")
+        if not (self.round_seconds > 0 and math.isfinite(self.round_seconds)):
+            raise ValueError(f"round_seconds must be > 0, got {self.round_seconds}")
+        if self.quorum < 1:
+            raise ValueError(f"quorum must be >= 1, got {self.quorum}")
+        if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {self.chunk_bytes}")
+        make_aggregator(self.aggregation)   # names the allowed rules when this one is unknown
+
+
+# --------------------------------------------------------------------------------------------- events
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """The service is up (fresh or resumed): (re)publish configs, globals and the round."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkArrived:
+    device: str
+    round: int
+    modality: str
+    frame: bytes
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReportArrived:
+    device: str
+    data: bytes
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class StatusArrived:
+    device: str
+    data: bytes
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class FleetChanged:
+    """The fleet file changed: new configs apply from the next round (caps of the open round stay)."""
+    devices: tuple[DeviceConfig, ...]
+    now: float
+
+
+Event = Start | ChunkArrived | ReportArrived | StatusArrived | Tick | FleetChanged
+
+
+# -------------------------------------------------------------------------------------------- actions
+
+@dataclass(frozen=True, slots=True)
+class PersistUpload:
+    """Write the accepted payload and its ledger row before the ``accepted`` ack goes out."""
+    round: int
+    device: str
+    modality: str
+    payload: bytes
+    sha256: str
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class PersistReport:
+    round: int
+    device: str
+    report: Report
+
+
+@dataclass(frozen=True, slots=True)
+class PersistEvaluation:
+    """A device's Stage #2 accuracy after ``round`` (recorded once; the report's accuracy column)."""
+    evaluation: Evaluation
+
+
+@dataclass(frozen=True, slots=True)
+class PersistRound:
+    round: int
+    state: RoundState
+    deadline: float
+    opened_at: float
+    expected: tuple[str, ...]
+    caps: Mapping[str, int | None]
+    closed_at: float | None = None
+    aggregated: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PersistGlobal:
+    modality: str
+    version: int
+    round: int       # the round this global is trained from (initial models: 0)
+    frame: bytes     # the signed frame as published
+    sha256: str      # of the payload inside the frame
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    round: int
+    device: str
+    modality: str | None
+    reason: AckReason
+    nbytes: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoundClosed:
+    round: int
+    duration: float
+    aggregated: Mapping[str, int]
+    quorum_met: bool
+    reported: tuple[str, ...]
+
+
+Action = (Publish | PersistUpload | PersistReport | PersistEvaluation | PersistRound | PersistGlobal | Refused
+          | RoundClosed)
+
+
+@dataclass(slots=True)
+class GlobalModel:
+    state: State
+    version: int
+    frame: bytes
+    sha256: str
+    round: int
+
+
+@dataclass(slots=True)
+class _Accepted:
+    sha256: str
+    nbytes: int
+
+
+class CoordinatorMachine:
+    """One fleet's rounds. Create it, ``seed_globals`` (fresh) or ``restore_*`` (resumed), then feed
+    events to :meth:`handle` and execute the returned actions in order."""
+
+    def __init__(self, fleet: str, spec: DatasetSpec, devices: tuple[DeviceConfig, ...], policy: RoundPolicy,
+                 signer: Signer):
+        self.topics = Topics(fleet)
+        self.fleet = fleet
+        self.spec = spec
+        self.policy = policy
+        self.signer = signer
+        self.devices: dict[str, DeviceConfig] = {}
+        self._set_devices(devices)
+        self.shapes = {m.name: modality_shapes(m, spec.num_classes) for m in spec.modalities}
+        self.globals: dict[str, GlobalModel] = {}
+        self.round = 0
+        self.state = RoundState.CLOSED   # not yet opened
+        self.deadline = 0.0
+        self.opened_at = 0.0
+        self.expected: tuple[str, ...] = ()
+        self.caps: dict[str, int | None] = {}
+        self.online: dict[str, bool] = {}
+        self.evaluations: dict[tuple[int, str], float] = {}   # (round, device) -> Stage #2 accuracy
+        self._reset_round()
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _set_devices(self, devices: tuple[DeviceConfig, ...]) -> None:
+        ids = [d.device for d in devices]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate device ids in the fleet: {ids}")
+        if not ids:
+            raise ValueError("the fleet has no devices")
+        self.devices = {d.device: d for d in devices}
+
+    def _reset_round(self) -> None:
+        self.accepted: dict[tuple[str, str], _Accepted] = {}
+        self.used: dict[str, int] = {}
+        self.reported: dict[str, Report] = {}
+        self.partial: dict[tuple[str, str], Reassembler] = {}
+        self.refused: dict[tuple[str, str, str], AckReason] = {}
+        self.aggs: dict[str, Aggregator] = {}
+
+    def seed_globals(self, initial: Mapping[str, State]) -> list[Action]:
+        """Install the initial (version 0) global models every device starts round 0 from."""
+        out: list[Action] = []
+        for m, st in initial.items():
+            self._check_shapes(m, st)
+            out += self._install_global(m, st, version=0, round_index=0, samples=1)
+        return out
+
+    def restore_global(self, modality: str, version: int, round_index: int, frame: bytes) -> None:
+        h, payload = decode_global(frame, None)
+        _, st = decode_model(payload)
+        self.globals[modality] = GlobalModel(st, version, frame, h.sha256, round_index)
+
+    def restore_round(self, round_index: int, state: RoundState, deadline: float, opened_at: float,
+                      expected: tuple[str, ...], caps: Mapping[str, int | None]) -> None:
+        self.round, self.state, self.deadline, self.opened_at = round_index, state, deadline, opened_at
+        self.expected, self.caps = tuple(expected), dict(caps)
+        self._reset_round()
+
+    def restore_upload(self, device: str, modality: str, payload: bytes) -> None:
+        """Re-add an upload the ledger says was accepted in the open round (after a restart)."""
+        header, st = decode_model(payload)
+        self._count(device, modality, header.samples, st, hashlib.sha256(payload).hexdigest(), len(payload))
+
+    def restore_report(self, report: Report) -> None:
+        self.reported[report.device] = report
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _check_shapes(self, modality: str, st: State) -> None:
+        want = self.shapes[modality]
+        if set(st) != set(want):
+            raise ValueError(f"tensor names differ: missing {sorted(set(want) - set(st))}, "
+                             f"unexpected {sorted(set(st) - set(want))}")
+        bad = [(k, tuple(st[k].shape), want[k]) for k in want if tuple(st[k].shape) != want[k]]
+        if bad:
+            raise ValueError("wrong shapes (name, got, want): " + ", ".join(map(str, bad)))
+
+    def _install_global(self, m: str, st: State, version: int, round_index: int, samples: int) -> list[Action]:
+        payload = encode_model(st, ModelHeader(round=round_index, modality=m, samples=max(1, int(samples)),
+                                               codec=Codec.FP32))
+        frame = encode_global(self.fleet, round_index, m, payload, self.signer)
+        _, decoded = decode_model(payload)
+        sha = hashlib.sha256(payload).hexdigest()
+        self.globals[m] = GlobalModel(decoded, version, frame, sha, round_index)
+        return [PersistGlobal(m, version, round_index, frame, sha),
+                Publish(self.topics.global_model(m), frame, 1, True)]
+
+    def training_globals(self, round_index: int) -> dict[str, str]:
+        """Globals a device trains round ``round_index`` from (the engine's ``for_training``)."""
+        return {m: g.sha256 for m, g in sorted(self.globals.items()) if round_index == 0 or g.version > 0}
+
+    def announcement(self) -> RoundAnnouncement:
+        r = self.round if self.state is not RoundState.DONE else self.policy.rounds_total
+        return RoundAnnouncement(self.fleet, self.round, self.state, self.deadline, self.policy.rounds_total,
+                                 self.expected, self.training_globals(r), self.policy.chunk_bytes)
+
+    def _announce(self) -> Publish:
+        return Publish(self.topics.round(), encode_message(self.announcement()), 1, True)
+
+    def _ack(self, device: str, reason: AckReason, modality: str | None = None, sha: str = "",
+             missing: tuple[int, ...] = (), detail: str = "", round_index: int | None = None) -> Publish:
+        ack = Ack(device, self.round if round_index is None else round_index, reason, modality, sha,
+                  missing[:1024], detail)
+        return Publish(self.topics.ack(device), encode_message(ack), 1, False)
+
+    def _refuse(self, device: str, modality: str | None, reason: AckReason, nbytes: int, detail: str,
+                sha: str = "", round_index: int | None = None) -> list[Action]:
+        r = self.round if round_index is None else round_index
+        log.info("refused %s/%s round %d: %s (%s)", device, modality, r, reason.value, detail)
+        return [Refused(r, device, modality, reason, nbytes, detail),
+                self._ack(device, reason, modality, sha, (), detail, r)]
+
+    def _count(self, device: str, modality: str, samples: int, st: State, sha: str, nbytes: int) -> None:
+        if modality not in self.aggs:
+            self.aggs[modality] = make_aggregator(self.policy.aggregation)
+        self.aggs[modality].add(st, float(samples))
+        self.accepted[(device, modality)] = _Accepted(sha, nbytes)
+        self.used[device] = self.used.get(device, 0) + nbytes
+
+    def _open(self, round_index: int, now: float) -> list[Action]:
+        self.round = round_index
+        self.state = RoundState.OPEN
+        self.opened_at = now
+        self.deadline = now + self.policy.round_seconds
+        self.expected = tuple(sorted(self.devices))
+        self.caps = {d: c.policy.cap_bytes for d, c in self.devices.items()}
+        self._reset_round()
+        return [PersistRound(self.round, self.state, self.deadline, now, self.expected, dict(self.caps)),
+                self._announce()]
+
+    def _close(self, now: float) -> list[Action]:
+        quorum = len(self.reported) >= min(self.policy.quorum, len(self.expected))
+        out: list[Action] = []
+        counts: dict[str, int] = {}
+        if quorum:
+            for m in self.spec.names:   # canonical order: deterministic frames and logs
+                agg = self.aggs.get(m)
+                if agg is None or not agg.count:
+                    continue
+                counts[m] = agg.count
+                prev = self.globals.get(m)
+                out += self._install_global(m, agg.result(), (prev.version if prev else 0) + 1,
+                                            self.round + 1, int(agg.weight))
+        self.state = RoundState.CLOSED
+        out.append(PersistRound(self.round, self.state, self.deadline, self.opened_at, self.expected,
+                                dict(self.caps), now, counts))
+        out.append(RoundClosed(self.round, now - self.opened_at, counts, quorum, tuple(sorted(self.reported))))
+        if self.round + 1 < self.policy.rounds_total:
+            out += self._open(self.round + 1, now)
+        else:
+            self.state = RoundState.DONE
+            out.append(PersistRound(self.round, self.state, self.deadline, self.opened_at, self.expected,
+                                    dict(self.caps), now, counts))
+            out.append(self._announce())
+        return out
+
+    # -- the event handler ------------------------------------------------------------------------
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; never raises on peer input (bad input becomes a refusal)."""
+        if isinstance(event, ChunkArrived):
+            return self._on_chunk(event)
+        if isinstance(event, ReportArrived):
+            return self._on_report(event)
+        if isinstance(event, Tick):
+            if self.state is RoundState.OPEN and event.now >= self.deadline:
+                log.info("round %d: deadline passed with %d/%d reports", self.round, len(self.reported),
+                         len(self.expected))
+                return self._close(event.now)
+            return []
+        if isinstance(event, StatusArrived):
+            try:
+                st = decode_message(event.data, DeviceStatus)
+            except PayloadError as e:
+                log.info("bad status from %s: %s", event.device, e)
+                return []
+            if st.device == event.device:
+                self.online[st.device] = st.state is DeviceState.ONLINE
+            return []
+        if isinstance(event, Start):
+            return self._on_start(event.now)
+        if isinstance(event, FleetChanged):
+            self._set_devices(event.devices)
+            return [Publish(self.topics.config(d), encode_message(c), 1, True) for d, c in sorted(self.devices.items())]
+        raise TypeError(f"unknown event {event!r}")
+
+    def _on_start(self, now: float) -> list[Action]:
+        out: list[Action] = [Publish(self.topics.config(d), encode_message(c), 1, True)
+                             for d, c in sorted(self.devices.items())]
+        out += [Publish(self.topics.global_model(m), g.frame, 1, True) for m, g in sorted(self.globals.items())]
+        if self.state is RoundState.CLOSED and not self.opened_at:
+            out += self._open(0, now)       # a fresh fleet
+        elif self.state is RoundState.CLOSED:
+            out += self._close_resumed(now)
+        else:
+            out.append(self._announce())
+        return out
+
+    def _close_resumed(self, now: float) -> list[Action]:
+        # a restart between closing round r and opening r+1: open the next one now
+        if self.round + 1 < self.policy.rounds_total:
+            return self._open(self.round + 1, now)
+        self.state = RoundState.DONE
+        return [self._announce()]
+
+    def _on_chunk(self, ev: ChunkArrived) -> list[Action]:
+        dev, mod = ev.device, ev.modality
+        try:
+            header, data = decode_chunk(ev.frame)
+        except PayloadError as e:
+            return self._refuse(dev, mod, AckReason.BAD_CHUNK, len(ev.frame), str(e), round_index=ev.round)
+        last = header.index == header.total - 1
+        key = (dev, mod, header.sha256)
+        # Answers that repeat for every chunk of a doomed upload would flood the device: answer the
+        # first and the last chunk (the device's probe) only.
+        chatty = header.index == 0 or last
+        if dev not in self.devices:
+            return self._refuse(dev, mod, AckReason.UNKNOWN_DEVICE, len(data), "not in the fleet file",
+                                header.sha256, ev.round) if chatty else []
+        if ev.round != self.round or self.state is not RoundState.OPEN:
+            return self._refuse(dev, mod, AckReason.ROUND_CLOSED, len(data),
+                                f"round {ev.round} is not open (current round {self.round}, {self.state.value})",
+                                header.sha256, ev.round) if chatty else []
+        if mod not in self.shapes:
+            return self._refuse(dev, mod, AckReason.UNKNOWN_MODALITY, len(data),
+                                f"the fleet's modalities are {', '.join(self.spec.names)}",
+                                header.sha256) if chatty else []
+        done = self.accepted.get((dev, mod))
+        if done is not None:
+            if done.sha256 == header.sha256:
+                return [self._ack(dev, AckReason.ACCEPTED, mod, header.sha256, (), "already accepted")] if last else []
+            return self._refuse(dev, mod, AckReason.DUPLICATE, len(data),
+                                "another payload was accepted for this modality in this round",
+                                header.sha256) if chatty else []
+        if key in self.refused:
+            reason = self.refused[key]
+            return [self._ack(dev, reason, mod, header.sha256, (), "refused earlier")] if last else []
+        cap = self.caps.get(dev)
+        if cap is not None and self.used.get(dev, 0) + header.payload_bytes > cap:
+            self.refused[key] = AckReason.OVER_CAP
+            self.partial.pop((dev, mod), None)
+            return self._refuse(dev, mod, AckReason.OVER_CAP, header.payload_bytes,
+                                f"{header.payload_bytes} bytes + {self.used.get(dev, 0)} already accepted "
+                                f"> cap {cap}", header.sha256)
+        asm = self.partial.get((dev, mod))
+        if asm is None or asm.header.sha256 != header.sha256:
+            asm = Reassembler(header)    # a new payload replaces an unfinished one
+            self.partial[(dev, mod)] = asm
+        try:
+            res = asm.add(header, data)
+        except PayloadError as e:
+            self.partial.pop((dev, mod), None)
+            return self._refuse(dev, mod, AckReason.BAD_CHUNK, len(data), str(e), header.sha256)
+        if res.payload is None:
+            if res.missing and last:
+                return [self._ack(dev, AckReason.MISSING_CHUNKS, mod, header.sha256, res.missing,
+                                  f"{len(res.missing)} chunks missing")]
+            return []
+        del self.partial[(dev, mod)]
+        return self._complete(dev, mod, res.payload, header.sha256)
+
+    def _complete(self, dev: str, mod: str, payload: bytes, sha: str) -> list[Action]:
+        key = (dev, mod, sha)
+        try:
+            header, st = decode_model(payload)
+        except PayloadError as e:
+            self.refused[key] = AckReason.BAD_PAYLOAD
+            return self._refuse(dev, mod, AckReason.BAD_PAYLOAD, len(payload), str(e), sha)
+        if header.round != self.round or header.modality != mod:
+            self.refused[key] = AckReason.BAD_PAYLOAD
+            return self._refuse(dev, mod, AckReason.BAD_PAYLOAD, len(payload),
+                                f"payload header says round {header.round} / {header.modality!r}, "
+                                f"the topic round {self.round} / {mod!r}", sha)
+        try:
+            self._check_shapes(mod, st)
+        except ValueError as e:
+            self.refused[key] = AckReason.WRONG_SHAPE
+            return self._refuse(dev, mod, AckReason.WRONG_SHAPE, len(payload), str(e), sha)
+        cap = self.caps.get(dev)
+        if cap is not None and self.used.get(dev, 0) + len(payload) > cap:
+            self.refused[key] = AckReason.OVER_CAP
+            return self._refuse(dev, mod, AckReason.OVER_CAP, len(payload), f"cap {cap} exceeded", sha)
+        self._count(dev, mod, header.samples, st, sha, len(payload))
+        return [PersistUpload(self.round, dev, mod, payload, sha, header.samples),
+                self._ack(dev, AckReason.ACCEPTED, mod, sha, (), f"{len(payload)} bytes, {header.samples} samples")]
+
+    def _on_report(self, ev: ReportArrived) -> list[Action]:
+        dev = ev.device
+        try:
+            msg = decode_message(ev.data)
+            if not isinstance(msg, (Report, Evaluation)):
+                raise PayloadError(f"a {msg.type} message on a report topic")
+        except PayloadError as e:
+            return self._refuse(dev, None, AckReason.BAD_MESSAGE, len(ev.data), str(e))
+        if isinstance(msg, Evaluation):
+            return self._on_evaluation(dev, msg, len(ev.data))
+        rep = msg
+        if rep.device != dev:
+            return self._refuse(dev, None, AckReason.BAD_MESSAGE, len(ev.data),
+                                f"report names device {rep.device!r} on device {dev!r}'s topic")
+        if dev not in self.devices:
+            return self._refuse(dev, None, AckReason.UNKNOWN_DEVICE, len(ev.data), "not in the fleet file",
+                                round_index=rep.round)
+        if rep.round == self.round and dev in self.reported or rep.round < self.round:
+            # a re-sent report (or one for a closed round): answered, recorded once
+            if rep.round < self.round or self.state is not RoundState.OPEN:
+                return [self._ack(dev, AckReason.ROUND_CLOSED, None, "", (), "round closed", rep.round)]
+            return [self._ack(dev, AckReason.REPORT_ACCEPTED, None, "", (), "already recorded", rep.round)]
+        if rep.round != self.round or self.state is not RoundState.OPEN:
+            return self._refuse(dev, None, AckReason.ROUND_CLOSED, len(ev.data),
+                                f"round {rep.round} is not open", round_index=rep.round)
+        unchosen = [m for m in rep.record.chosen if m not in self.shapes]
+        if unchosen:
+            return self._refuse(dev, None, AckReason.BAD_MESSAGE, len(ev.data),
+                                f"report names modalities {unchosen} the fleet does not have", round_index=rep.round)
+        self.reported[dev] = rep
+        out: list[Action] = [PersistReport(self.round, dev, rep),
+                             self._ack(dev, AckReason.REPORT_ACCEPTED, None, "", (), "recorded")]
+        if set(self.expected) <= set(self.reported):
+            out += self._close(ev.now)
+        return out
+
+    def _on_evaluation(self, dev: str, ev: Evaluation, nbytes: int) -> list[Action]:
+        """A Stage #2 accuracy, welcome for any round that has closed (recorded once)."""
+        if ev.device != dev:
+            return self._refuse(dev, None, AckReason.BAD_MESSAGE, nbytes,
+                                f"evaluation names device {ev.device!r} on device {dev!r}'s topic")
+        if dev not in self.devices:
+            return self._refuse(dev, None, AckReason.UNKNOWN_DEVICE, nbytes, "not in the fleet file",
+                                round_index=ev.round)
+        closed = ev.round < self.round or (ev.round == self.round and self.state is not RoundState.OPEN)
+        if not closed or ev.round >= self.policy.rounds_total:
+            return self._refuse(dev, None, AckReason.ROUND_CLOSED, nbytes,
+                                f"round {ev.round} has not closed: nothing to evaluate yet", round_index=ev.round)
+        ack = self._ack(dev, AckReason.EVALUATION_ACCEPTED, None, "", (), "recorded", ev.round)
+        if (ev.round, dev) in self.evaluations:
+            return [ack]
+        self.evaluations[(ev.round, dev)] = ev.accuracy
+        return [PersistEvaluation(ev), ack]
+
+    def restore_evaluation(self, ev: Evaluation) -> None:
+        self.evaluations[(ev.round, ev.device)] = ev.accuracy
+
+    @property
+    def all_evaluated(self) -> bool:
+        """The run is over and every expected device evaluated its model after the last round."""
+        last = self.policy.rounds_total - 1
+        return self.state is RoundState.DONE and all((last, d) in self.evaluations for d in self.expected)
+
+
+def event_for(fleet: str, topic: str, payload: bytes, now: float) -> Event | None:
+    """The machine event a broker message means (None: not for the coordinator). Raises PayloadError
+    on a topic outside the protocol."""
+    t = parse_topic(topic)
+    if t.fleet != fleet or t.device is None:
+        return None
+    if t.kind is TopicKind.UPLOAD:
+        return ChunkArrived(t.device, t.round, t.modality, payload, now)
+    if t.kind is TopicKind.REPORT:
+        return ReportArrived(t.device, payload, now)
+    if t.kind is TopicKind.STATUS:
+        return StatusArrived(t.device, payload, now)
+    return None

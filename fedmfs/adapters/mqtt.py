@@ -1,0 +1,306 @@
+"""A thin paho-mqtt 2.x adapter shared by the coordinator and the edge daemon.
+
+Policy, not mechanism, lives here: MQTT 5 first and 3.1.1 when the broker refuses it; subscriptions
+are desired state re-applied on every connect; the first connection retries with exponential back-off
+and jitter (later ones through paho's own back-off); bad credentials or TLS are permanent failures;
+every callback catches everything (nothing may escape paho's network thread) and only enqueues, so
+heavy work runs on the owner's thread; publishes can wait for the broker's PUBACK with a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fedmfs.core.config import check_keys
+from fedmfs.core.errors import ConfigError, FedMFSError
+
+__all__ = [
+    "BROKER_KEYS",
+    "Backoff",
+    "BrokerConfig",
+    "BrokerUnavailable",
+    "Inbound",
+    "MqttLink",
+    "broker_from_table",
+    "parse_broker_url",
+]
+
+log = logging.getLogger("fedmfs.adapters.mqtt")
+
+
+class BrokerUnavailable(FedMFSError):
+    """The broker could not be reached in time, or refused us for good (credentials, TLS)."""
+
+    exit_code = 6
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    keepalive: int = 30
+    protocol: str = "auto"     # "auto" (5, then 3.1.1), "5" or "3.1.1"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"broker protocol must be 'auto', '5' or '3.1.1', got {self.protocol!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"broker port must be in 1..65535, got {self.port}")
+
+
+def parse_broker_url(url: str) -> BrokerConfig:
+    """``mqtt://HOST:PORT`` (or ``mqtts://`` for TLS with the system CAs)."""
+    u = urlparse(url)
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ConfigError(f"broker URL {url!r} must look like mqtt://HOST:PORT")
+    return BrokerConfig(host=u.hostname, port=u.port or (8883 if u.scheme == "mqtts" else 1883),
+                        username=u.username, password=u.password,
+                        tls_ca="system" if u.scheme == "mqtts" else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message from the broker, as the owner's thread sees it."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Backoff:
+    """Exponential back-off with full jitter on the monotonic clock; reset after a real connection."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0, rng: random.Random | None = None):
+        self.initial, self.maximum, self.factor = initial, maximum, factor
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        cap = min(self.maximum, self.initial * self.factor ** self.attempt)
+        self.attempt += 1
+        return self._rng.uniform(cap / 2, cap)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+_PERMANENT = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
+
+
+class MqttLink:
+    """One MQTT connection. Inbound messages go to ``inbox`` (a queue the owner drains)."""
+
+    def __init__(self, cfg: BrokerConfig, client_id: str, subscriptions: list[tuple[str, int]],
+                 inbox: queue.Queue[Inbound], will: tuple[str, bytes, int, bool] | None = None,
+                 persistent: bool = False, on_connected=None):
+        self.cfg = cfg
+        self.client_id = client_id
+        self.subscriptions = list(subscriptions)
+        self.inbox = inbox
+        self.will = will
+        self.persistent = persistent
+        self.on_connected = on_connected
+        self.connected = threading.Event()
+        self.fatal: str | None = None
+        self.protocol_used: str | None = None
+        self.connects = 0
+        self._client: mqtt.Client | None = None
+        self._refused_protocol = False
+
+    # -- construction ------------------------------------------------------------------------------
+    def _make(self, v5: bool) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+                        clean_session=None if v5 else not self.persistent)
+        c.max_queued_messages_set(0)
+        c.max_inflight_messages_set(100)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        if self.cfg.username:
+            c.username_pw_set(self.cfg.username, self.cfg.password)
+        if self.cfg.tls_ca:
+            try:
+                if self.cfg.tls_ca == "system":
+                    c.tls_set()
+                else:
+                    c.tls_set(ca_certs=self.cfg.tls_ca, certfile=self.cfg.tls_cert, keyfile=self.cfg.tls_key,
+                              tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise ConfigError(f"broker TLS files unusable ({self.cfg.tls_ca}, {self.cfg.tls_cert}): {e}") from e
+        if self.will:
+            t, p, q, r = self.will
+            c.will_set(t, p, q, r)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        return c
+
+    def _connect_args(self, v5: bool) -> dict:
+        if not v5:
+            return {}
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 7 * 24 * 3600 if self.persistent else 0
+        return {"clean_start": not self.persistent, "properties": props}
+
+    # -- callbacks: never raise ------------------------------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            if reason_code.is_failure:
+                name = str(reason_code)
+                log.warning("broker refused the connection: %s", name)
+                if "protocol" in name.lower():
+                    self._refused_protocol = True
+                elif name in _PERMANENT:
+                    self.fatal = f"broker refused the connection: {name}"
+                    client.disconnect()
+                return
+            self.connects += 1
+            for topic, qos in self.subscriptions:
+                client.subscribe(topic, qos)
+            self.connected.set()
+            log.info("connected to %s:%d (MQTT %s)", self.cfg.host, self.cfg.port, self.protocol_used)
+            if self.on_connected is not None:
+                self.on_connected()
+        except Exception:  # nothing may escape paho's thread
+            log.exception("error in on_connect")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            self.connected.clear()
+            log.info("disconnected from the broker: %s", reason_code)
+        except Exception:
+            log.exception("error in on_disconnect")
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        except Exception:
+            log.exception("error in on_message")
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _try(self, v5: bool, timeout: float) -> mqtt.Client | None:
+        c = self._make(v5)
+        self._refused_protocol = False
+        self.protocol_used = "5" if v5 else "3.1.1"
+        try:
+            c.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive, **self._connect_args(v5))
+        except (OSError, ssl.SSLError) as e:
+            if isinstance(e, ssl.SSLError):
+                self.fatal = f"TLS handshake with {self.cfg.host}:{self.cfg.port} failed: {e}"
+            log.info("cannot reach the broker at %s:%d: %s", self.cfg.host, self.cfg.port, e)
+            return None
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not self.connected.is_set() and not self._refused_protocol \
+                and self.fatal is None:
+            if c.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        if self.connected.is_set():
+            return c
+        try:
+            c.disconnect()
+        except Exception:  # best effort on a half-open connection
+            pass
+        if v5 and self.cfg.protocol == "auto":
+            self._refused_protocol = True   # closed without a CONNACK: an MQTT 3.1.1-only broker
+        return None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect (blocking, bounded by ``timeout``) and start the network thread."""
+        backoff = Backoff()
+        end = time.monotonic() + timeout
+        order = {"auto": [True, False], "5": [True], "3.1.1": [False]}[self.cfg.protocol]
+        while True:
+            for v5 in order:
+                c = self._try(v5, min(5.0, max(0.5, end - time.monotonic())))
+                if c is not None:
+                    self._client = c
+                    c.loop_start()
+                    return
+                if self.fatal:
+                    raise BrokerUnavailable(self.fatal)
+                if v5 and not self._refused_protocol:
+                    break   # unreachable, not a protocol problem: back off
+            delay = backoff.next_delay()
+            if time.monotonic() + delay > end:
+                raise BrokerUnavailable(f"no connection to {self.cfg.host}:{self.cfg.port} within {timeout:.0f} s")
+            time.sleep(delay)
+
+    def alive(self) -> bool:
+        """paho's network thread is running (the edge daemon's watchdog heartbeat)."""
+        t = getattr(self._client, "_thread", None)
+        return t is not None and t.is_alive()
+
+    def stop(self) -> None:
+        c = self._client
+        if c is not None:
+            try:
+                c.disconnect()
+            finally:
+                c.loop_stop()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                timeout: float | None = None) -> bool:
+        """Publish; with ``timeout`` wait for the broker's acknowledgement (True if it came)."""
+        c = self._client
+        if c is None:
+            raise BrokerUnavailable("not started")
+        info = c.publish(topic, payload, qos, retain)
+        if timeout is None or qos == 0:
+            return info.rc == mqtt.MQTT_ERR_SUCCESS
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):   # not connected / queue full: the caller retries
+            return False
+        return info.is_published()
+
+    def disconnect_abruptly(self) -> None:
+        """Drop the TCP connection without DISCONNECT (tests: the broker then sends the last will)."""
+        c = self._client
+        if c is not None and c.socket() is not None:
+            c.socket().close()
+
+
+BROKER_KEYS = {"host": str, "port": int, "username": str, "password_file": str, "tls_ca": str, "tls_cert": str,
+               "tls_key": str, "protocol": str, "keepalive": int, "url": str}
+
+
+def _rel(base: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else (base / q)
+
+
+def broker_from_table(t: dict, where: str, base: Path) -> BrokerConfig:
+    check_keys(t, BROKER_KEYS, where)
+    url = os.environ.get("FEDMFS_BROKER") or t.get("url")
+    if url:
+        return replace(parse_broker_url(url), protocol=t.get("protocol", "auto"))
+    password = None
+    if "password_file" in t:
+        try:
+            password = _rel(base, t["password_file"]).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{where}: password_file {t['password_file']!r} unreadable: {e}") from e
+    return BrokerConfig(host=t.get("host", "127.0.0.1"), port=t.get("port", 1883), username=t.get("username"),
+                        password=password,
+                        tls_ca=str(_rel(base, t["tls_ca"])) if "tls_ca" in t else None,
+                        tls_cert=str(_rel(base, t["tls_cert"])) if "tls_cert" in t else None,
+                        tls_key=str(_rel(base, t["tls_key"])) if "tls_key" in t else None,
+                        protocol=t.get("protocol", "auto"), keepalive=t.get("keepalive", 30))

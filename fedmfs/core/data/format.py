@@ -1,0 +1,153 @@
+"""The on-disk format of a fleet's data (documented in docs/data.md).
+
+A fleet directory holds ``fleet.json`` (the dataset spec, the client list, free metadata) and one
+``<client>.npz`` per client with, for every modality the client has, an array ``x_<modality>`` of
+shape (N, T, *feature_shape) float32, plus ``y`` (N,) int64 labels and ``train`` (N,) bool (True for the
+training split). A modality the client lacks is simply absent. Files are read with
+``allow_pickle=False``: object arrays are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedmfs.core.errors import DataError
+from fedmfs.core.fsio import atomic_write_with, read_spec_document
+from fedmfs.core.modality import DatasetSpec
+
+__all__ = ["FORMAT_VERSION", "ClientData", "Fleet", "load_fleet", "save_fleet"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass(slots=True)
+class ClientData:
+    """One client's windows: per-modality arrays, labels, and the train/test split."""
+
+    name: str
+    x: dict[str, np.ndarray]
+    y: np.ndarray
+    train: np.ndarray
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.x)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def split(self, train: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        m = self.train if train else ~self.train
+        return {k: v[m] for k, v in self.x.items()}, self.y[m]
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train.sum())
+
+    def validate(self, spec: DatasetSpec) -> None:
+        """Check shapes, dtypes and labels against the spec; list every problem found."""
+        problems = []
+        n = self.y.shape[0] if self.y.ndim == 1 else -1
+        if self.y.ndim != 1:
+            problems.append(f"y must be 1-D, got shape {self.y.shape}")
+        elif self.y.size and (self.y.min() < 0 or self.y.max() >= spec.num_classes):
+            problems.append(f"labels must be in [0, {spec.num_classes}), got [{self.y.min()}, {self.y.max()}]")
+        if self.train.shape != (n,) or self.train.dtype != np.bool_:
+            problems.append(f"train must be a bool array of shape ({n},), got {self.train.dtype} {self.train.shape}")
+        for name, arr in self.x.items():
+            try:
+                ms = spec[name]
+            except KeyError:
+                problems.append(f"unknown modality {name!r} (the spec has {', '.join(spec.names)})")
+                continue
+            want = (n, spec.steps, *ms.feature_shape)
+            if arr.shape != want:
+                problems.append(f"x_{name} must have shape {want}, got {arr.shape}")
+            if arr.dtype != np.float32:
+                problems.append(f"x_{name} must be float32, got {arr.dtype}")
+            elif not np.isfinite(arr).all():
+                problems.append(f"x_{name} has NaN or infinite values")
+        if not self.x:
+            problems.append("the client has no modality")
+        if problems:
+            raise DataError(f"client {self.name!r}: " + "; ".join(problems))
+
+
+@dataclass(slots=True)
+class Fleet:
+    """A data set split over clients, with its spec and metadata (e.g. the generator's ground truth)."""
+
+    spec: DatasetSpec
+    clients: list[ClientData]
+    metadata: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        names = [c.name for c in self.clients]
+        if len(set(names)) != len(names):
+            raise DataError(f"duplicate client names: {names}")
+        for c in self.clients:
+            c.validate(self.spec)
+
+
+
+def save_fleet(fleet: Fleet, directory: str | os.PathLike) -> Path:
+    """Write a fleet to ``directory`` (created if needed), each file atomically."""
+    fleet.validate()
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for c in fleet.clients:
+        arrays = {f"x_{k}": v for k, v in c.x.items()}
+        arrays["y"] = c.y.astype(np.int64)
+        arrays["train"] = c.train
+        atomic_write_with(d / f"{c.name}.npz", lambda f, a=arrays: np.savez(f, **a))
+    meta = {
+        "format": "fedmfs-fleet",
+        "version": FORMAT_VERSION,
+        "spec": fleet.spec.to_dict(),
+        "clients": [c.name for c in fleet.clients],
+        "metadata": fleet.metadata,
+    }
+    atomic_write_with(d / "fleet.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    return d
+
+
+def load_client(path: str | os.PathLike, spec: DatasetSpec, name: str | None = None) -> ClientData:
+    """Load one client's ``.npz`` and validate it against ``spec``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"client file {p} does not exist")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            files = dict(z.items())
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{p} is not a readable .npz file: {e}") from e
+    for key in ("y", "train"):
+        if key not in files:
+            raise DataError(f"{p}: missing array {key!r} (expected y, train and x_<modality> arrays)")
+    unexpected = [k for k in files if k not in ("y", "train") and not k.startswith("x_")]
+    if unexpected:
+        raise DataError(f"{p}: unexpected arrays {unexpected}; only y, train and x_<modality> are allowed")
+    c = ClientData(
+        name=name or p.stem,
+        x={k[2:]: files[k] for k in files if k.startswith("x_")},
+        y=files["y"].astype(np.int64, copy=False),
+        train=files["train"],
+    )
+    c.validate(spec)
+    return c
+
+
+def load_fleet(directory: str | os.PathLike) -> Fleet:
+    """Load a fleet written by :func:`save_fleet` (or by hand, following docs/data.md)."""
+    d = Path(directory)
+    mp = d / "fleet.json"
+    meta, spec = read_spec_document(mp, "fedmfs-fleet", FORMAT_VERSION, DataError, "a fleet directory")
+    clients = [load_client(d / f"{n}.npz", spec, n) for n in meta.get("clients", [])]
+    if not clients:
+        raise DataError(f"{mp}: the fleet lists no clients")
+    return Fleet(spec, clients, meta.get("metadata", {}))

@@ -1,0 +1,305 @@
+"""A synthetic fleet shaped like ActionSense, with a known ground truth of modality informativeness.
+
+Why: the paper's data cannot be downloaded here, and a system that selects modalities by their Shapley
+value needs data whose modalities are *known* to differ in usefulness, so that tests can check the
+ranking the system finds against the truth.
+
+The generative model (per modality ``m``, class ``c``, window ``n``, step ``t``)::
+
+    x[n, t] = g_k * (a_m * e_c(t) * P_m[c] + s_w * z_n + s_e * u[n, t]) + o_k      then clipped to [-1, 1]
+
+* ``P_m[c]`` is a unit-norm class prototype over the flattened feature vector (a random pattern on a
+  random subset of channels; a Gaussian blob on the grid for the tactile modalities). Only a subset of
+  the classes is encoded by a modality (``P_m[c] = 0`` for the others), so modalities carry information
+  the others lack.
+* ``a_m`` is the modality's signal amplitude (its tier); ``e_c(t) = 1 + 0.5 sin(2 pi f_c t / T + p_c)``
+  is a class-specific temporal envelope with a whole number of cycles (so the time mean of the signal
+  is ``a_m P_m[c]``, and an LSTM reading the last step can still learn it).
+* ``z_n`` is Gaussian window-level noise, constant over the window (it does not average away over time,
+  which keeps the tiers distinct for any number of steps); ``u`` is uniform white noise per step.
+* ``g_k``, ``o_k`` are a client-specific gain and offset per channel (sensor placement differs between
+  people), and each client has its own class counts (label skew); every class stays present at every
+  client.
+
+The ground truth goes to ``fleet.metadata``: ``informativeness`` (the expected accuracy of a
+nearest-class-centroid classifier on time-averaged windows, centroids estimated from one client's
+training windows, by Monte Carlo; higher is more informative), ``informativeness_order`` (most -> least), the per-modality amplitudes and encoded classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedmfs.core.data.format import ClientData, Fleet
+from fedmfs.core.data.partition import stratified_split
+from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec, ModalitySpec
+
+__all__ = [
+    "GENERATOR",
+    "PRESETS",
+    "SUBJECTS",
+    "TACTILE_MISSING",
+    "ModalityTruth",
+    "SyntheticPreset",
+    "make_synthetic",
+]
+
+GENERATOR = "fedmfs.synthetic/1"
+
+# The paper's nine subjects (S01 is absent from ActionSense) and the four without tactile gloves.
+SUBJECTS = ("S00", "S02", "S03", "S04", "S05", "S06", "S07", "S08", "S09")
+TACTILE_MISSING = ("S06", "S07", "S08", "S09")
+
+NUM_CLASSES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ModalityTruth:
+    """How one modality is generated: its amplitude (signal tier) and how many classes it encodes."""
+
+    amplitude: float
+    classes: int
+    active_fraction: float = 0.5  # share of channels a prototype uses (vector modalities)
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticPreset:
+    """A size of synthetic fleet; the truth table is shared so every preset has the same ranking."""
+
+    name: str
+    steps: int
+    windows_per_class: int
+    tactile_shape: tuple[int, int]
+    hidden: int
+    description: str
+    window_noise: float = 0.25
+    step_noise: float = 0.15
+    # Grids (tactile): noise of the same power but in the span of a few smooth fields (a glove's map
+    # moves in a few ways, not pixel by pixel), plus a little white noise per cell.
+    grid_noise_rank: int = 4
+    grid_white_noise: float = 0.02
+    grid_step_noise: float = 0.0
+    # Most -> least informative; amplitudes spaced by about a factor 2 between neighbouring tiers.
+    truth: dict[str, ModalityTruth] = field(default_factory=lambda: {
+        # Complementary information: every modality alone identifies its own disjoint block of classes
+        # (the fusion needs it for exactly those), so its Shapley impact follows the block's size.
+        "xsens": ModalityTruth(amplitude=2.0, classes=8),
+        "emg_right": ModalityTruth(amplitude=2.2, classes=5),
+        "eye": ModalityTruth(amplitude=3.0, classes=3, active_fraction=1.0),
+        "tactile_right": ModalityTruth(amplitude=3.0, classes=2),
+        "tactile_left": ModalityTruth(amplitude=3.0, classes=1),
+        "emg_left": ModalityTruth(amplitude=0.05, classes=0),
+    })
+
+    def spec(self) -> DatasetSpec:
+        """The DatasetSpec of this preset: the feature shapes actually generated and the hidden size."""
+        mods = []
+        for m in ACTIONSENSE_MODALITIES:
+            shape = self.tactile_shape if m.name.startswith("tactile") else m.feature_shape
+            mods.append(ModalitySpec(m.name, tuple(shape), self.hidden))
+        return DatasetSpec(tuple(mods), NUM_CLASSES, self.steps, tuple(f"class{c:02d}" for c in range(NUM_CLASSES)))
+
+    def order(self) -> list[str]:
+        """Modalities from most to least informative: the declaration order of ``truth``."""
+        return list(self.truth)
+
+
+PRESETS: dict[str, SyntheticPreset] = {
+    "small": SyntheticPreset(
+        name="small", steps=20, windows_per_class=20, tactile_shape=(16, 16), hidden=32,
+        description="fast: tests and the default demo (T=20, ~6 windows/class/client, 16x16 tactile grids)",
+    ),
+    "actionsense": SyntheticPreset(
+        name="actionsense", steps=100, windows_per_class=20, tactile_shape=(32, 32), hidden=64,
+        description="the paper's size (T=100, ~20 windows/class/client, 32x32 tactile grids, hidden 64)",
+    ),
+}
+
+
+def _rng(seed: int, *parts: int) -> np.random.Generator:
+    """An independent, stable stream per (seed, purpose, ...): changing one client never shifts another."""
+    return np.random.default_rng([int(seed), *map(int, parts)])
+
+
+def _blocks(p: SyntheticPreset, rng: np.random.Generator) -> dict[str, list[int]]:
+    """Disjoint class blocks, one per modality in truth order, over a random permutation of the classes."""
+    perm = rng.permutation(NUM_CLASSES).tolist()
+    out, start = {}, 0
+    for name, truth in p.truth.items():
+        out[name] = sorted(perm[start:start + truth.classes])
+        start += truth.classes
+    if start > NUM_CLASSES:
+        raise ValueError(f"the truth table encodes {start} classes, more than {NUM_CLASSES}")
+    return out
+
+
+def _prototypes(spec: ModalitySpec, truth: ModalityTruth, rng: np.random.Generator,
+                encoded: list[int]) -> tuple[np.ndarray, list[int]]:
+    """Unit-norm class prototypes (C, F) for the classes this modality encodes, zero rows for the rest."""
+    f = spec.features
+    protos = np.zeros((NUM_CLASSES, f), dtype=np.float64)
+    if len(spec.feature_shape) == 2:
+        # Tactile: one Gaussian pressure blob per class, at a class-specific place and width.
+        h, w = spec.feature_shape
+        yy, xx = np.mgrid[0:h, 0:w]
+        for c in encoded:
+            cy, cx = rng.uniform(0, h - 1), rng.uniform(0, w - 1)
+            width = rng.uniform(0.08, 0.18) * max(h, w)
+            protos[c] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2)).ravel()
+    elif f == 2:
+        # Gaze (2-D): prototypes evenly spaced on the unit circle, in a random class order.
+        angles = rng.uniform(0, 2 * np.pi) + 2 * np.pi * np.arange(len(encoded)) / len(encoded)
+        for c, a in zip(rng.permutation(encoded), angles):
+            protos[c] = (np.cos(a), np.sin(a))
+    else:
+        k = max(1, int(round(truth.active_fraction * f)))
+        for c in encoded:
+            ch = rng.choice(f, size=k, replace=False)
+            protos[c, ch] = rng.standard_normal(k)
+    norms = np.linalg.norm(protos, axis=1, keepdims=True)
+    protos = np.divide(protos, norms, out=np.zeros_like(protos), where=norms > 0)
+    return protos, encoded
+
+
+def _smooth_basis(shape: tuple[int, int], k: int, rng: np.random.Generator) -> np.ndarray:
+    """K unit-norm smooth fields on a grid (Gaussian bumps): the few ways a glove's pressure map moves."""
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.empty((k, h * w), dtype=np.float32)
+    for i in range(k):
+        cy, cx = rng.uniform(0, h - 1), rng.uniform(0, w - 1)
+        width = rng.uniform(0.1, 0.3) * max(h, w)
+        b = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width**2)).ravel()
+        out[i] = b / np.linalg.norm(b)
+    return out
+
+
+def _noise(shape: tuple[int, ...], scale: float, basis: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise of mean per-feature variance ``scale**2``: isotropic, or in the span of ``basis`` (K, F)."""
+    if basis is None:
+        return scale * rng.standard_normal(shape, dtype=np.float32)
+    k, f = basis.shape
+    coef = rng.standard_normal((*shape[:-1], k), dtype=np.float32)
+    return (coef @ basis) * np.float32(scale * math.sqrt(f / k))
+
+
+def _expected_accuracy(protos: np.ndarray, amplitude: float, noise: float, n_train: int,
+                       rng: np.random.Generator, basis: np.ndarray | None = None,
+                       per_class: int = 20, reps: int = 3) -> float:
+    """Expected accuracy of a nearest-class-centroid classifier on time-averaged windows (Monte Carlo).
+
+    Centroids are estimated from ``n_train`` windows per class, as one client has them, so the score
+    reflects how learnable a modality is from a client's data (more features need more windows), not
+    just how far apart its prototypes are. Classes a modality does not encode share the zero
+    prototype and score the chance rate among themselves.
+    """
+    centres = amplitude * protos  # (C, F)
+    c, f = centres.shape
+    hits = 0.0
+    for _ in range(reps):
+        cent = centres + _noise((n_train, c, f), noise, basis, rng).mean(0)
+        y = np.repeat(np.arange(c), per_class)
+        x = centres[y] + _noise((y.size, f), noise, basis, rng)
+        d = (x**2).sum(1)[:, None] - 2 * x @ cent.T + (cent**2).sum(1)[None, :]
+        hits += float((d.argmin(1) == y).mean())
+    return hits / reps
+
+
+def _class_counts(preset: SyntheticPreset, rng: np.random.Generator) -> np.ndarray:
+    """Per-client label skew: each class count is drawn around windows_per_class, never below 3."""
+    w = preset.windows_per_class
+    counts = np.rint(w * np.exp(rng.normal(0.0, 0.35, NUM_CLASSES))).astype(np.int64)
+    return np.clip(counts, max(3, w // 2), 2 * w)
+
+
+def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
+    """Generate the synthetic ActionSense-shaped fleet ``preset`` (see ``PRESETS``), deterministic in ``seed``.
+
+    Nine clients named like the paper's subjects; ``tactile_left``/``tactile_right`` are absent on
+    S06-S09; a stratified 80/20 train/test split per client; float32 arrays in [-1, 1].
+    """
+    try:
+        p = PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown synthetic preset {preset!r}; known: {', '.join(PRESETS)}") from None
+    spec = p.spec()
+    t = p.steps
+    steps = np.arange(t, dtype=np.float64)
+
+    # Fleet-level truth: prototypes, encoded classes, temporal envelopes (shared by every client).
+    protos: dict[str, np.ndarray] = {}
+    encoded: dict[str, list[int]] = {}
+    informativeness: dict[str, float] = {}
+    # Noise of a time-averaged window: window-level noise plus the white noise averaged over T steps.
+    avg_noise = math.sqrt(p.window_noise**2 + p.step_noise**2 / t)
+    n_train = max(2, int(round(0.8 * p.windows_per_class)))
+    bases: dict[str, np.ndarray | None] = {}
+    blocks = _blocks(p, _rng(seed, 8))
+    for j, ms in enumerate(spec.modalities):
+        truth = p.truth[ms.name]
+        protos[ms.name], encoded[ms.name] = _prototypes(ms, truth, _rng(seed, 1, j), blocks[ms.name])
+        grid = len(ms.feature_shape) == 2 and p.grid_noise_rank > 0
+        bases[ms.name] = _smooth_basis(ms.feature_shape, p.grid_noise_rank, _rng(seed, 7, j)) if grid else None
+        informativeness[ms.name] = round(_expected_accuracy(
+            protos[ms.name], truth.amplitude, avg_noise, n_train, _rng(seed, 2, j), bases[ms.name]), 4)
+    env_rng = _rng(seed, 3)
+    freq = env_rng.integers(1, 4, NUM_CLASSES)
+    phase = env_rng.uniform(0, 2 * np.pi, NUM_CLASSES)
+    envelope = 1.0 + 0.5 * np.sin(2 * np.pi * freq[:, None] * steps[None, :] / t + phase[:, None])  # (C, T)
+
+    clients = []
+    for k, name in enumerate(SUBJECTS):
+        crng = _rng(seed, 4, k)
+        counts = _class_counts(p, crng)
+        y = np.repeat(np.arange(NUM_CLASSES), counts)
+        y = y[crng.permutation(y.size)]
+        train = stratified_split(y, 0.8, _rng(seed, 5, k))
+        xs: dict[str, np.ndarray] = {}
+        for j, ms in enumerate(spec.modalities):
+            if name in TACTILE_MISSING and ms.name.startswith("tactile"):
+                continue
+            mrng = _rng(seed, 6, k, j)
+            f = ms.features
+            amp = p.truth[ms.name].amplitude
+            gain = (1.0 + 0.15 * mrng.standard_normal(f)).astype(np.float32)
+            offset = (0.1 * mrng.standard_normal(f)).astype(np.float32)
+            signal = (amp * protos[ms.name][y]).astype(np.float32)  # (N, F)
+            basis = bases[ms.name]
+            # White noise: uniform, drawn as int8 (10x faster than normals: the paper-size preset draws
+            # ~0.5 G values for the tactile grids alone). On grids most of the noise is smooth instead.
+            white = p.step_noise if basis is None else p.grid_white_noise
+            x = mrng.integers(-128, 128, (y.size, t, f), dtype=np.int8).astype(np.float32)
+            x *= np.float32(white * math.sqrt(3.0) / 128.0)
+            centre = np.float32(0.5 * white * math.sqrt(3.0) / 128.0)  # the int8 draw's mean is -0.5
+            x += _noise((y.size, 1, f), p.window_noise, basis, mrng) + centre
+            if basis is not None and p.grid_step_noise:
+                x += _noise((y.size, t, f), p.grid_step_noise, basis, mrng)
+            x += envelope[y][:, :, None].astype(np.float32) * signal[:, None, :]
+            # One scale per modality (SNR unchanged) so that values stay in [-1, 1] up to rare outliers.
+            peak = 1.5 * amp * float(np.abs(protos[ms.name]).max()) + 3.0 * math.hypot(p.window_noise, p.step_noise)
+            x *= gain * np.float32(1.0 / peak)
+            x += offset
+            np.clip(x, -1.0, 1.0, out=x)
+            xs[ms.name] = x.reshape(y.size, t, *ms.feature_shape)
+        clients.append(ClientData(name, xs, y.astype(np.int64), train))
+
+    order = sorted(informativeness, key=lambda m: (-informativeness[m], p.order().index(m)))
+    metadata = {
+        "generator": GENERATOR,
+        "preset": p.name,
+        "seed": int(seed),
+        "informativeness": informativeness,
+        "informativeness_order": p.order(),
+        "score_order": order,
+        "amplitude": {m: tr.amplitude for m, tr in p.truth.items()},
+        "encoded_classes": encoded,
+        "tactile_missing": list(TACTILE_MISSING),
+        "window_noise": p.window_noise,
+        "step_noise": p.step_noise,
+    }
+    fleet = Fleet(spec, clients, metadata)
+    fleet.validate()
+    return fleet

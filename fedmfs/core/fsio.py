@@ -1,0 +1,64 @@
+"""Atomic file writes: a temp file in the same directory, fsync, rename. A reader sees the old file or
+the new one, never a torn one; a crash leaves at most a stray ``.<name>.*.tmp``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from fedmfs.core.modality import DatasetSpec
+
+__all__ = ["atomic_write", "atomic_write_with", "read_spec_document"]
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Let ``write`` fill a temporary file, then fsync it and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write_with(path, lambda f: f.write(data))
+
+
+def read_spec_document(path: str | os.PathLike, fmt: str, version: int, error: type[Exception],
+                       what: str) -> tuple[dict, DatasetSpec]:
+    """Read a versioned JSON document that carries a dataset spec (a fleet, a model set, a state set).
+
+    Checks ``format`` and ``version`` and parses ``spec``; every failure raises ``error`` naming the
+    file and what is wrong. ``what`` completes "<dir> is not <what>" when the file is missing.
+    """
+    from fedmfs.core.modality import DatasetSpec
+
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise error(f"{p.parent} is not {what}: {p.name} is missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{p}: unreadable or invalid JSON: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise error(f"{p}: 'format' must be {fmt!r}")
+    if doc.get("version") != version:
+        raise error(f"{p}: unsupported version {doc.get('version')!r}; this fedmfs reads {version}")
+    try:
+        spec = DatasetSpec.from_dict(doc["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise error(f"{p}: bad or missing 'spec': {e}") from e
+    return doc, spec

@@ -1,0 +1,1 @@
+"""fedmfs.core.runtime"""

@@ -1,0 +1,265 @@
+"""Which modality models to upload: priority (Shapley impact vs size vs recency) and selection rules.
+
+Selection rules are small strategy objects with one method, ``select``; the round driver owns the rest.
+:class:`SelectionPolicy` is every setting of what a device uploads (method, gamma, alphas, cap, codec)
+with its default, declared once here: the coordinator pushes it in each device's config, the device
+selects with exactly what it was sent, and the simulator and the fleet file take their defaults from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedmfs.core.payload import Codec
+
+__all__ = [
+    "METHODS",
+    "AllSelector",
+    "Alphas",
+    "Method",
+    "NoneSelector",
+    "PrioritySelector",
+    "RandomSelector",
+    "SelectionInput",
+    "SelectionPolicy",
+    "Selector",
+    "knapsack",
+    "minmax",
+    "priority",
+    "top_gamma",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Alphas:
+    """Weights of normalised Shapley impact, (1 - normalised size) and recency in the priority."""
+
+    # mmFedMC's defaults, equal weights with recency (docs/algorithm.md says why not the paper's 0.2/0.8)
+    s: float = 1 / 3
+    c: float = 1 / 3
+    r: float = 1 / 3
+
+    def __post_init__(self) -> None:
+        if not all(np.isfinite((self.s, self.c, self.r))):
+            raise ValueError(f"alphas must be finite numbers, got s={self.s}, c={self.c}, r={self.r}")
+        if min(self.s, self.c, self.r) < 0:
+            raise ValueError(f"alphas must be >= 0, got s={self.s}, c={self.c}, r={self.r}")
+        if self.s + self.c + self.r <= 0:
+            raise ValueError("at least one alpha must be > 0")
+
+
+def minmax(v: np.ndarray) -> np.ndarray:
+    """Min-max normalise to [0, 1]; a constant vector maps to all zeros."""
+    v = np.asarray(v, dtype=np.float64)
+    if v.size == 0:
+        return v
+    lo, hi = v.min(), v.max()
+    return np.zeros_like(v) if hi - lo <= 1e-12 * max(1.0, abs(hi)) else (v - lo) / (hi - lo)
+
+
+def priority(
+    shapley: np.ndarray,
+    sizes: np.ndarray,
+    alphas: Alphas,
+    rounds_since_upload: np.ndarray | None = None,
+    round_index: int = 0,
+) -> np.ndarray:
+    """P_m = a_s * norm(phi_m) + a_c * (1 - norm(size_m)) + a_r * (t - last_m) / (t + 1).
+
+    Normalisation is min-max across this client's modalities (the paper's step 5).
+    ``rounds_since_upload`` is t - (last round m was uploaded); for a never-uploaded modality pass t + 1.
+    """
+    p = alphas.s * minmax(shapley) + alphas.c * (1.0 - minmax(sizes))
+    if alphas.r and rounds_since_upload is not None:
+        p = p + alphas.r * np.asarray(rounds_since_upload, dtype=np.float64) / (round_index + 1)
+    return p
+
+
+def top_gamma(prio: np.ndarray, gamma: int) -> list[int]:
+    """Indices of the ``gamma`` highest priorities (ties: lower index first)."""
+    order = sorted(range(len(prio)), key=lambda i: (-prio[i], i))
+    return sorted(order[: max(0, gamma)])
+
+
+def knapsack(prio: np.ndarray, sizes: Sequence[int], cap: int, gamma: int | None = None) -> list[int]:
+    """The subset with the highest total priority whose total size fits ``cap`` (and has at most
+    ``gamma`` members). Exact: every subset is enumerated (M is small). Ties: fewer bytes, then the
+    lexicographically smallest index set."""
+    m = len(prio)
+    if m > 20:
+        raise ValueError(f"exact selection over {m} modalities is too costly (max 20)")
+    best: tuple | None = None
+    kmax = m if gamma is None else min(gamma, m)
+    for k in range(1, kmax + 1):
+        for s in combinations(range(m), k):
+            b = sum(int(sizes[i]) for i in s)
+            if b > cap:
+                continue
+            key = (-round(float(sum(prio[i] for i in s)), 9), b, s)
+            if best is None or key < best:
+                best = key
+    if best is None:
+        return []
+    return list(best[2])
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionInput:
+    """What a client knows when it chooses: its modalities, their scores, sizes and upload history."""
+
+    modalities: tuple[str, ...]
+    shapley: np.ndarray
+    sizes: np.ndarray
+    rounds_since_upload: np.ndarray
+    round_index: int
+    gamma: int
+    cap_bytes: int | None = None
+
+
+class Selector(Protocol):
+    name: str
+
+    def select(self, inp: SelectionInput, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+        """Return the chosen modalities and the priority of every modality."""
+
+
+@dataclass(frozen=True, slots=True)
+class PrioritySelector:
+    """FedMFS: top-gamma by priority, or the best subset under the byte cap."""
+
+    alphas: Alphas
+    name: str = "fedmfs"
+
+    def select(self, inp: SelectionInput, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+        p = priority(inp.shapley, inp.sizes, self.alphas, inp.rounds_since_upload, inp.round_index)
+        if inp.cap_bytes is None:
+            idx = top_gamma(p, inp.gamma)
+        else:
+            idx = knapsack(p, inp.sizes, inp.cap_bytes, inp.gamma)
+        return [inp.modalities[i] for i in idx], p
+
+
+@dataclass(frozen=True, slots=True)
+class RandomSelector:
+    """FLASH-style: gamma modalities uniformly at random (those that fit the cap, if one is set)."""
+
+    name: str = "random"
+
+    def select(self, inp: SelectionInput, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+        order = rng.permutation(len(inp.modalities))
+        chosen, used = [], 0
+        for i in order:
+            if len(chosen) >= inp.gamma:
+                break
+            if inp.cap_bytes is not None and used + inp.sizes[i] > inp.cap_bytes:
+                continue
+            chosen.append(int(i))
+            used += int(inp.sizes[i])
+        return [inp.modalities[i] for i in sorted(chosen)], np.zeros(len(inp.modalities))
+
+
+@dataclass(frozen=True, slots=True)
+class AllSelector:
+    """Upload every modality model (gamma = M), capped if a cap is set (then by smallest size first)."""
+
+    name: str = "all"
+
+    def select(self, inp: SelectionInput, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+        if inp.cap_bytes is None:
+            return list(inp.modalities), np.ones(len(inp.modalities))
+        idx = knapsack(np.ones(len(inp.modalities)), inp.sizes, inp.cap_bytes)
+        return [inp.modalities[i] for i in idx], np.ones(len(inp.modalities))
+
+
+@dataclass(frozen=True, slots=True)
+class NoneSelector:
+    """Local-only: nothing leaves the device."""
+
+    name: str = "local"
+
+    def select(self, inp: SelectionInput, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
+        return [], np.zeros(len(inp.modalities))
+
+
+# ---------------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """A selection method: its description (``fedmfs methods``) and how it builds its selector."""
+
+    name: str
+    description: str
+    make: Callable[[SelectionPolicy], Selector]
+    every_modality: bool = False   # gamma is the number of modalities the client has
+
+
+METHODS: Mapping[str, Method] = {m.name: m for m in (
+    Method("fedmfs", "FedMFS: top-gamma modalities by priority (Shapley vs size vs recency), knapsack under a cap",
+           lambda p: PrioritySelector(p.alphas)),
+    Method("all", "every modality model every round (gamma = M)", lambda p: AllSelector(), every_modality=True),
+    Method("random", "FLASH-style: gamma modalities chosen uniformly at random", lambda p: RandomSelector()),
+    Method("size_only", "priority from model size alone (alpha_s = 0)",
+           lambda p: PrioritySelector(Alphas(0.0, 1.0, p.alphas.r), name="size_only")),
+    Method("shapley_only", "priority from Shapley impact alone (alpha_c = 0)",
+           lambda p: PrioritySelector(Alphas(1.0, 0.0, p.alphas.r), name="shapley_only")),
+    Method("local", "no federation: every client keeps its local models", lambda p: NoneSelector()),
+)}
+
+
+# the flat keys of a policy (fleet file tables, config messages, simulate options) and their TOML types
+POLICY_KEYS: Mapping[str, type] = {"method": str, "gamma": int, "alpha_s": float, "alpha_c": float,
+                                   "alpha_r": float, "cap_bytes": int, "codec": str}
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionPolicy:
+    """What a device uploads each round; the one place these settings and their defaults live.
+
+    ``cap_bytes`` None means no cap (top-gamma alone decides); ``codec`` is the encoding of the
+    uploaded weights (part of their size)."""
+
+    method: str = "fedmfs"
+    gamma: int = 1
+    alphas: Alphas = field(default_factory=Alphas)
+    cap_bytes: int | None = None
+    codec: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or self.gamma < 0:
+            raise ValueError(f"gamma must be an integer >= 0, got {self.gamma!r}")
+        if self.cap_bytes is not None and (isinstance(self.cap_bytes, bool) or not isinstance(self.cap_bytes, int)
+                                           or self.cap_bytes <= 0):
+            raise ValueError(f"cap_bytes must be a positive integer (or absent: no cap), got {self.cap_bytes!r}")
+        try:
+            Codec(self.codec)
+        except ValueError as e:
+            raise ValueError(f"codec must be one of {', '.join(c.value for c in Codec)}, got {self.codec!r}") from e
+
+    def selector(self) -> Selector:
+        return METHODS[self.method].make(self)
+
+    def gamma_for(self, modalities: int) -> int:
+        """The number of modality models a client with ``modalities`` of them may upload."""
+        return modalities if METHODS[self.method].every_modality else self.gamma
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "gamma": self.gamma, "alpha_s": self.alphas.s, "alpha_c": self.alphas.c,
+                "alpha_r": self.alphas.r, "cap_bytes": self.cap_bytes, "codec": self.codec}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SelectionPolicy:
+        """From the flat keys of :meth:`to_dict` (a fleet file table, a config message); missing
+        keys take the defaults above. Raises ValueError naming the bad value."""
+        base = cls()
+        a = base.alphas
+        return cls(method=d.get("method", base.method), gamma=d.get("gamma", base.gamma),
+                   alphas=Alphas(float(d.get("alpha_s", a.s)), float(d.get("alpha_c", a.c)),
+                                 float(d.get("alpha_r", a.r))),
+                   cap_bytes=d.get("cap_bytes", base.cap_bytes), codec=d.get("codec", base.codec))

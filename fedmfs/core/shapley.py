@@ -1,0 +1,182 @@
+"""Modality-level Shapley values (numpy only; the reference that the ONNX engine must match).
+
+Players are the modalities a client has. ``v(S)`` is the fusion model's output when the modalities in
+``S`` take the explained sample's predictions and every other modality takes a background sample's
+(interventional, as the paper's code does), averaged over the background. Two value functions:
+
+* ``"prob"``: the class-probability vector (the paper's; ``phi`` has a class axis, scored as |phi|
+  summed over samples and classes);
+* ``"loglik"``: the mean log-likelihood of the true class (``phi`` per sample, scored as |phi| summed).
+
+Exact enumeration of all 2^M coalitions for M <= ``EXACT_MAX``; beyond it, permutation sampling with
+antithetic pairs and a standard error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from math import factorial
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "EXACT_MAX",
+    "FusionFn",
+    "ValueKind",
+    "coalition_masks",
+    "coalition_values",
+    "exact_shapley",
+    "modality_scores",
+    "permutation_shapley",
+    "shapley_from_coalition_values",
+    "shapley_matrix",
+]
+
+EXACT_MAX = 12
+ValueKind = Literal["prob", "loglik"]
+# fusion(probs (n, M, C) float32, mask (n, M) float32) -> class probabilities (n, C)
+FusionFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def coalition_masks(m: int) -> np.ndarray:
+    """All 2^m coalitions as a (2^m, m) bool matrix; row ``s`` has bit ``j`` of ``s`` in column ``j``."""
+    s = np.arange(2**m)[:, None]
+    return ((s >> np.arange(m)[None, :]) & 1).astype(bool)
+
+
+def shapley_matrix(m: int) -> np.ndarray:
+    """The (m, 2^m) matrix W with ``phi = W @ v`` for coalition values ``v`` indexed by bitmask."""
+    masks = coalition_masks(m)
+    size = masks.sum(1)
+    w = np.zeros((m, 2**m))
+    fac = [factorial(k) for k in range(m + 1)]
+    for j in range(m):
+        without = np.nonzero(~masks[:, j])[0]
+        wt = np.array([fac[size[s]] * fac[m - size[s] - 1] / fac[m] for s in without])
+        w[j, without | (1 << j)] += wt
+        w[j, without] -= wt
+    return w
+
+
+def shapley_from_coalition_values(v: np.ndarray) -> np.ndarray:
+    """Shapley values from the values of all 2^m coalitions (axis 0); returns (m, *v.shape[1:])."""
+    m = int(np.log2(v.shape[0]))
+    if 2**m != v.shape[0]:
+        raise ValueError(f"need 2^m coalition values, got {v.shape[0]}")
+    return np.tensordot(shapley_matrix(m), v, axes=(1, 0))
+
+
+def _value(out: np.ndarray, kind: ValueKind, y: np.ndarray | None) -> np.ndarray:
+    """Map fusion outputs (n_x, n_bg, C) to values averaged over the background."""
+    if kind == "prob":
+        return out.mean(axis=1)
+    if y is None:
+        raise ValueError("the 'loglik' value function needs the true labels y")
+    p = out[np.arange(out.shape[0]), :, y]  # (n_x, n_bg)
+    return np.log(np.clip(p, 1e-12, None)).mean(axis=1)
+
+
+def coalition_values(
+    fusion: FusionFn,
+    x: np.ndarray,
+    background: np.ndarray,
+    players: np.ndarray,
+    mask: np.ndarray,
+    kind: ValueKind = "prob",
+    y: np.ndarray | None = None,
+    coalitions: np.ndarray | None = None,
+) -> np.ndarray:
+    """v(S) for the given coalitions over ``players`` (indices into the modality axis).
+
+    ``x`` (N, M, C) and ``background`` (B, M, C) are the modality models' probability outputs;
+    ``mask`` (M,) marks the modalities the client has. Returns (n_coalitions, N, C) for "prob",
+    (n_coalitions, N) for "loglik".
+    """
+    n, m_all, c = x.shape
+    b = background.shape[0]
+    if coalitions is None:
+        coalitions = coalition_masks(len(players))
+    fmask = np.broadcast_to(mask.astype(np.float32), (n * b, m_all))
+    out = []
+    for row in coalitions:
+        z = np.broadcast_to(background[None], (n, b, m_all, c)).copy()
+        on = players[row]
+        z[:, :, on, :] = x[:, None, on, :]
+        p = fusion(z.reshape(n * b, m_all, c), fmask).reshape(n, b, -1)
+        out.append(_value(p, kind, y))
+    return np.stack(out)
+
+
+def exact_shapley(
+    fusion: FusionFn,
+    x: np.ndarray,
+    background: np.ndarray,
+    mask: np.ndarray,
+    kind: ValueKind = "prob",
+    y: np.ndarray | None = None,
+) -> np.ndarray:
+    """Exact Shapley values per sample and modality: (N, M, C) for "prob", (N, M) for "loglik".
+
+    Modalities outside ``mask`` are not players and get 0.
+    """
+    players = np.nonzero(mask)[0]
+    if len(players) > EXACT_MAX:
+        raise ValueError(f"exact Shapley over {len(players)} modalities is too costly; use permutation_shapley")
+    v = coalition_values(fusion, x, background, players, mask, kind, y)
+    phi_players = shapley_from_coalition_values(v)  # (P, N[, C])
+    out = np.zeros((x.shape[1],) + v.shape[1:])
+    out[players] = phi_players
+    return np.moveaxis(out, 0, 1)
+
+
+def permutation_shapley(
+    fusion: FusionFn,
+    x: np.ndarray,
+    background: np.ndarray,
+    mask: np.ndarray,
+    kind: ValueKind = "prob",
+    y: np.ndarray | None = None,
+    permutations: int = 64,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Permutation-sampling estimate with antithetic pairs; returns (phi, standard error), same shapes
+    as :func:`exact_shapley`. Each antithetic pair (a permutation and its reverse) is one draw."""
+    rng = np.random.default_rng(seed)
+    players = np.nonzero(mask)[0]
+    p = len(players)
+    pairs = max(1, permutations // 2)
+    draws = []
+    cache: dict[int, np.ndarray] = {}
+
+    def v_of(bits: int) -> np.ndarray:
+        if bits not in cache:
+            row = ((bits >> np.arange(p)) & 1).astype(bool)[None]
+            cache[bits] = coalition_values(fusion, x, background, players, mask, kind, y, row)[0]
+        return cache[bits]
+
+    for _ in range(pairs):
+        perm = rng.permutation(p)
+        est = np.zeros((p,) + v_of(0).shape)
+        for order in (perm, perm[::-1]):
+            bits = 0
+            prev = v_of(0)
+            for j in order:
+                bits |= 1 << int(j)
+                cur = v_of(bits)
+                est[j] += (cur - prev) / 2.0
+                prev = cur
+        draws.append(est)
+    d = np.stack(draws)
+    mean = d.mean(0)
+    se = d.std(0, ddof=1) / np.sqrt(len(draws)) if len(draws) > 1 else np.full_like(mean, np.inf)
+    out = np.zeros((x.shape[1],) + mean.shape[1:])
+    err = np.zeros_like(out)
+    out[players], err[players] = mean, se
+    return np.moveaxis(out, 0, 1), np.moveaxis(err, 0, 1)
+
+
+def modality_scores(phi: np.ndarray) -> np.ndarray:
+    """One impact score per modality: |phi| summed over samples (and classes), as the paper does."""
+    a = np.abs(phi)
+    return a.sum(axis=tuple(i for i in range(a.ndim) if i != 1))

@@ -1,0 +1,23 @@
+"""Protocol constants (docs/protocol.md): the version, the topic root and every size limit."""
+
+from __future__ import annotations
+
+__all__ = [
+           "DEFAULT_CHUNK_BYTES",
+           "MAX_CHUNKS",
+           "MAX_CHUNK_BYTES",
+           "MAX_CONTROL_BYTES",
+           "MAX_MISSING_LISTED",
+           "MAX_UPLOAD_BYTES",
+           "PROTOCOL_VERSION",
+           "TOPIC_ROOT",
+]
+
+PROTOCOL_VERSION = 1
+TOPIC_ROOT = "fedmfs/v1"
+MAX_CONTROL_BYTES = 256 * 1024          # a JSON control message (report, config, ack, round)
+DEFAULT_CHUNK_BYTES = 64 * 1024         # payload bytes per chunk frame
+MAX_CHUNK_BYTES = 4 * 1024 * 1024       # largest chunk a receiver accepts
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024     # largest model payload (= fedmfs.core.payload.MAX_PAYLOAD_BYTES)
+MAX_CHUNKS = 65536
+MAX_MISSING_LISTED = 1024               # an ack lists at most this many missing chunk indices

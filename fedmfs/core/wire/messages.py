@@ -1,0 +1,314 @@
+"""Control messages (UTF-8 JSON with ``v`` and ``type``), their codes, and their strict decoders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeVar, overload
+
+from fedmfs.core.errors import PayloadError
+from fedmfs.core.fields import (
+    HEX64,
+    finite,
+    get_field,
+    modality_list,
+    nonneg_int,
+    validate_modality,
+    validate_name,
+)
+from fedmfs.core.records import RoundRecord
+from fedmfs.core.selection import SelectionPolicy
+from fedmfs.core.wire.limits import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS,
+    MAX_CONTROL_BYTES,
+    MAX_MISSING_LISTED,
+    PROTOCOL_VERSION,
+)
+
+__all__ = [
+    "Ack",
+    "AckReason",
+    "DeviceConfig",
+    "DeviceState",
+    "DeviceStatus",
+    "Evaluation",
+    "Message",
+    "Report",
+    "RoundAnnouncement",
+    "RoundState",
+    "decode_message",
+    "encode_message",
+]
+
+class RoundState(str, Enum):
+    OPEN = "open"          # uploads welcome until the deadline
+    CLOSED = "closed"      # aggregated; the next round is about to open
+    DONE = "done"          # the run is over: no more rounds
+
+
+class AckReason(str, Enum):
+    """The coordinator's answer to one upload (or to a malformed message of a device)."""
+
+    ACCEPTED = "accepted"                  # counted (also the answer to a duplicate of an accepted upload)
+    MISSING_CHUNKS = "missing_chunks"      # resend the listed chunk indices
+    OVER_CAP = "over_cap"                  # the device's byte cap for this round would be exceeded
+    ROUND_CLOSED = "round_closed"          # the round is not open (closed, or not yet open)
+    UNKNOWN_MODALITY = "unknown_modality"  # the fleet has no such modality
+    WRONG_SHAPE = "wrong_shape"            # tensor names or shapes differ from the modality's model
+    BAD_PAYLOAD = "bad_payload"            # the reassembled payload does not decode or verify
+    BAD_CHUNK = "bad_chunk"                # a chunk frame is malformed or inconsistent
+    DUPLICATE = "duplicate"                # a different payload was already accepted for this modality
+    UNKNOWN_DEVICE = "unknown_device"      # the device is not in the fleet file
+    TOO_LARGE = "too_large"                # the upload exceeds the protocol's size limit
+    BAD_MESSAGE = "bad_message"            # a report or other control message was malformed
+    REPORT_ACCEPTED = "report_accepted"    # the device's report for the round was recorded
+    EVALUATION_ACCEPTED = "evaluation_accepted"  # the device's Stage #2 evaluation was recorded
+
+    @property
+    def final(self) -> bool:
+        """True when the device should stop sending this upload (accepted or refused for good)."""
+        return self is not AckReason.MISSING_CHUNKS
+
+
+class DeviceState(str, Enum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+
+@dataclass(frozen=True, slots=True)
+class RoundAnnouncement:
+    """Retained on ``round``: the current round, its deadline (unix seconds) and what to train on.
+
+    ``globals`` maps each modality to the sha256 of the signed global payload the round starts from
+    (absent: no global yet, start from the device's own initialisation), so a device knows which
+    retained global models it must hold before training.
+    """
+
+    fleet: str
+    round: int
+    state: RoundState
+    deadline: float
+    rounds_total: int
+    expected: tuple[str, ...] = ()
+    globals: Mapping[str, str] = field(default_factory=dict)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    type = "round"
+
+    def to_dict(self) -> dict:
+        return {"fleet": self.fleet, "round": self.round, "state": self.state.value, "deadline": self.deadline,
+                "rounds_total": self.rounds_total, "expected": list(self.expected),
+                "globals": dict(self.globals), "chunk_bytes": self.chunk_bytes}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> RoundAnnouncement:
+        try:
+            state = RoundState(get_field(d, "state", str))
+        except ValueError as e:
+            raise PayloadError(f"unknown round state {d.get('state')!r}") from e
+        g = get_field(d, "globals", dict)
+        for k, v in g.items():
+            validate_modality(k)
+            if not isinstance(v, str) or not HEX64.match(v):
+                raise PayloadError(f"globals[{k!r}] must be a sha256 hex digest")
+        chunk = nonneg_int(d, "chunk_bytes")
+        if not 1 <= chunk <= MAX_CHUNK_BYTES:
+            raise PayloadError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {chunk}")
+        return cls(fleet=validate_name("fleet", get_field(d, "fleet", str)), round=nonneg_int(d, "round"),
+                   state=state, deadline=finite(d, "deadline"), rounds_total=nonneg_int(d, "rounds_total"),
+                   expected=tuple(validate_name("device", x) for x in get_field(d, "expected", list)),
+                   globals=dict(g), chunk_bytes=chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """Retained on ``device/<id>/config``: the selection policy the device uploads with, exactly as
+    it must apply it (method, gamma, alphas, byte cap per round, codec)."""
+
+    device: str
+    policy: SelectionPolicy = field(default_factory=SelectionPolicy)
+    type = "config"
+
+    def __post_init__(self) -> None:
+        validate_name("device", self.device)
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, **self.policy.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> DeviceConfig:
+        for k in ("method", "codec"):
+            get_field(d, k, str)
+        get_field(d, "gamma", int)
+        for k in ("alpha_s", "alpha_c", "alpha_r"):
+            finite(d, k)
+        nonneg_int(d, "cap_bytes", optional=True)
+        try:
+            policy = SelectionPolicy.from_dict(d)
+        except ValueError as e:
+            raise PayloadError(f"config: {e}") from e
+        return cls(device=get_field(d, "device", str), policy=policy)
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A device's account of one round (its :class:`~fedmfs.core.records.RoundRecord`), published
+    after all its uploads were answered, with what was accepted and the bytes that crossed the wire."""
+
+    record: RoundRecord
+    accepted: tuple[str, ...] = ()
+    bytes_sent: int = 0        # payload bytes of the accepted uploads
+    wire_bytes: int = 0        # MQTT PUBLISH bytes of this round's chunk frames (this device)
+    type = "report"
+
+    @property
+    def device(self) -> str:
+        return self.record.device
+
+    @property
+    def round(self) -> int:
+        return self.record.round
+
+    def to_dict(self) -> dict:
+        return {"record": self.record.to_dict(), "accepted": list(self.accepted), "bytes_sent": self.bytes_sent,
+                "wire_bytes": self.wire_bytes}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Report:
+        rec = RoundRecord.from_dict(get_field(d, "record", dict))
+        accepted = modality_list(d, "accepted")
+        if not set(accepted) <= set(rec.chosen):
+            raise PayloadError(f"report accepts {sorted(set(accepted) - set(rec.chosen))}, which were not chosen")
+        return cls(record=rec, accepted=accepted, bytes_sent=nonneg_int(d, "bytes_sent"),
+                   wire_bytes=nonneg_int(d, "wire_bytes"))
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """A device's test accuracy of its personalised model after Stage #2 on round ``round``'s globals,
+    published on its ``report`` topic once that round closed (also after the last round)."""
+
+    device: str
+    round: int
+    accuracy: float
+    windows: int = 0           # test windows it was measured on
+    type = "evaluation"
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "round": self.round, "accuracy": self.accuracy, "windows": self.windows}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Evaluation:
+        acc = finite(d, "accuracy")
+        if not 0.0 <= acc <= 1.0:
+            raise PayloadError(f"accuracy must be in [0, 1], got {acc}")
+        return cls(device=validate_name("device", get_field(d, "device", str)), round=nonneg_int(d, "round"),
+                   accuracy=acc, windows=nonneg_int(d, "windows"))
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The coordinator's answer on ``device/<id>/ack``. ``modality`` is None for a report's ack."""
+
+    device: str
+    round: int
+    reason: AckReason
+    modality: str | None = None
+    sha256: str = ""
+    missing: tuple[int, ...] = ()
+    detail: str = ""
+    type = "ack"
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "round": self.round, "reason": self.reason.value,
+                "modality": self.modality, "sha256": self.sha256, "missing": list(self.missing),
+                "detail": self.detail[:500]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Ack:
+        try:
+            reason = AckReason(get_field(d, "reason", str))
+        except ValueError as e:
+            raise PayloadError(f"unknown ack reason {d.get('reason')!r}") from e
+        mod = get_field(d, "modality", str, optional=True)
+        missing = get_field(d, "missing", list)
+        if len(missing) > MAX_MISSING_LISTED or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_CHUNKS for i in missing):
+            raise PayloadError("field 'missing' must list chunk indices")
+        sha = get_field(d, "sha256", str)
+        if sha and not HEX64.match(sha):
+            raise PayloadError("field 'sha256' must be a sha256 hex digest or empty")
+        return cls(device=validate_name("device", get_field(d, "device", str)), round=nonneg_int(d, "round"),
+                   reason=reason, modality=None if mod is None else validate_modality(mod), sha256=sha,
+                   missing=tuple(missing), detail=get_field(d, "detail", str)[:500])
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    """Retained on ``device/<id>/status``; ``offline`` is also the device's MQTT last will."""
+
+    device: str
+    state: DeviceState
+    type = "status"
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "state": self.state.value}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> DeviceStatus:
+        try:
+            state = DeviceState(get_field(d, "state", str))
+        except ValueError as e:
+            raise PayloadError(f"unknown device state {d.get('state')!r}") from e
+        return cls(device=validate_name("device", get_field(d, "device", str)), state=state)
+
+
+_MESSAGES = {c.type: c for c in (RoundAnnouncement, DeviceConfig, Report, Evaluation, Ack, DeviceStatus)}
+Message = RoundAnnouncement | DeviceConfig | Report | Evaluation | Ack | DeviceStatus
+M = TypeVar("M", RoundAnnouncement, DeviceConfig, Report, Evaluation, Ack, DeviceStatus)
+
+
+def encode_message(msg: Message) -> bytes:
+    """A control message as compact UTF-8 JSON with the protocol version and the message type."""
+    body = {"v": PROTOCOL_VERSION, "type": msg.type, **msg.to_dict()}
+    return json.dumps(body, separators=(",", ":"), allow_nan=False, sort_keys=True).encode()
+
+
+@overload
+def decode_message(data: bytes, expect: type[M]) -> M: ...
+
+
+@overload
+def decode_message(data: bytes, expect: None = None) -> Message: ...
+
+
+def decode_message(data: bytes, expect: type | None = None) -> Message:
+    """Decode and validate a control message; ``expect`` restricts the accepted type."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError("message is not bytes")
+    if len(data) > MAX_CONTROL_BYTES:
+        raise PayloadError(f"message of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        d = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise PayloadError(f"message is not UTF-8 JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise PayloadError("message is not a JSON object")
+    v = d.get("v")
+    if v != PROTOCOL_VERSION:
+        raise PayloadError(f"protocol version {v!r} not supported (this fedmfs speaks {PROTOCOL_VERSION})")
+    cls = _MESSAGES.get(d.get("type")) if isinstance(d.get("type"), str) else None
+    if cls is None:
+        raise PayloadError(f"unknown message type {d.get('type')!r}")
+    if expect is not None and cls is not expect:
+        raise PayloadError(f"expected a {expect.type} message, got {cls.type}")
+    try:
+        return cls.from_dict(d)
+    except PayloadError:
+        raise
+    except (TypeError, ValueError, AttributeError, RecursionError, OverflowError) as e:
+        raise PayloadError(f"malformed {cls.type} message: {e}") from e

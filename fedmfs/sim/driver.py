@@ -1,0 +1,122 @@
+"""The one round driver of a simulation: the real services, over a broker or over an in-memory loopback.
+
+``--transport mqtt`` (:func:`fedmfs.sim.processes.run_mqtt_simulation`) runs the coordinator service
+and one edge daemon per client as processes over a broker. ``--transport inproc`` (:func:`run_inproc`)
+runs the very same :class:`~fedmfs.coordinator.service.CoordinatorService` and
+:class:`~fedmfs.edge.daemon.EdgeDaemon` objects, from the very same config files, in this process:
+their links are :class:`~fedmfs.adapters.loopback.LoopbackLink` instead of paho, the ledger writer and
+the edge workers run inline, and this module pumps them in turn until the run is over. Both transports
+therefore run the same two round machines and give the same global models; the report is built once,
+from the coordinator's ledger (:func:`fedmfs.sim.report.build_report`). The holistic baseline is not a
+FedMFS round: it has its own small driver (:mod:`fedmfs.sim.holistic`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from fedmfs.core.data.format import Fleet
+from fedmfs.core.errors import FedMFSError
+from fedmfs.sim.config import SimConfig
+
+__all__ = ["run_simulation", "run_inproc"]
+
+log = logging.getLogger("fedmfs.sim")
+
+_IDLE_LIMIT = 10_000   # pump turns without any message or job: the fleet is stuck (a bug), not slow
+
+
+def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
+               on_round: Callable[[int], None] | None = None) -> Path:
+    """Run ``config`` with every service in this process over a loopback bus; return the coordinator's
+    state directory (its ledger holds the run). ``on_round(closed)`` is told each time a round closes."""
+    from fedmfs.adapters.loopback import LoopbackBus
+    from fedmfs.coordinator.config import load_coordinator_config
+    from fedmfs.coordinator.service import CoordinatorService
+    from fedmfs.edge.config import load_edge_config
+    from fedmfs.edge.daemon import EdgeDaemon
+    from fedmfs.edge.worker import Trainer
+    from fedmfs.sim.processes import write_fleet_configs
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    # the loopback link ignores the broker address; the files are those an MQTT run would use
+    files = write_fleet_configs(fleet, config, work, "mqtt://127.0.0.1:1", f"sim-{uuid.uuid4().hex[:8]}")
+    bus = LoopbackBus()
+    coord = CoordinatorService(load_coordinator_config(files["coordinator"]), exit_when_done=True,
+                               link_factory=bus.link)
+    edges = []
+    for p in files["edges"].values():
+        cfg = load_edge_config(p)
+        trainer = Trainer.from_config(cfg)
+        trainer.export_model = False     # the report needs the accuracy, not the ONNX model set
+        edges.append(EdgeDaemon(cfg, exit_when_done=True, link_factory=bus.link, trainer=trainer, inline=True))
+    try:
+        coord.start(writer_thread=False)
+        for e in edges:
+            e.start()
+        idle, closed = 0, 0
+        while not (coord.over and all(e.finished for e in edges)):
+            moved = coord.pump()
+            for e in edges:
+                if e.stop_event.is_set():
+                    raise FedMFSError(f"device {e.cfg.device} stopped (exit code {e.exit_code}); "
+                                      f"its log says why")
+                moved += e.pump()
+            if coord.failed:
+                raise FedMFSError("the coordinator could not persist its ledger; see the log")
+            n = sum(1 for r in coord.ledger.rounds() if r.closed_at is not None)
+            if n != closed:
+                closed = n
+                if on_round is not None:
+                    on_round(closed)
+            idle = 0 if moved else idle + 1
+            if idle > _IDLE_LIMIT:
+                raise FedMFSError(f"the in-process fleet made no progress: {coord._status_line()}")
+    finally:
+        for e in edges:
+            e.stop()
+        coord.close()
+    return work / "coordinator"
+
+
+def run_simulation(fleet: Fleet, config: SimConfig, transport: str = "inproc", broker_url: str | None = None,
+                   workdir: str | Path | None = None, progress: bool = False) -> dict:
+    """Run ``config`` on ``fleet`` over ``transport`` (``inproc`` or ``mqtt``); return the report."""
+    if config.baseline == "holistic":
+        from fedmfs.sim.holistic import run_holistic
+
+        return run_holistic(fleet, config, progress=progress)
+    if transport == "mqtt":
+        from fedmfs.sim.processes import run_mqtt_simulation
+
+        return run_mqtt_simulation(fleet, config, broker_url, workdir=workdir, progress=progress)
+    if transport != "inproc":
+        raise FedMFSError(f"unknown transport {transport!r}; use inproc or mqtt")
+    from fedmfs.sim.report import build_report
+
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="fedmfs-inproc-")
+        workdir = tmp.name
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.rounds, desc=config.method, unit="round", leave=False)
+    t0 = time.monotonic()
+    try:
+        state = run_inproc(fleet, config, workdir, None if bar is None else lambda n: bar.update(n - bar.n))
+        report = build_report(fleet, config, state, "inproc")
+    finally:
+        if bar is not None:
+            bar.close()
+        if tmp is not None:
+            tmp.cleanup()
+    report["wall_seconds"] = time.monotonic() - t0
+    return report

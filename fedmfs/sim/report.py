@@ -1,0 +1,198 @@
+"""The run report: ``report.json``, PNG plots and a short markdown summary.
+
+The report of a FedMFS run is built once, by :func:`build_report`, from what the coordinator keeps in
+its ledger (rounds, accepted uploads, the devices' reports with their round records, their Stage #2
+evaluations, refusals and the global models), whatever the transport that carried it.
+
+Headline fields scripts may rely on: ``rounds[i].accuracy`` (mean test accuracy over clients, 0..1)
+and ``rounds[i].upload_bytes`` (bytes uploaded by all clients in round i).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fedmfs.core.fsio import atomic_write
+
+__all__ = ["report_envelope", "build_report", "write_report", "plot_report", "summary_markdown"]
+
+
+def report_envelope(fleet, cfg, rounds: list[dict], digests: dict[str, str], transport: str, **extra) -> dict:
+    """The report every transport returns: config, data set, per-round rows, headline totals."""
+    return {
+        "fedmfs_report": 1,
+        "config": cfg.to_dict(),
+        "dataset": {
+            "spec": fleet.spec.to_dict(),
+            "clients": {c.name: {"modalities": list(c.modalities), "train": c.n_train,
+                                 "test": int((~c.train).sum())} for c in fleet.clients},
+            "metadata": fleet.metadata,
+        },
+        "rounds": rounds,
+        "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        "total_upload_bytes": int(sum(r["upload_bytes"] for r in rounds)),
+        "global_digests": digests,
+        "transport": transport,
+        **extra,
+    }
+
+
+def build_report(fleet, cfg, state_dir: str | os.PathLike, transport: str, **extra) -> dict:
+    """The report of a run from the coordinator's ledger in ``state_dir``.
+
+    Per round: the mean of the devices' Stage #2 accuracies on that round's globals, the accepted
+    uploads (device order, then modality order), each device's :class:`~fedmfs.core.records.RoundRecord`
+    as its report carried it (with what was accepted), refusals, and the bytes on the wire."""
+    from fedmfs.coordinator.ledger import Ledger
+    from fedmfs.core.payload import decode_model, state_digest
+    from fedmfs.core.wire import decode_global
+
+    led = Ledger(state_dir, readonly=True)
+    try:
+        rounds_rows, uploads, reports = led.rounds(), led.uploads(), led.reports()
+        evaluations, refusals = led.evaluations(), led.refusals()
+        digests = {}
+        for g in led.latest_globals():
+            _, payload = decode_global(led.global_frame(g), None)
+            digests[g["modality"]] = state_digest(decode_model(payload)[1])
+    finally:
+        led.close()
+    names = fleet.spec.names
+    order = {c.name: i for i, c in enumerate(fleet.clients)}
+    versions = dict.fromkeys(names, 0)
+    cumulative = wire_total = 0
+    rounds = []
+    for rr in rounds_rows:
+        r = rr.round
+        ups = sorted((u for u in uploads if u["round"] == r),
+                     key=lambda u: (order.get(u["device"], len(order)), names.index(u["modality"])))
+        for m in rr.aggregated:
+            versions[m] += 1
+        accs = {e.device: e.accuracy for e in sorted(evaluations, key=lambda e: order.get(e.device, 0))
+                if e.round == r}
+        reps = sorted((x for x in reports if x.round == r), key=lambda x: order.get(x.device, len(order)))
+        nbytes = sum(u["nbytes"] for u in ups)
+        cumulative += nbytes
+        wire = sum(x.wire_bytes for x in reps)
+        wire_total += wire
+        rounds.append({
+            "round": r,
+            "accuracy": float(np.mean(list(accs.values()))) if accs else None,
+            "client_accuracy": accs,
+            "uploads": [{"device": u["device"], "modality": u["modality"], "bytes": u["nbytes"]} for u in ups],
+            "upload_bytes": nbytes,
+            "cumulative_bytes": cumulative,
+            "aggregated": dict(rr.aggregated),
+            "clients": {x.device: {**x.record.to_dict(), "accepted": list(x.accepted)} for x in reps},
+            "global_versions": dict(versions),
+            "seconds": (rr.closed_at - rr.opened_at) if rr.closed_at else None,
+            "wire_bytes": wire,
+            "refusals": [x for x in refusals if x["round"] == r],
+        })
+    total = int(sum(r["upload_bytes"] for r in rounds))
+    return report_envelope(fleet, cfg, rounds, digests, transport, wire_bytes=wire_total,
+                           wire_over_payload=(wire_total / total) if total else None, **extra)
+
+
+def write_report(report: dict, out: str | os.PathLike, plots: bool = True) -> Path:
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write(d / "report.json", json.dumps(report, indent=1, sort_keys=False).encode())
+    if plots:
+        report["plots"] = plot_report(report, d)
+    atomic_write(d / "summary.md", summary_markdown(report).encode())
+    return d / "report.json"
+
+
+def _modalities(report: dict) -> list[str]:
+    return [m["name"] for m in report["dataset"]["spec"]["modalities"]]
+
+
+def plot_report(report: dict, d: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = report["rounds"]
+    mods = _modalities(report)
+    files = []
+    cum = np.array([r["cumulative_bytes"] for r in rounds]) / 1e6
+    acc = np.array([r["accuracy"] for r in rounds]) * 100
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(cum, acc, marker="o", label=report["config"]["method"])
+    ax.set_xlabel("cumulative upload (MB)")
+    ax.set_ylabel("mean test accuracy over clients (%)")
+    ax.set_title("Accuracy vs communication")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(d / "accuracy_vs_mb.png", dpi=110)
+    plt.close(fig)
+    files.append("accuracy_vs_mb.png")
+
+    if any(r["clients"] for r in rounds):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in mods:
+            vals = []
+            for r in rounds:
+                v = [c["shapley"][m] for c in r["clients"].values() if m in c["shapley"]]
+                vals.append(np.mean(v) if v else np.nan)
+            ax.plot(range(len(rounds)), vals, marker=".", label=m)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean |Shapley| over clients")
+        ax.set_title("Modality impact per round")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(d / "shapley_per_round.png", dpi=110)
+        plt.close(fig)
+        files.append("shapley_per_round.png")
+
+    counts = {m: 0 for m in mods}
+    for r in rounds:
+        for u in r["uploads"]:
+            counts[u["modality"]] = counts.get(u["modality"], 0) + 1
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(list(counts), list(counts.values()), color="tab:blue")
+    ax.set_ylabel("uploads over the run")
+    ax.set_title("Uploads per modality")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(d / "uploads_per_modality.png", dpi=110)
+    plt.close(fig)
+    files.append("uploads_per_modality.png")
+    return files
+
+
+def summary_markdown(report: dict) -> str:
+    cfg = report["config"]
+    rounds = report["rounds"]
+    lines = [
+        f"# fedmfs run: {cfg['method']}",
+        "",
+        f"- rounds: {cfg['rounds']}, gamma: {cfg['gamma']}, alphas: {cfg['alphas']}, cap: {cfg['cap_bytes']}, "
+        f"seed: {cfg['seed']}, transport: {report.get('transport', 'inproc')}",
+        f"- clients: {len(report['dataset']['clients'])}, modalities: {', '.join(_modalities(report))}",
+        f"- final mean accuracy: **{report['final_accuracy'] * 100:.2f}%**",
+        f"- total upload: **{report['total_upload_bytes'] / 1e6:.3f} MB** "
+        f"({report['total_upload_bytes'] / max(1, len(rounds)) / 1e6:.3f} MB per round)",
+        "",
+        "| round | accuracy | upload MB | cumulative MB |",
+        "|---|---|---|---|",
+    ]
+    for r in rounds:
+        lines.append(f"| {r['round']} | {r['accuracy'] * 100:.2f}% | {r['upload_bytes'] / 1e6:.4f} | "
+                     f"{r['cumulative_bytes'] / 1e6:.4f} |")
+    counts: dict[str, int] = {}
+    for r in rounds:
+        for u in r["uploads"]:
+            counts[u["modality"]] = counts.get(u["modality"], 0) + 1
+    lines += ["", "Uploads per modality: " + ", ".join(f"{m} {n}" for m, n in sorted(counts.items())), ""]
+    for p in report.get("plots", []):
+        lines.append(f"![{p}]({p})")
+    return "\n".join(lines) + "\n"
