@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from fedmfs.core.data import make_synthetic
-from fedmfs.sim.engine import SimConfig, run_simulation
 from fedmfs.core.selection import Alphas
+from fedmfs.sim.config import SimConfig
+from fedmfs.sim.driver import run_simulation
 
 
 def main(argv=None) -> int:
@@ -26,9 +27,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; figures are means")
     ap.add_argument("--gamma", type=int, default=1)
-    ap.add_argument("--alpha-s", type=float, default=1 / 3)
-    ap.add_argument("--alpha-c", type=float, default=1 / 3)
-    ap.add_argument("--alpha-r", type=float, default=1 / 3)
+    d = Alphas()
+    ap.add_argument("--alpha-s", type=float, default=d.s)
+    ap.add_argument("--alpha-c", type=float, default=d.c)
+    ap.add_argument("--alpha-r", type=float, default=d.r)
     ap.add_argument("--extra", nargs="*", default=[], help="more methods to run alongside (e.g. random holistic local)")
     ap.add_argument("--json", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
@@ -36,10 +38,10 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         fleet = make_synthetic(args.preset, seed=seed)
         for method in ["fedmfs", "all", *args.extra]:
-            cfg = SimConfig(method=method, rounds=args.rounds, gamma=args.gamma, seed=seed,
-                            alphas=Alphas(args.alpha_s, args.alpha_c, args.alpha_r))
+            cfg = SimConfig.build(method, rounds=args.rounds, gamma=args.gamma, seed=seed,
+                                  alphas=Alphas(args.alpha_s, args.alpha_c, args.alpha_r))
             t0 = time.perf_counter()
-            rep = run_simulation(fleet, cfg, progress=sys.stderr.isatty())
+            rep = run_simulation(fleet, cfg, "inproc", progress=sys.stderr.isatty())
             runs.setdefault(method, []).append({
                 "seed": seed,
                 "final_accuracy": rep["final_accuracy"],

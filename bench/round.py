@@ -54,6 +54,7 @@ def _worker(idx, devices, port, hidden, rounds, chunk, ctl, res):
     from paho.mqtt.enums import CallbackAPIVersion
 
     from fedmfs.core.payload import ModelHeader, encode_model
+    from fedmfs.core.records import RoundRecord
     from fedmfs.core.wire import (Ack, AckReason, Report, RoundAnnouncement, RoundState, Topics, decode_message,
                                  encode_message, split_payload)
     from fedmfs.coordinator.machine import modality_shapes
@@ -109,8 +110,8 @@ def _worker(idx, devices, port, hidden, rounds, chunk, ctl, res):
                     waiting.discard(d)
         t_last = time.perf_counter()
         for d in devices:
-            rep = Report(d, r, 10, {"eye": 1.0}, {"eye": 1.0}, {"eye": len(payloads[d])}, ("eye",), ("eye",),
-                         len(payloads[d]))
+            rec = RoundRecord(d, r, 10, {"eye": 1.0}, {"eye": len(payloads[d])}, {"eye": 1.0}, ("eye",))
+            rep = Report(rec, ("eye",), len(payloads[d]))
             clients[d].publish(t.report(d), encode_message(rep), 1)
         res.put(("round", idx, r, t_first, t_last, sum(len(p) for p in payloads.values()), sent,
                  sum(len(f) for d in devices for f in split_payload(payloads[d], ann.chunk_bytes)),

@@ -39,6 +39,9 @@ def _status(args) -> int:
             "rounds_closed": sum(1 for r in rounds if r.closed_at is not None),
             "globals": {g["modality"]: {"version": g["version"], "sha256": g["sha256"]} for g in led.latest_globals()},
             "devices": {d["device"]: "online" if d["online"] else "offline" for d in led.devices()},
+            # each device's latest round record, as its report carried it, and its latest evaluation
+            "records": {rep.device: rep.record.to_dict() for rep in led.reports()},
+            "accuracy": {ev.device: {"round": ev.round, "accuracy": ev.accuracy} for ev in led.evaluations()},
         }
     finally:
         led.close()
@@ -54,8 +57,11 @@ def _status(args) -> int:
     waiting = sorted(set(out["expected"]) - set(out["reported"]))
     print(f"waiting for: {', '.join(waiting) or '-'}")
     for d, st in out["devices"].items():
+        rec, acc = out["records"].get(d), out["accuracy"].get(d)
+        last = (f"  round {rec['round']} chose {','.join(rec['chosen']) or '-'}" if rec else "")
         print(f"  {d:20s} {st:8s} {out['bytes_this_round'].get(d, 0):>10d} B this round "
-              f"{out['bytes_total'].get(d, 0):>12d} B total")
+              f"{out['bytes_total'].get(d, 0):>12d} B total" + last
+              + (f", accuracy {acc['accuracy']:.3f} after round {acc['round']}" if acc else ""))
     print("globals: " + ", ".join(f"{m} v{g['version']}" for m, g in out["globals"].items()))
     print(f"{out['uploads_total']} uploads accepted, {out['refusals_total']} refusals, "
           f"{out['rounds_closed']} rounds closed")

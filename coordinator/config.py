@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmfs.adapters.mqtt import BrokerConfig, broker_from_table
-from fedmfs.core.aggregation import DEFAULT_RULE
 from fedmfs.core.config import check_keys, load_toml
 from fedmfs.core.errors import ConfigError, PayloadError
 from fedmfs.core.modality import DatasetSpec, load_spec
 from fedmfs.core.selection import POLICY_KEYS, SelectionPolicy
-from fedmfs.core.wire import DEFAULT_CHUNK_BYTES, DeviceConfig, validate_name
+from fedmfs.core.wire import DeviceConfig, validate_name
 
 from .machine import RoundPolicy
 
@@ -92,9 +91,10 @@ def load_coordinator_config(path: str | os.PathLike) -> CoordinatorConfig:
     rounds = raw.get("rounds", {})
     check_keys(rounds, _ROUNDS, f"{p} [rounds]")
     try:
-        policy = RoundPolicy(rounds.get("total", 10), float(rounds.get("seconds", 600.0)), rounds.get("quorum", 1),
-                             rounds.get("chunk_bytes", DEFAULT_CHUNK_BYTES),
-                             rounds.get("aggregation", DEFAULT_RULE))
+        # what the file omits takes RoundPolicy's defaults (declared there, once)
+        names = {"total": "rounds_total", "seconds": "round_seconds", "quorum": "quorum",
+                 "chunk_bytes": "chunk_bytes", "aggregation": "aggregation"}
+        policy = RoundPolicy(**{names[k]: (float(v) if k == "seconds" else v) for k, v in rounds.items()})
     except ValueError as e:
         raise ConfigError(f"{p} [rounds]: {e}") from e
     metrics = raw.get("metrics", {})

@@ -10,7 +10,7 @@ Invariants the tests check by replaying event orders:
 * an upload is counted at most once per (round, device, modality); an identical re-send is answered
   ``accepted`` again; a different second upload is refused ``duplicate``;
 * bytes accepted for a device in a round never exceed the cap it had when the round opened;
-* nothing a peer sends raises out of :meth:`RoundMachine.handle`: it becomes an ack with a reason.
+* nothing a peer sends raises out of :meth:`CoordinatorMachine.handle`: it becomes an ack with a reason.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class RoundPolicy:
     """How rounds run. ``quorum``: reports needed to aggregate at the deadline; ``aggregation``: the
     per-modality rule (weighted_mean, trimmed_mean or median, :func:`fedmfs.core.aggregation.make_aggregator`)."""
 
-    rounds_total: int
+    rounds_total: int = 10
     round_seconds: float = 600.0
     quorum: int = 1
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -595,7 +595,7 @@ def event_for(fleet: str, topic: str, payload: bytes, now: float) -> Event | Non
     t = parse_topic(topic)
     if t.fleet != fleet or t.device is None:
         return None
-    if t.kind is TopicKind.UPLOAD:
+    if t.kind is TopicKind.UPLOAD and t.round is not None and t.modality is not None:
         return ChunkArrived(t.device, t.round, t.modality, payload, now)
     if t.kind is TopicKind.REPORT:
         return ReportArrived(t.device, payload, now)

@@ -26,6 +26,10 @@ class Metrics:
         self.accepted = Counter("fedmfs_uploads_accepted", "uploads accepted", ["modality"], registry=r)
         self.refused = Counter("fedmfs_uploads_refused", "uploads and messages refused", ["reason"], registry=r)
         self.bytes = Counter("fedmfs_upload_bytes", "accepted payload bytes", ["device", "modality"], registry=r)
+        self.shapley = Gauge("fedmfs_modality_shapley", "a device's last reported Shapley value of a modality",
+                             ["device", "modality"], registry=r)
+        self.accuracy = Gauge("fedmfs_device_accuracy", "a device's last evaluated test accuracy (0..1)",
+                              ["device"], registry=r)
         self.duration = Histogram("fedmfs_round_duration_seconds", "round duration (open to close)",
                                   buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600), registry=r)
         self.reports = Counter("fedmfs_reports", "device reports recorded", registry=r)

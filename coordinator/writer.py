@@ -204,8 +204,11 @@ class LedgerWriter:
         elif isinstance(a, PersistReport):
             led.put_report(a.round, a.device, encode_message(a.report))
             m.reports.inc()
+            for mod, value in a.report.record.shapley.items():
+                m.shapley.labels(a.device, mod).set(value)
         elif isinstance(a, PersistEvaluation):
             led.put_evaluation(a.evaluation)
+            m.accuracy.labels(a.evaluation.device).set(a.evaluation.accuracy)
         elif isinstance(a, PersistRound):
             led.put_round(a.round, a.state, a.deadline, a.opened_at, a.expected, dict(a.caps),
                           a.closed_at, dict(a.aggregated))

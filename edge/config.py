@@ -67,15 +67,18 @@ def load_edge_config(path: str | os.PathLike) -> EdgeConfig:
                           "`fedmfs-coordinator keygen`) or 'coordinator_key_file'")
     if len(key) != 64 or any(ch not in "0123456789abcdef" for ch in key):
         raise ConfigError(f"{p}: coordinator_key must be 64 lower-case hex digits, got {key[:16]!r}...")
-    if raw.get("ack_timeout", 10.0) <= 0 or raw.get("max_attempts", 30) < 1:
-        raise ConfigError(f"{p}: ack_timeout must be > 0 and max_attempts >= 1")
-    if not raw.get("job_timeout", 3600.0) > 0:
+    if "ack_timeout" in raw and not raw["ack_timeout"] > 0:
+        raise ConfigError(f"{p}: ack_timeout must be > 0 (seconds to wait for the coordinator's answer)")
+    if "max_attempts" in raw and raw["max_attempts"] < 1:
+        raise ConfigError(f"{p}: max_attempts must be >= 1")
+    if "job_timeout" in raw and not raw["job_timeout"] > 0:
         raise ConfigError(f"{p}: job_timeout must be > 0 (seconds a local round may take)")
+    # what the file omits takes EdgeConfig's defaults (declared there, once)
+    optional = {k: raw[k] for k in ("seed", "index", "max_attempts", "log_level") if k in raw}
+    optional.update({k: float(raw[k]) for k in ("ack_timeout", "job_timeout") if k in raw})
     return EdgeConfig(
         device=raw["device"], fleet=raw["fleet"], data=rel(raw["data"]), spec=rel(raw["spec"]),
         state_dir=rel(raw["state_dir"]), coordinator_key=key,
-        broker=broker_from_table(raw.get("broker", {}), f"{p} [broker]", base), train=train_config_from(raw.get("train", {}), f"{p} [train]"),
-        spool=rel(raw["spool"]) if "spool" in raw else None, seed=raw.get("seed", 0), index=raw.get("index", 0),
-        ack_timeout=float(raw.get("ack_timeout", 10.0)), max_attempts=raw.get("max_attempts", 30),
-        job_timeout=float(raw.get("job_timeout", 3600.0)),
-        log_level=raw.get("log_level", "INFO"))
+        broker=broker_from_table(raw.get("broker", {}), f"{p} [broker]", base),
+        train=train_config_from(raw.get("train", {}), f"{p} [train]"),
+        spool=rel(raw["spool"]) if "spool" in raw else None, **optional)

@@ -11,7 +11,7 @@ network thread and the worker (within ``job_timeout``) are all alive.
 State directory (every file written atomically; a restart resumes where it stopped)::
 
     state.json                 progress: last round reported, last Stage #2, the pending upload
-    client/                    LocalClient.save (local models, fusion, upload history)
+    client/                    fedmfs.learner.store.save_learner (local models, fusion, upload history)
     globals/<modality>.fmg     the verified signed global frames
     pending/<modality>.bin     the payloads of the round being uploaded
     history.json               per round: Shapley, sizes, priorities, choice, acks, accuracy

@@ -171,7 +171,7 @@ class DropPending:
 
 @dataclass(frozen=True, slots=True)
 class StartTraining:
-    """Run (in the worker) spool merge, LocalClient.local_round, selection, payload files, client save.
+    """Run (in the worker) spool merge, Learner.local_round, selection, payload files, learner save.
 
     ``starts``: the globals to train from; ``deploy``: the globals deployed now (for a client restored
     from the state directory)."""

@@ -86,7 +86,7 @@ def top_gamma(prio: np.ndarray, gamma: int) -> list[int]:
     return sorted(order[: max(0, gamma)])
 
 
-def knapsack(prio: np.ndarray, sizes: Sequence[int], cap: int, gamma: int | None = None) -> list[int]:
+def knapsack(prio: np.ndarray, sizes: Sequence[int] | np.ndarray, cap: int, gamma: int | None = None) -> list[int]:
     """The subset with the highest total priority whose total size fits ``cap`` (and has at most
     ``gamma`` members). Exact: every subset is enumerated (M is small). Ties: fewer bytes, then the
     lexicographically smallest index set."""
@@ -122,7 +122,8 @@ class SelectionInput:
 
 
 class Selector(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def select(self, inp: SelectionInput, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
         """Return the chosen modalities and the priority of every modality."""
@@ -152,7 +153,8 @@ class RandomSelector:
 
     def select(self, inp: SelectionInput, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
         order = rng.permutation(len(inp.modalities))
-        chosen, used = [], 0
+        chosen: list[int] = []
+        used = 0
         for i in order:
             if len(chosen) >= inp.gamma:
                 break

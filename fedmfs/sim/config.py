@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedmfs.coordinator.machine import RoundPolicy
 from fedmfs.core.aggregation import DEFAULT_RULE, make_aggregator
 from fedmfs.core.errors import ConfigError
 from fedmfs.core.selection import METHODS, Alphas, SelectionPolicy
@@ -31,7 +32,7 @@ def all_methods() -> dict[str, str]:
 @dataclass(frozen=True, slots=True)
 class SimConfig:
     policy: SelectionPolicy = field(default_factory=SelectionPolicy)
-    rounds: int = 10
+    rounds: int = RoundPolicy().rounds_total
     seed: int = 0
     aggregation: str = DEFAULT_RULE
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -51,7 +52,7 @@ class SimConfig:
     def build(cls, method: str | None = None, **kw: Any) -> "SimConfig":
         """From flat settings (``method``, ``gamma``, ``alphas``, ``cap_bytes``, ``codec``, ``rounds``,
         ``seed``, ``aggregation``, ``train``); what is not given takes its one declared default."""
-        pol = {k: kw.pop(k) for k in ("gamma", "cap_bytes", "codec", "alphas") if k in kw}
+        pol: dict[str, Any] = {k: kw.pop(k) for k in ("gamma", "cap_bytes", "codec", "alphas") if k in kw}
         baseline = method if method in BASELINES else None
         if method is not None and baseline is None:
             pol["method"] = method

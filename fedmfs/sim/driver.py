@@ -45,6 +45,12 @@ def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
 
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
+    # nine services logging each upload at INFO drown the progress bar: their lines are for -v
+    quiet = [logging.getLogger(n) for n in ("fedmfs.edge", "fedmfs.coordinator")]
+    levels = [lg.level for lg in quiet]
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for lg in quiet:
+            lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
     # the loopback link ignores the broker address; the files are those an MQTT run would use
     files = write_fleet_configs(fleet, config, work, "mqtt://127.0.0.1:1", f"sim-{uuid.uuid4().hex[:8]}")
     bus = LoopbackBus()
@@ -82,6 +88,8 @@ def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
         for e in edges:
             e.stop()
         coord.close()
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
     return work / "coordinator"
 
 

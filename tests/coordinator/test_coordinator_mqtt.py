@@ -18,6 +18,7 @@ from fedmfs.core.payload import ModelHeader, decode_model, encode_model
 from fedmfs.core.wire import (
     Ack,
     AckReason,
+    Evaluation,
     Report,
     RoundAnnouncement,
     RoundState,
@@ -175,6 +176,14 @@ def test_rounds_caps_restart_and_ledger(tmp_path, mosquitto):
         for d in "abc":
             peer.report(d, 1)
         peer.wait(lambda t, p: peer.round.state is RoundState.DONE or None)
+        time.sleep(0.5)
+        assert proc.poll() is None          # --exit-when-done waits for the devices' last evaluations
+        for i, d in enumerate("abc"):
+            ev = Evaluation(d, 1, 0.5 + i / 10, 40)
+            peer.c.publish(peer.t.report(d), encode_message(ev), 1).wait_for_publish(10)
+            a = peer.wait(lambda t, p, d=d: decode_message(p, Ack) if t == peer.t.ack(d) and decode_message(
+                p, Ack).reason is AckReason.EVALUATION_ACCEPTED else None)
+            assert a.round == 1
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
@@ -187,3 +196,9 @@ def test_rounds_caps_restart_and_ledger(tmp_path, mosquitto):
     assert status["bytes_total"] == {"a": len(pa), "c": len(pc)}
     assert status["rounds_closed"] == 2 and status["globals"]["emg"]["version"] == 1
     assert status["refusals_total"] >= 1
+    # the round records and evaluations the coordinator received, as they were sent
+    assert status["records"]["a"] == {"device": "a", "round": 1, "samples": 10, "shapley": {"eye": 1.0},
+                                      "sizes": {"eye": 1}, "priorities": {"eye": 1.0}, "chosen": ["eye"],
+                                      "stage1_accuracy": None}
+    assert status["accuracy"] == {"a": {"round": 1, "accuracy": 0.5}, "b": {"round": 1, "accuracy": 0.6},
+                                  "c": {"round": 1, "accuracy": 0.7}}

@@ -394,3 +394,29 @@ def test_verify_global_checks_signature_fleet_and_payload():
 def test_a_malformed_progress_document_is_a_config_error(doc):
     with pytest.raises(ConfigError, match="afresh"):
         check_progress(doc)
+
+
+def test_an_unanswered_evaluation_is_resent_then_given_up_and_a_restart_resends_it():
+    m = machine(progress={"reported": 0, "stage2": -1, "evaluated": -1, "pending": None})
+    ready(m, r=1)
+    [s2] = of(m.handle(Tick(0.0)), RunStage2)
+    m.handle(Stage2Done(0, 0.5, 20))
+    sent = [a for a in m.handle(Tick(1.0)) if isinstance(a, Publish) and a.topic == T.report(DEV)]
+    assert [decode_message(a.payload, Evaluation) for a in sent] == [Evaluation(DEV, 0, 0.5, 20)]
+    assert not [a for a in m.handle(Tick(5.0)) if isinstance(a, Publish) and a.topic == T.report(DEV)]
+    # a restart before the coordinator answered: the evaluation comes from the saved history
+    m2 = machine(progress=dict(m.progress), history=dict(m.history))
+    ready(m2, r=1)
+    acts = m2.handle(Tick(20.0))
+    assert [decode_message(a.payload, Evaluation).round for a in of(acts, Publish)
+            if a.topic == T.report(DEV)] == [0]
+    for t in (31.0, 42.0):        # max_attempts = 3: two more tries, then it is given up
+        assert [a for a in of(m2.handle(Tick(t)), Publish) if a.topic == T.report(DEV)]
+    given_up = m2.handle(Tick(53.0))
+    assert of(given_up, SaveProgress)[-1].progress["evaluated"] == 0
+
+
+def test_old_state_files_without_evaluated_are_read():
+    assert check_progress({"reported": 3, "stage2": 2, "pending": None})["evaluated"] == 2
+    with pytest.raises(ConfigError, match="evaluated"):
+        check_progress({"reported": 3, "stage2": 2, "evaluated": "x", "pending": None})

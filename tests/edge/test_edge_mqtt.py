@@ -10,7 +10,9 @@ import pytest
 from fedmfs.sim.config import SimConfig
 from fedmfs.sim.driver import run_simulation
 
+from fedmfs.coordinator.ledger import Ledger
 from fedmfs.core.data.format import Fleet
+from fedmfs.core.records import RoundRecord
 from fedmfs.core.data.synthetic import make_synthetic
 from fedmfs.core.settings import TrainConfig
 from fedmfs.sim.processes import (
@@ -54,7 +56,18 @@ def test_simulation_over_mosquitto_equals_inproc_and_caps_hold(fleet, mosquitto,
         # the ledger's bytes == the payload bytes the devices chose and had accepted
         sent = sum(c["sizes"][m] for c in r["clients"].values() for m in c["chosen"])
         assert r["upload_bytes"] == sent > 0
-        assert all(set(c["acks"].values()) == {"accepted"} for c in r["clients"].values())
+        assert all(c["accepted"] == c["chosen"] for c in r["clients"].values())
+    # the report's round records are the ones the coordinator received and keeps in its ledger
+    led = Ledger(tmp_path / "run" / "coordinator", readonly=True)
+    try:
+        kept = {(x.round, x.device): x.record for x in led.reports()}
+    finally:
+        led.close()
+    assert len(kept) == 3 * len(fleet.clients)
+    for r in rep["rounds"]:
+        for dev, c in r["clients"].items():
+            assert c["shapley"] == dict(kept[(r["round"], dev)].shapley) and c["shapley"]
+            assert RoundRecord.from_dict(c) == kept[(r["round"], dev)]
     assert 1.0 < rep["wire_over_payload"] <= 1.05
     # the personalised model runs without torch
     out = subprocess.run(
@@ -84,8 +97,6 @@ def _wait(pred, timeout, what):
 
 
 def test_restarts_mid_round_and_mid_upload_lose_and_double_count_nothing(fleet, mosquitto, tmp_path):
-    from fedmfs.coordinator.ledger import Ledger
-
     cfg = SimConfig.build(rounds=2, gamma=2, seed=2, train=TRAIN)
     ref = run_simulation(fleet, cfg)
     work = tmp_path / "run"
@@ -128,7 +139,7 @@ def test_restarts_mid_round_and_mid_upload_lose_and_double_count_nothing(fleet, 
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
-    rep = build_report(fleet, cfg, work)
+    rep = build_report(fleet, cfg, work / "coordinator", "mqtt")
     _check_same(ref, rep)
     led = Ledger(work / "coordinator", readonly=True)
     try:

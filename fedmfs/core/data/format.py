@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,10 @@ def save_fleet(fleet: Fleet, directory: str | os.PathLike) -> Path:
         arrays = {f"x_{k}": v for k, v in c.x.items()}
         arrays["y"] = c.y.astype(np.int64)
         arrays["train"] = c.train
-        atomic_write_with(d / f"{c.name}.npz", lambda f, a=arrays: np.savez(f, **a))
+        def write(f, a: dict[str, Any] = arrays) -> None:
+            np.savez(f, **a)
+
+        atomic_write_with(d / f"{c.name}.npz", write)
     meta = {
         "format": "fedmfs-fleet",
         "version": FORMAT_VERSION,

@@ -242,7 +242,7 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
         truth = p.truth[ms.name]
         protos[ms.name], encoded[ms.name] = _prototypes(ms, truth, _rng(seed, 1, j), blocks[ms.name])
         grid = len(ms.feature_shape) == 2 and p.grid_noise_rank > 0
-        bases[ms.name] = _smooth_basis(ms.feature_shape, p.grid_noise_rank, _rng(seed, 7, j)) if grid else None
+        bases[ms.name] = _smooth_basis((ms.feature_shape[0], ms.feature_shape[-1]), p.grid_noise_rank, _rng(seed, 7, j)) if grid else None
         informativeness[ms.name] = round(_expected_accuracy(
             protos[ms.name], truth.amplitude, avg_noise, n_train, _rng(seed, 2, j), bases[ms.name]), 4)
     env_rng = _rng(seed, 3)

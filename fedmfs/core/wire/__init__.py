@@ -1,4 +1,4 @@
-"""The MQTT wire protocol (docs/protocol.md), torch-free and numpy-free.
+"""The MQTT wire protocol (docs/protocol.md), torch-free.
 
 One module per concept: :mod:`~fedmfs.core.wire.limits` (version and size limits),
 :mod:`~fedmfs.core.wire.topics` (topic names), :mod:`~fedmfs.core.wire.messages` (JSON control

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TypeVar, overload
+from typing import Any, Mapping, TypeVar, overload
 
 from fedmfs.core.errors import PayloadError
 from fedmfs.core.fields import (
@@ -301,11 +301,12 @@ def decode_message(data: bytes, expect: type | None = None) -> Message:
     v = d.get("v")
     if v != PROTOCOL_VERSION:
         raise PayloadError(f"protocol version {v!r} not supported (this fedmfs speaks {PROTOCOL_VERSION})")
-    cls = _MESSAGES.get(d.get("type")) if isinstance(d.get("type"), str) else None
+    kind = d.get("type")
+    cls: Any = _MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise PayloadError(f"unknown message type {d.get('type')!r}")
+        raise PayloadError(f"unknown message type {kind!r}")
     if expect is not None and cls is not expect:
-        raise PayloadError(f"expected a {expect.type} message, got {cls.type}")
+        raise PayloadError(f"expected a {getattr(expect, 'type', expect.__name__)} message, got {cls.type}")
     try:
         return cls.from_dict(d)
     except PayloadError:
