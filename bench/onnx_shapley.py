@@ -32,7 +32,7 @@ torch.set_num_interop_threads(1)
 
 from fedmfs.core import shapley as ref  # noqa: E402
 from fedmfs.core.runtime.modelset import write_model_set  # noqa: E402
-from fedmfs.core.runtime.runtime import EdgeRuntime  # noqa: E402
+from fedmfs.core.runtime.sessions import EdgeRuntime  # noqa: E402
 from fedmfs.core.runtime.graphs import model_set_onnx, model_set_runtime, personalised_model_onnx  # noqa: E402
 from fedmfs.export.statedir import StateSet, save_state_set  # noqa: E402
 from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec  # noqa: E402

@@ -116,7 +116,7 @@ def run(argv: list[str] | None = None) -> int:
             print(f"test accuracy ({len(y)} windows): fp32 {rep.accuracy_fp32:.4f} -> {args.quantize} "
                   f"{rep.accuracy:.4f} (change {rep.accuracy_change:+.4f}); max prob change {rep.max_prob_diff:.3e}")
     elif x is not None and y is not None and fusion is not None:
-        from fedmfs.core.runtime.runtime import EdgeRuntime
+        from fedmfs.core.runtime.sessions import EdgeRuntime
 
         acc = float((EdgeRuntime(spec, models, fusion).predict(x).argmax(1) == np.asarray(y)).mean())
         print(f"test accuracy ({len(y)} windows): {acc:.4f}")

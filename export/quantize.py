@@ -150,7 +150,7 @@ def quantization_report(
 ) -> QuantReport:
     """Sizes of both sets; with test windows ``x``/labels ``y``, the personalised model's accuracy
     (modality models + fusion, in ONNX Runtime) before and after, and the max probability change."""
-    from fedmfs.core.runtime.runtime import EdgeRuntime
+    from fedmfs.core.runtime.sessions import EdgeRuntime
 
     def sizes(s):
         out = {f"{k}.onnx": len(v) for k, v in s[0].items()}

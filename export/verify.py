@@ -15,9 +15,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from fedmfs.core.runtime.runtime import session_options
 from fedmfs.core.errors import FedMFSError
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.runtime.sessions import session_options
 from fedmfs.learner.models import FusionModel, ModalityModel, numpy_to_state
 
 __all__ = ["TOLERANCE", "VerificationError", "ModelCheck", "verify_modality", "verify_fusion",

@@ -9,7 +9,11 @@ Players are the modalities a client has. ``v(S)`` is the fusion model's output w
 * ``"loglik"``: the mean log-likelihood of the true class (``phi`` per sample, scored as |phi| summed).
 
 Exact enumeration of all 2^M coalitions for M <= ``EXACT_MAX``; beyond it, permutation sampling with
-antithetic pairs and a standard error.
+antithetic pairs and a standard error. The sampling lives in ONE place,
+:func:`permutation_from_coalitions`, which takes any coalition evaluator (:data:`CoalitionFn`): this
+reference feeds it :func:`coalition_values`, the device's batched evaluators
+(:mod:`fedmfs.core.runtime.coalitions`) feed it ONNX Runtime calls, so both draw the same
+permutations and accumulate the same marginal contributions for a seed.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ import numpy as np
 
 __all__ = [
     "EXACT_MAX",
+    "CoalitionFn",
     "FusionFn",
     "ValueKind",
     "coalition_masks",
     "coalition_values",
     "exact_shapley",
     "modality_scores",
+    "permutation_from_coalitions",
     "permutation_shapley",
     "shapley_from_coalition_values",
     "shapley_matrix",
@@ -37,6 +43,8 @@ EXACT_MAX = 12
 ValueKind = Literal["prob", "loglik"]
 # fusion(probs (n, M, C) float32, mask (n, M) float32) -> class probabilities (n, C)
 FusionFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# coalitions (S, P) bool over the players -> coalition values v(S): (S, N, C) or (S, N)
+CoalitionFn = Callable[[np.ndarray], np.ndarray]
 
 
 def coalition_masks(m: int) -> np.ndarray:
@@ -130,6 +138,46 @@ def exact_shapley(
     return np.moveaxis(out, 0, 1)
 
 
+def permutation_from_coalitions(
+    evaluate: CoalitionFn, p: int, permutations: int, seed: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Antithetic permutation sampling over ``p`` players: (phi, stderr, coalitions evaluated), phi
+    (P, N[, C]). Each antithetic pair (a permutation and its reverse) is one draw.
+
+    ``evaluate`` maps coalition rows (S, P) bool to their values (S, N[, C]); it is called once, with
+    every coalition any chain visits (sorted by bitmask), so a batched evaluator needs few calls."""
+    rng = np.random.default_rng(seed)
+    pairs = max(1, permutations // 2)
+    perms = [rng.permutation(p) for _ in range(pairs)]
+    needed = {0}
+    for perm in perms:
+        for order in (perm, perm[::-1]):
+            bits = 0
+            for j in order:
+                bits |= 1 << int(j)
+                needed.add(bits)
+    keys = np.array(sorted(needed), dtype=np.int64)
+    rows = ((keys[:, None] >> np.arange(p)[None, :]) & 1).astype(bool)
+    values = evaluate(rows)
+    pos = {int(k): i for i, k in enumerate(keys)}
+    draws = []
+    for perm in perms:
+        est = np.zeros((p,) + values.shape[1:])
+        for order in (perm, perm[::-1]):
+            bits = 0
+            prev = values[pos[0]]
+            for j in order:
+                bits |= 1 << int(j)
+                cur = values[pos[bits]]
+                est[j] += (cur - prev) / 2.0
+                prev = cur
+        draws.append(est)
+    d = np.stack(draws)
+    mean = d.mean(0)
+    se = d.std(0, ddof=1) / np.sqrt(len(draws)) if len(draws) > 1 else np.full_like(mean, np.inf)
+    return mean, se, len(keys)
+
+
 def permutation_shapley(
     fusion: FusionFn,
     x: np.ndarray,
@@ -141,35 +189,14 @@ def permutation_shapley(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Permutation-sampling estimate with antithetic pairs; returns (phi, standard error), same shapes
-    as :func:`exact_shapley`. Each antithetic pair (a permutation and its reverse) is one draw."""
-    rng = np.random.default_rng(seed)
+    as :func:`exact_shapley`: :func:`permutation_from_coalitions` with :func:`coalition_values` as
+    the evaluator. Modalities outside ``mask`` are not players and get 0 (and stderr 0)."""
     players = np.nonzero(mask)[0]
-    p = len(players)
-    pairs = max(1, permutations // 2)
-    draws = []
-    cache: dict[int, np.ndarray] = {}
 
-    def v_of(bits: int) -> np.ndarray:
-        if bits not in cache:
-            row = ((bits >> np.arange(p)) & 1).astype(bool)[None]
-            cache[bits] = coalition_values(fusion, x, background, players, mask, kind, y, row)[0]
-        return cache[bits]
+    def evaluate(coalitions: np.ndarray) -> np.ndarray:
+        return coalition_values(fusion, x, background, players, mask, kind, y, coalitions)
 
-    for _ in range(pairs):
-        perm = rng.permutation(p)
-        est = np.zeros((p,) + v_of(0).shape)
-        for order in (perm, perm[::-1]):
-            bits = 0
-            prev = v_of(0)
-            for j in order:
-                bits |= 1 << int(j)
-                cur = v_of(bits)
-                est[j] += (cur - prev) / 2.0
-                prev = cur
-        draws.append(est)
-    d = np.stack(draws)
-    mean = d.mean(0)
-    se = d.std(0, ddof=1) / np.sqrt(len(draws)) if len(draws) > 1 else np.full_like(mean, np.inf)
+    mean, se, _ = permutation_from_coalitions(evaluate, len(players), permutations, seed)
     out = np.zeros((x.shape[1],) + mean.shape[1:])
     err = np.zeros_like(out)
     out[players], err[players] = mean, se

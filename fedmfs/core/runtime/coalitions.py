@@ -1,10 +1,10 @@
-"""The on-device Shapley engine: modality-level Shapley values from batched fusion evaluations.
+"""Batched coalition evaluation: modality-level Shapley values from few, large fusion calls.
 
 Given the modality models' class probabilities for the explained samples ``x`` (N,M,C) and the
 background ``bg`` (B,M,C) -- computed ONCE, outside this module -- the value of a coalition S of the
 client's present modalities is the fusion model's output when modalities in S take the explained
 sample's probabilities and the others take a background sample's (interventional), averaged over
-the background. This is exactly :mod:`fedmfs.core.shapley`'s definition; the engine only changes how the
+the background. This is exactly :mod:`fedmfs.core.shapley`'s definition; this module only changes how the
 fusion model is called: every needed coalition is evaluated in a few large batched calls (chunked to
 bound memory) instead of one call per coalition.
 
@@ -17,8 +17,9 @@ Two ways to evaluate coalitions (a :data:`CoalitionFn`):
   layer.
 
 Exact enumeration for up to :data:`fedmfs.core.shapley.EXACT_MAX` players; beyond, permutation sampling
-with antithetic pairs (same draws as :func:`fedmfs.core.shapley.permutation_shapley` for the same seed)
-and a standard error. numpy only.
+with antithetic pairs and a standard error: :func:`fedmfs.core.shapley.permutation_from_coalitions`,
+the same sampler as the reference :func:`fedmfs.core.shapley.permutation_shapley` (same draws and
+values for the same seed), here fed a batched evaluator. numpy only.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ import numpy as np
 from fedmfs.core.errors import ConfigError, DataError
 from fedmfs.core.shapley import (
     EXACT_MAX,
+    CoalitionFn,
     FusionFn,
     ValueKind,
     coalition_masks,
     modality_scores,
+    permutation_from_coalitions,
     shapley_matrix,
 )
 
@@ -59,9 +62,9 @@ __all__ = [
 # on ActionSense shapes; at 2^19 the fusion step stays below the modality step's peak (~+7 MB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 19
 
-# coalitions (S, P) bool over the players -> coalition values v(S): (S, N, C) or (S, N).
-# Evaluators reduce over the background chunk by chunk, so (S, N, B, C) never exists whole.
-CoalitionFn = Callable[[np.ndarray], np.ndarray]
+# The evaluators below are CoalitionFn (fedmfs.core.shapley): coalitions (S, P) bool over the players
+# -> coalition values v(S): (S, N, C) or (S, N). They reduce over the background chunk by chunk, so
+# (S, N, B, C) never exists whole.
 
 
 class ShapleyMethod(str, Enum):
@@ -174,45 +177,6 @@ def exact_from_coalitions(evaluate: CoalitionFn, p: int) -> np.ndarray:
     """Exact Shapley values of the P players, (P, N[, C]), from all 2^P coalitions at once."""
     v = evaluate(coalition_masks(p))
     return np.tensordot(_weights(p), v, axes=(1, 0))
-
-
-def permutation_from_coalitions(
-    evaluate: CoalitionFn, p: int, permutations: int, seed: int,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Antithetic permutation sampling: (phi, stderr, coalitions evaluated), phi (P, N[, C]).
-
-    Draws the same permutations as :func:`fedmfs.core.shapley.permutation_shapley` for the same seed;
-    every coalition any chain visits is evaluated once, in batched calls."""
-    rng = np.random.default_rng(seed)
-    pairs = max(1, permutations // 2)
-    perms = [rng.permutation(p) for _ in range(pairs)]
-    needed = {0}
-    for perm in perms:
-        for order in (perm, perm[::-1]):
-            bits = 0
-            for j in order:
-                bits |= 1 << int(j)
-                needed.add(bits)
-    keys = np.array(sorted(needed), dtype=np.int64)
-    rows = ((keys[:, None] >> np.arange(p)[None, :]) & 1).astype(bool)
-    values = evaluate(rows)
-    pos = {int(k): i for i, k in enumerate(keys)}
-    draws = []
-    for perm in perms:
-        est = np.zeros((p,) + values.shape[1:])
-        for order in (perm, perm[::-1]):
-            bits = 0
-            prev = values[pos[0]]
-            for j in order:
-                bits |= 1 << int(j)
-                cur = values[pos[bits]]
-                est[j] += (cur - prev) / 2.0
-                prev = cur
-        draws.append(est)
-    d = np.stack(draws)
-    mean = d.mean(0)
-    se = d.std(0, ddof=1) / np.sqrt(len(draws)) if len(draws) > 1 else np.full_like(mean, np.inf)
-    return mean, se, len(keys)
 
 
 def engine_shapley(

@@ -20,7 +20,7 @@ Graphs (opset 17, IR 8, dynamic batch axis ``batch``):
   modality models and the fusion model in one graph, inputs ``<name>_x``, output ``class_probs``.
 
 This module imports numpy and onnx only. :func:`model_set_runtime` additionally opens ONNX Runtime
-sessions through :class:`fedmfs.core.runtime.runtime.EdgeRuntime`.
+sessions through :class:`fedmfs.core.runtime.sessions.EdgeRuntime`.
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ def model_set_runtime(
     threads: int = 1,
     **runtime_options,
 ):
-    """Build the model set's ONNX graphs in memory and open an :class:`~fedmfs.core.runtime.runtime.EdgeRuntime`.
+    """Build the model set's ONNX graphs in memory and open an :class:`~fedmfs.core.runtime.sessions.EdgeRuntime`.
 
     Includes the one-graph personalised model (prediction fast path) when there is a fusion state;
     ``runtime_options`` go to the runtime (e.g. ``chunk_elements``, ``input_chunk_elements``).
@@ -384,7 +384,7 @@ def model_set_runtime(
     This is Stage #1's entry point: the round engine passes the freshly trained local states and
     the Stage #1 fusion state, then calls ``.shapley(...)`` on the result. Takes milliseconds.
     """
-    from fedmfs.core.runtime.runtime import EdgeRuntime  # numpy + onnxruntime only
+    from fedmfs.core.runtime.sessions import EdgeRuntime  # numpy + onnxruntime only
 
     models, fusion, coalitions = model_set_onnx(spec, modality_states, fusion_state, fusion_hidden)
     personalised = (personalised_model_onnx(spec, modality_states, fusion_state, fusion_hidden)

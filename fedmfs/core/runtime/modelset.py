@@ -228,8 +228,8 @@ def check_model_set(directory: str | os.PathLike) -> tuple[Manifest, dict[str, b
 
 
 def load_model_set(directory: str | os.PathLike, threads: int = 1):
-    """Verify a model-set directory and open an :class:`~fedmfs.core.runtime.runtime.EdgeRuntime` on it."""
-    from fedmfs.core.runtime.runtime import EdgeRuntime
+    """Verify a model-set directory and open an :class:`~fedmfs.core.runtime.sessions.EdgeRuntime` on it."""
+    from fedmfs.core.runtime.sessions import EdgeRuntime
 
     man, blobs = check_model_set(directory)
     return EdgeRuntime(

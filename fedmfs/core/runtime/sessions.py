@@ -1,8 +1,12 @@
 """The on-device runtime: ONNX Runtime sessions for the modality models and the fusion model.
 
-Prediction with the personalised fusion model and the Shapley engine, with numpy and onnxruntime
-only: nothing here (nor in the fedmfs modules it imports) pulls in torch, so an inference-only
-device install needs no training stack. ``tests/edge/test_runtime_torchfree.py`` proves it.
+Loading and checking the models (:func:`read_model`, :func:`open_session`, :func:`check_io`) and
+inference (:class:`EdgeRuntime`: modality probabilities, fusion, prediction with the personalised
+model and its one-graph fast path). Modality-level Shapley values are :meth:`EdgeRuntime.shapley`,
+computed by :mod:`fedmfs.core.runtime.scoring`; heap and page management is
+:mod:`fedmfs.core.runtime.memory`. numpy and onnxruntime only: nothing here (nor in the fedmfs
+modules it imports) pulls in torch, so an inference-only device install needs no training stack.
+``tests/core/runtime/test_runtime_torchfree.py`` proves it.
 
 Absent modalities: a client lacking modality m passes no ``x[m]``; its probabilities are zeros and
 its mask entry False (the fusion model multiplies them away and sees the mask).
@@ -10,9 +14,6 @@ its mask entry False (the fusion model multiplies them away and sees the mask).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import mmap
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,21 +23,17 @@ import onnxruntime as ort
 
 from fedmfs.core.errors import ConfigError, DataError, ManifestError, PayloadError
 from fedmfs.core.modality import DatasetSpec
-from fedmfs.core.runtime.shapley_engine import (
-    DEFAULT_CHUNK_ELEMENTS,
-    ShapleyMethod,
-    ShapleyResult,
-    engine_shapley,
-    fusion_coalition_fn,
-    graph_coalition_fn,
-)
+from fedmfs.core.runtime import scoring
+from fedmfs.core.runtime.coalitions import DEFAULT_CHUNK_ELEMENTS, ShapleyMethod, ShapleyResult
+from fedmfs.core.runtime.memory import TRIM_BETWEEN_CALLS, TRIM_MIN_FREE, drop_pages, release_free_heap
 
 __all__ = [
     "DEFAULT_INPUT_CHUNK_ELEMENTS",
     "EdgeRuntime",
     "ModelSource",
-    "ShapleyMethod",
-    "ShapleyResult",
+    "check_io",
+    "open_session",
+    "read_model",
     "session_options",
 ]
 
@@ -49,76 +46,6 @@ _COALITION_IN = ("x_probs", "bg_probs", "mask", "coalitions")
 # input and the LSTM workspace, see EdgeRuntime._rows_per_call): 2^19 = 2 MiB, i.e. 3 tactile windows
 # of 100 x 32 x 32 per call on ActionSense shapes, 16 eye windows.
 DEFAULT_INPUT_CHUNK_ELEMENTS = 1 << 19
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _load_glibc():
-    """glibc's ``malloc_trim`` and ``mallinfo2`` (None where absent: musl, macOS, glibc < 2.33)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None, None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    info = getattr(libc, "mallinfo2", None)
-    if info is not None:
-        info.argtypes, info.restype = [], _MallInfo2
-    return trim, info
-
-
-_MALLOC_TRIM, _MALLINFO2 = _load_glibc()
-_TRIM_MIN_FREE = 1 << 20
-# in a run of modality-model calls on row chunks, trim once per this many bytes of input chunks
-_TRIM_BETWEEN_CALLS = 12 << 20
-# and in the coalition graph's chunk calls, a trim once RSS is this much above its start
-_FUSION_RSS_SLACK = 10 << 20
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _resident_bytes() -> int | None:
-    """This process's resident set size from /proc/self/statm (None where there is no /proc)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def release_free_heap(min_free: int = _TRIM_MIN_FREE) -> None:
-    """Hand freed heap memory back to the OS when more than 1 MiB of it is held (glibc
-    ``malloc_trim(0)``; a no-op elsewhere).
-
-    Why: after a large array (a modality's windows) is freed, glibc raises its mmap and trim
-    thresholds to that size, so the following multi-MB buffers (ORT's per-call copies) come from
-    the heap and stay resident after being freed: measured +12 MB of peak RSS on ActionSense
-    shapes. Only when that much is free, because re-touching trimmed pages costs page faults.
-    """
-    if _MALLOC_TRIM is None:
-        return
-    if _MALLINFO2 is not None and _MALLINFO2().fordblks < min_free:
-        return
-    _MALLOC_TRIM(0)
-
-
-def _drop_pages(a: np.ndarray) -> None:
-    """Unmap the resident pages of a read-only memory-mapped input (``np.load(..., mmap_mode="r")``
-    of a spooled .npy file) once a row chunk of it has been used; a no-op for other arrays.
-
-    Why: a device reads its windows from disk; mapped pages it has read stay in its RSS (file-backed
-    but counted) until unmapped, so without this a tactile modality's 20 MB of windows would end up
-    resident anyway. Re-reading a dropped page just faults it back in from the page cache. Only for
-    mode "r": a copy-on-write map ("c") may hold private edits that dropping would discard."""
-    mm = getattr(a, "_mmap", None)
-    if mm is None or getattr(a, "mode", None) != "r" or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        mm.madvise(mmap.MADV_DONTNEED)
-    except (OSError, ValueError, AttributeError):  # closed map, or a platform without madvise
-        pass
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -141,7 +68,8 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def _read(source: ModelSource, what: str) -> bytes:
+def read_model(source: ModelSource, what: str) -> bytes:
+    """The ONNX bytes of ``source`` (bytes as they are, or a file's contents); ``what`` names it in errors."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     p = Path(source)
@@ -151,15 +79,16 @@ def _read(source: ModelSource, what: str) -> bytes:
         raise ManifestError(f"{what}: cannot read {p}: {e}") from e
 
 
-def _open(source: ModelSource, what: str, so: ort.SessionOptions) -> ort.InferenceSession:
-    data = _read(source, what)
+def open_session(source: ModelSource, what: str, so: ort.SessionOptions) -> ort.InferenceSession:
+    """A CPU inference session on ``source``; PayloadError when it is no loadable ONNX model."""
+    data = read_model(source, what)
     try:
         return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...) for bad bytes
         raise PayloadError(f"{what}: not a loadable ONNX model: {e}") from e
 
 
-def _check_io(sess: ort.InferenceSession, what: str, inputs: dict[str, tuple], outputs: dict[str, tuple]) -> None:
+def check_io(sess: ort.InferenceSession, what: str, inputs: dict[str, tuple], outputs: dict[str, tuple]) -> None:
     """Check input/output names and static dims (strings/None are dynamic and match anything)."""
     problems = []
     for kind, have, want in (("input", sess.get_inputs(), inputs), ("output", sess.get_outputs(), outputs)):
@@ -170,7 +99,7 @@ def _check_io(sess: ort.InferenceSession, what: str, inputs: dict[str, tuple], o
         for name, shape in want.items():
             g = got[name]
             if len(g) != len(shape) or any(isinstance(w, int) and isinstance(d, int) and d != w
-                                           for d, w in zip(g, shape)):
+                                           for d, w in zip(g, shape, strict=True)):
                 problems.append(f"{kind} {name!r} has shape {list(g)}, need {list(shape)}")
     if problems:
         raise PayloadError(f"{what} does not fit the dataset spec: " + "; ".join(problems))
@@ -182,8 +111,9 @@ class EdgeRuntime:
     ``modality_models`` maps modality names (a subset of the spec's) to ONNX bytes or paths;
     ``fusion_model`` is the fusion graph (None: ``modality_probs`` only); ``coalition_model`` the
     optional coalition graph of :func:`fedmfs.core.runtime.graphs.fusion_coalition_onnx` that makes
-    Shapley values cheap (without it the engine uses the fusion graph on materialised rows, with
-    equal results). ``threads`` is ONNX Runtime's intra-op thread count.
+    Shapley values cheap (without it :mod:`fedmfs.core.runtime.scoring` evaluates coalitions through
+    the fusion graph on materialised rows, with equal results). ``threads`` is ONNX Runtime's intra-op
+    thread count.
     """
 
     def __init__(
@@ -214,20 +144,20 @@ class EdgeRuntime:
         for ms in spec.modalities:
             if ms.name not in modality_models:
                 continue
-            sess = _open(modality_models[ms.name], f"modality model {ms.name!r}", so)
-            _check_io(sess, f"modality model {ms.name!r}", {ms.onnx_input: (None, None, *ms.feature_shape)},
+            sess = open_session(modality_models[ms.name], f"modality model {ms.name!r}", so)
+            check_io(sess, f"modality model {ms.name!r}", {ms.onnx_input: (None, None, *ms.feature_shape)},
                       {ms.onnx_output: (None, c)})
             self._sessions[ms.name] = sess
         self._fusion = None
         if fusion_model is not None:
-            self._fusion = _open(fusion_model, "fusion model", so)
-            _check_io(self._fusion, "fusion model", {"probs": (None, m, c), "mask": (None, m)},
+            self._fusion = open_session(fusion_model, "fusion model", so)
+            check_io(self._fusion, "fusion model", {"probs": (None, m, c), "mask": (None, m)},
                       {_FUSION_OUT: (None, c)})
         self._coalitions = None
         self._coalition_hidden = 0
         if coalition_model is not None:
-            self._coalitions = _open(coalition_model, "coalition graph", so)
-            _check_io(self._coalitions, "coalition graph",
+            self._coalitions = open_session(coalition_model, "coalition graph", so)
+            check_io(self._coalitions, "coalition graph",
                       {"x_probs": (None, m, c), "bg_probs": (None, m, c), "mask": (m,), "coalitions": (None, m)},
                       {"coalition_probs": (None, None, None, c)})
             # the hidden width sizes the chunks (the builder records it; 256 is a safe default)
@@ -243,8 +173,8 @@ class EdgeRuntime:
         self._personalised_bytes: bytes | None = None
         self._personalised_names: tuple[str, ...] = ()
         if personalised_model is not None:
-            self._personalised_bytes = _read(personalised_model, "personalised model")
-            sess = _open(self._personalised_bytes, "personalised model", so)
+            self._personalised_bytes = read_model(personalised_model, "personalised model")
+            sess = open_session(self._personalised_bytes, "personalised model", so)
             by_input = {ms.onnx_input: ms for ms in spec.modalities}
             got = [a.name for a in sess.get_inputs()]
             foreign = [g for g in got if g not in by_input]
@@ -252,7 +182,7 @@ class EdgeRuntime:
                 raise PayloadError(f"personalised model has inputs {got}; each must be a modality input "
                                    f"of the spec ({', '.join(by_input)})")
             names = tuple(ms.name for ms in spec.modalities if ms.onnx_input in got)
-            _check_io(sess, "personalised model",
+            check_io(sess, "personalised model",
                       {spec[k].onnx_input: (None, None, *spec[k].feature_shape) for k in names},
                       {_FUSION_OUT: (None, c)})
             del sess
@@ -292,7 +222,7 @@ class EdgeRuntime:
             return None, f"unknown modality {name!r} (the spec has {', '.join(self.spec.names)})"
         if need_session and name not in self._sessions:
             return None, f"no model for modality {name!r} (models: {', '.join(self.modalities) or 'none'})"
-        a = arr if isinstance(arr, np.memmap) else np.asarray(arr)  # a memmap stays one: _drop_pages
+        a = arr if isinstance(arr, np.memmap) else np.asarray(arr)  # a memmap stays one: drop_pages
         want = (self.spec.steps, *self.spec[name].feature_shape)
         if a.ndim != len(want) + 1 or tuple(a.shape[1:]) != want:
             return None, f"{name} must have shape (N, {', '.join(map(str, want))}), got {a.shape}"
@@ -303,7 +233,7 @@ class EdgeRuntime:
             rows = self._rows_per_call(name)
             for i in range(0, a.shape[0], rows):
                 finite = np.isfinite(a[i:i + rows]).all()
-                _drop_pages(a)
+                drop_pages(a)
                 if not finite:
                     return None, f"{name} has NaN or infinite values"
         return a, None
@@ -334,12 +264,12 @@ class EdgeRuntime:
         # dynamic mmap threshold has risen, and fragment it: without trims the heap grew by about
         # that much per call (+20 MB over 50 tactile windows). A trim after every call doubled
         # the modality time (the trimmed pages fault back in), so: one trim per ~12 MiB of calls.
-        trim_every = max(1, _TRIM_BETWEEN_CALLS // (4 * self.input_chunk_elements))
+        trim_every = max(1, TRIM_BETWEEN_CALLS // (4 * self.input_chunk_elements))
         for j, i in enumerate(range(0, a.shape[0], rows)):
             chunk = np.ascontiguousarray(a[i:i + rows], dtype=np.float32)
             (logp,) = sess.run([ms.onnx_output], {ms.onnx_input: chunk})
             del chunk
-            _drop_pages(a)
+            drop_pages(a)
             if j % trim_every == trim_every - 1 and i + rows < a.shape[0]:
                 release_free_heap()
             np.exp(logp, out=out[i:i + rows])
@@ -381,7 +311,7 @@ class EdgeRuntime:
                 probs = np.zeros((int(n), m, c), dtype=np.float32)
             col = np.empty((int(n), c), dtype=np.float32)
             self._modality_logp(ms.name, a, col)
-            big = a.nbytes >= _TRIM_MIN_FREE
+            big = a.nbytes >= TRIM_MIN_FREE
             del a
             if big:  # this modality's windows and ORT's copies of them are gone: give them back
                 release_free_heap()
@@ -459,7 +389,7 @@ class EdgeRuntime:
         if problems:
             raise DataError("predict input: " + "; ".join(problems))
         if self._personalised is None:
-            self._personalised = _open(self._personalised_bytes, "personalised model", self._session_options)
+            self._personalised = open_session(self._personalised_bytes, "personalised model", self._session_options)
             self._personalised_bytes = None
         return self._personalised.run([_FUSION_OUT], feeds)[0]
 
@@ -474,21 +404,10 @@ class EdgeRuntime:
         permutations: int = 64,
         seed: int = 0,
     ) -> ShapleyResult:
-        """Modality-level Shapley values of the explained samples ``x`` against ``background_x``.
-
-        Each modality model runs once over the explained rows and once over the background rows
-        (two calls rather than one on a concatenation: measured as fast, and it saves copying the
-        inputs, 82 MB on ActionSense shapes; ``x`` may be a lazy mapping, see
-        :meth:`_run_modalities`); then the fusion model is evaluated for the coalitions in batched calls (see
-        :mod:`fedmfs.core.runtime.shapley_engine`). ``x`` and ``background_x`` must hold the same
-        modalities: the client's present ones are the players.
-        """
-        if isinstance(x, Mapping) and isinstance(background_x, Mapping) and set(x) != set(background_x):
-            raise DataError(f"explained samples have modalities {sorted(x)}, the background "
-                            f"{sorted(background_x)}; they must match")
-        x_probs, mask = self._run_modalities(x, "explained samples")
-        bg_probs, _ = self._run_modalities(background_x, "background samples")
-        return self.shapley_from_probs(x_probs, bg_probs, mask, kind, y, method, permutations, seed)
+        """Modality-level Shapley values of the explained samples ``x`` against ``background_x``
+        (see :func:`fedmfs.core.runtime.scoring.runtime_shapley`). ``x`` and ``background_x`` must
+        hold the same modalities: the client's present ones are the players."""
+        return scoring.runtime_shapley(self, x, background_x, kind, y, method, permutations, seed)
 
     def shapley_from_probs(
         self,
@@ -502,48 +421,6 @@ class EdgeRuntime:
         seed: int = 0,
     ) -> ShapleyResult:
         """Shapley values from modality probabilities already computed: x (N,M,C), background
-        (B,M,C), the client's mask (M,) bool. Same semantics as :meth:`shapley`."""
-        if self._fusion is None:
-            raise ManifestError("Shapley values need a fusion model; this model set has none")
-        m, c = len(self.spec.modalities), self.spec.num_classes
-        x_probs = np.ascontiguousarray(x_probs, dtype=np.float32)
-        bg_probs = np.ascontiguousarray(bg_probs, dtype=np.float32)
-        mask = np.asarray(mask, dtype=bool)
-        if x_probs.ndim != 3 or x_probs.shape[1:] != (m, c) or bg_probs.ndim != 3 or bg_probs.shape[1:] != (m, c):
-            raise DataError(f"probabilities must have shape (N, {m}, {c}); got {x_probs.shape} and {bg_probs.shape}")
-        if mask.shape != (m,):
-            raise DataError(f"mask must have shape ({m},), got {mask.shape}")
-        if x_probs.shape[0] == 0 or bg_probs.shape[0] == 0:
-            raise DataError("need at least one explained and one background sample")
-        if kind not in ("prob", "loglik"):
-            raise ConfigError(f"unknown value function {kind!r}; use 'prob' or 'loglik'")
-        if kind == "loglik":
-            if y is None:
-                raise DataError("the 'loglik' value function needs the true labels y")
-            y = np.asarray(y)
-            if y.shape != (x_probs.shape[0],) or y.dtype.kind not in "iu" or (y.size and (y.min() < 0 or y.max() >= c)):
-                raise DataError(f"y must be ({x_probs.shape[0]},) integer labels in [0, {c}), got {y.dtype} {y.shape}")
-            y = y.astype(np.int64)
-        players = np.nonzero(mask)[0]
-        release_free_heap()  # the modality windows are gone; start the fusion buffers from a trimmed heap
-        if self._coalitions is not None:
-            sess = self._coalitions
-
-            base = _resident_bytes()
-
-            def run_graph(feeds: dict[str, np.ndarray]) -> np.ndarray:
-                # the heap fragments over the chunk calls as in _modality_logp (from +3 to +18 MB
-                # of peak RSS over the 22 calls on ActionSense shapes, varying from process to
-                # process); a trim after every call cost +25 ms, so trim only once RSS has grown
-                out = sess.run(["coalition_probs"], feeds)[0]
-                if base is not None and (_resident_bytes() or 0) > base + _FUSION_RSS_SLACK:
-                    release_free_heap()
-                return out
-
-            evaluate = graph_coalition_fn(run_graph, x_probs, bg_probs, players, mask, self._coalition_hidden,
-                                          kind, y, self.chunk_elements)
-        else:
-            evaluate = fusion_coalition_fn(self.fuse, x_probs, bg_probs, players, mask, kind, y, self.chunk_elements)
-        result = engine_shapley(evaluate, players, m, method, permutations, seed)
-        release_free_heap()
-        return result
+        (B,M,C), the client's mask (M,) bool (see :func:`fedmfs.core.runtime.scoring.shapley_from_probs`).
+        Same semantics as :meth:`shapley`."""
+        return scoring.shapley_from_probs(self, x_probs, bg_probs, mask, kind, y, method, permutations, seed)

@@ -16,7 +16,7 @@ from fedmfs.core.runtime.modelset import (
     read_manifest,
     write_model_set,
 )
-from fedmfs.core.runtime.runtime import EdgeRuntime
+from fedmfs.core.runtime.sessions import EdgeRuntime
 from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 SPEC = DatasetSpec((ModalitySpec("eye", (2,), hidden=4), ModalitySpec("emg", (3,), hidden=4),

@@ -7,9 +7,9 @@ import torch
 from fedmfs.core import shapley as ref
 from fedmfs.core.errors import ConfigError, DataError, ManifestError
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.runtime.coalitions import ShapleyMethod, engine_shapley
 from fedmfs.core.runtime.graphs import model_set_onnx
-from fedmfs.core.runtime.runtime import EdgeRuntime
-from fedmfs.core.runtime.shapley_engine import ShapleyMethod, engine_shapley
+from fedmfs.core.runtime.sessions import EdgeRuntime
 from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 SPEC = DatasetSpec(tuple(ModalitySpec(f"m{i}", (i + 1,) if i % 2 else (2, 2), hidden=4) for i in range(5)), 3, 4)
