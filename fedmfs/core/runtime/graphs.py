@@ -388,6 +388,6 @@ def model_set_runtime(
 
     models, fusion, coalitions = model_set_onnx(spec, modality_states, fusion_state, fusion_hidden)
     personalised = (personalised_model_onnx(spec, modality_states, fusion_state, fusion_hidden)
-                    if fusion is not None and modality_states else None)
+                    if fusion_state is not None and modality_states else None)
     return EdgeRuntime(spec, models, fusion, threads=threads, coalition_model=coalitions,
                        personalised_model=personalised, **runtime_options)
