@@ -19,8 +19,8 @@ import torch
 from scipy.stats import spearmanr
 
 from fedmfs.core.data import make_synthetic
-from fedmfs.learner.models import FusionModel, ModalityModel
 from fedmfs.core.shapley import exact_shapley, modality_scores
+from fedmfs.learner.models import FusionModel, ModalityModel
 
 
 def _fit(model: torch.nn.Module, inputs: tuple, y: np.ndarray, epochs: int, lr: float, seed: int) -> None:
@@ -71,7 +71,7 @@ def run(preset: str, seed: int, epochs: int, fusion_epochs: int, lr: float) -> d
         _fit(fusion, (ptr, mtr), c.y[c.train], fusion_epochs, lr, seed)
         fusion.eval()
 
-        def fuse(p, mk):
+        def fuse(p, mk, fusion=fusion):
             with torch.no_grad():
                 return fusion(torch.from_numpy(p), torch.from_numpy(mk)).exp().numpy()
 

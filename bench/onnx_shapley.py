@@ -24,19 +24,19 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 torch.set_num_threads(1)
 torch.set_num_interop_threads(1)
 
-from fedmfs.core import shapley as ref  # noqa: E402
-from fedmfs.core.runtime.modelset import write_model_set  # noqa: E402
-from fedmfs.core.runtime.sessions import EdgeRuntime  # noqa: E402
-from fedmfs.core.runtime.graphs import model_set_onnx, model_set_runtime, personalised_model_onnx  # noqa: E402
-from fedmfs.export.statedir import StateSet, save_state_set  # noqa: E402
-from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec  # noqa: E402
-from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy  # noqa: E402
+from fedmfs.core import shapley as ref
+from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec
+from fedmfs.core.runtime.graphs import model_set_onnx, model_set_runtime, personalised_model_onnx
+from fedmfs.core.runtime.modelset import write_model_set
+from fedmfs.core.runtime.sessions import EdgeRuntime
+from fedmfs.export.statedir import StateSet, save_state_set
+from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 N, B, C, T = 50, 50, 20, 100
 SPEC = DatasetSpec(ACTIONSENSE_MODALITIES, C, T)

@@ -53,11 +53,20 @@ def _worker(idx, devices, port, hidden, rounds, chunk, ctl, res):
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from fedmfs.coordinator.machine import modality_shapes
     from fedmfs.core.payload import ModelHeader, encode_model
     from fedmfs.core.records import RoundRecord
-    from fedmfs.core.wire import (Ack, AckReason, Report, RoundAnnouncement, RoundState, Topics, decode_message,
-                                 encode_message, split_payload)
-    from fedmfs.coordinator.machine import modality_shapes
+    from fedmfs.core.wire import (
+        Ack,
+        AckReason,
+        Report,
+        RoundAnnouncement,
+        RoundState,
+        Topics,
+        decode_message,
+        encode_message,
+        split_payload,
+    )
 
     spec = _spec(hidden)
     t = Topics(FLEET)
@@ -170,8 +179,8 @@ def main(argv=None) -> int:
 
     from fedmfs.coordinator.config import load_coordinator_config
     from fedmfs.coordinator.service import CoordinatorService
-    from fedmfs.edge.uploads import publish_packet_bytes
     from fedmfs.core.wire import RoundState, Topics, generate_keypair
+    from fedmfs.edge.uploads import publish_packet_bytes
 
     work = Path(tempfile.mkdtemp(prefix="fedmfs-bench-"))
     port = _free_port()
@@ -200,7 +209,7 @@ def main(argv=None) -> int:
     time.sleep(3.0)                                  # workers connected
     sink = _RelaySink(port)
     phases: dict[str, list[float]] = {"raw": [], "relay": []}
-    for rep in range(3):
+    for _ in range(3):
         for kind in ("raw", "relay"):
             sink.reset()
             for c in ctls:

@@ -38,8 +38,23 @@ from fedmfs.core.wire import DeviceState, DeviceStatus, Topics, Verifier, encode
 
 from .config import EdgeConfig
 from .machine import (
-    FRESH_PROGRESS, Connected, DropPending, EdgeMachine, Fatal, Finished, GlobalFrame, Publish, RunStage2,
-    SaveGlobal, SaveHistory, SaveProgress, StartTraining, Tick, check_progress, decode_inbound, verify_global,
+    FRESH_PROGRESS,
+    Connected,
+    DropPending,
+    EdgeMachine,
+    Fatal,
+    Finished,
+    GlobalFrame,
+    Publish,
+    RunStage2,
+    SaveGlobal,
+    SaveHistory,
+    SaveProgress,
+    StartTraining,
+    Tick,
+    check_progress,
+    decode_inbound,
+    verify_global,
 )
 from .worker import InlineWorker, Trainer, Worker
 

@@ -36,15 +36,32 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 from fedmfs.core.errors import ConfigError, PayloadError
 from fedmfs.core.records import RoundRecord
 from fedmfs.core.wire import (
-    Ack, AckReason, DeviceConfig, DeviceState, DeviceStatus, Evaluation, Publish, Report, RoundAnnouncement,
-    RoundState, Tick, TopicKind, Topics, Verifier, decode_global, decode_message, encode_message, parse_topic,
+    Ack,
+    AckReason,
+    DeviceConfig,
+    DeviceState,
+    DeviceStatus,
+    Evaluation,
+    Publish,
+    Report,
+    RoundAnnouncement,
+    RoundState,
+    Tick,
+    TopicKind,
+    Topics,
+    Verifier,
+    decode_global,
+    decode_message,
+    encode_message,
+    parse_topic,
 )
 
 from .uploads import UploadStatus, UploadTracker, publish_packet_bytes
@@ -224,7 +241,7 @@ def decode_inbound(topic: str, payload: bytes, device: str, now: float) -> Event
 
 def verify_global(frame: bytes, verifier: Verifier, fleet: str, stored: bool = False) -> GlobalArrived:
     """Check a signed global frame (signature, fleet, payload) and decode its tensors."""
-    from fedmfs.core.payload import decode_model   # numpy; imported here so the protocol half stays light
+    from fedmfs.core.payload import decode_model  # numpy; imported here so the protocol half stays light
 
     h, payload = decode_global(frame, verifier)
     if h.fleet != fleet:

@@ -14,8 +14,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -57,7 +57,7 @@ class Trainer:
         self._client = None
 
     @classmethod
-    def from_config(cls, cfg: EdgeConfig) -> "Trainer":
+    def from_config(cls, cfg: EdgeConfig) -> Trainer:
         """The daemon's trainer: spec and data from the files edge.toml names."""
         def load() -> tuple[DatasetSpec, ClientData]:
             from fedmfs.core.data.format import load_client
@@ -205,7 +205,7 @@ class Worker:
         self._run = run
         self._post = post
         self._clock = clock
-        self._jobs: "queue.Queue[Job | None]" = queue.Queue()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._current: Job | None = None
         self._started = 0.0

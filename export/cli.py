@@ -79,8 +79,8 @@ def _real_inputs(args, spec):
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fedmfs.core.runtime.modelset import write_model_set
     from fedmfs.core.runtime.graphs import model_set_onnx
+    from fedmfs.core.runtime.modelset import write_model_set
     from fedmfs.export.quantize import quantization_report, quantize_model_set
     from fedmfs.export.statedir import load_state_set
     from fedmfs.export.verify import VerificationError, verify_model_set

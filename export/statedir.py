@@ -22,8 +22,8 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from fedmfs.core.fsio import atomic_write, read_spec_document
 from fedmfs.core.errors import PayloadError
+from fedmfs.core.fsio import atomic_write, read_spec_document
 from fedmfs.core.modality import DatasetSpec
 
 __all__ = ["StateSet", "save_state_set", "load_state_set", "STATESET_FORMAT", "STATESET_VERSION"]

@@ -49,7 +49,7 @@ class SimConfig:
             raise ConfigError(str(e)) from e
 
     @classmethod
-    def build(cls, method: str | None = None, **kw: Any) -> "SimConfig":
+    def build(cls, method: str | None = None, **kw: Any) -> SimConfig:
         """From flat settings (``method``, ``gamma``, ``alphas``, ``cap_bytes``, ``codec``, ``rounds``,
         ``seed``, ``aggregation``, ``train``); what is not given takes its one declared default."""
         pol: dict[str, Any] = {k: kw.pop(k) for k in ("gamma", "cap_bytes", "codec", "alphas") if k in kw}

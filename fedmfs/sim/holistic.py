@@ -12,7 +12,7 @@ every round; the server averages with sample-count weights (FedAvg).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -47,7 +47,7 @@ class EmbeddedBroker:
         self._thread = threading.Thread(target=self._loop.run_forever, name="amqtt", daemon=True)
         self._broker = None
 
-    def start(self, timeout: float = 20.0) -> "EmbeddedBroker":
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
         try:
             from amqtt.broker import Broker
         except ImportError as e:

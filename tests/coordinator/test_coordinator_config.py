@@ -4,12 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-from fedmfs.coordinator.config import load_coordinator_config, load_fleet_file
-from fedmfs.edge.config import load_edge_config
 
+from fedmfs.coordinator.config import load_coordinator_config, load_fleet_file
 from fedmfs.core.errors import ConfigError
-from fedmfs.core.selection import SelectionPolicy
 from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec
+from fedmfs.core.selection import SelectionPolicy
+from fedmfs.edge.config import load_edge_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

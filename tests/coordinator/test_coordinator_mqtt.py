@@ -9,12 +9,12 @@ import time
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from fedmfs.core.records import RoundRecord
-from fedmfs.coordinator.machine import modality_shapes
 from paho.mqtt.enums import CallbackAPIVersion
 
+from fedmfs.coordinator.machine import modality_shapes
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
 from fedmfs.core.payload import ModelHeader, decode_model, encode_model
+from fedmfs.core.records import RoundRecord
 from fedmfs.core.wire import (
     Ack,
     AckReason,

@@ -4,10 +4,12 @@ import random
 
 import numpy as np
 import pytest
-from fedmfs.core.records import RoundRecord
-from fedmfs.core.selection import SelectionPolicy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fedmfs.coordinator.machine import (
     ChunkArrived,
+    CoordinatorMachine,
     FleetChanged,
     PersistGlobal,
     PersistUpload,
@@ -15,15 +17,15 @@ from fedmfs.coordinator.machine import (
     Refused,
     ReportArrived,
     RoundClosed,
-    CoordinatorMachine,
     RoundPolicy,
     Start,
     Tick,
     modality_shapes,
 )
-
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
 from fedmfs.core.payload import Codec, ModelHeader, decode_model, encode_model
+from fedmfs.core.records import RoundRecord
+from fedmfs.core.selection import SelectionPolicy
 from fedmfs.core.wire import (
     Ack,
     AckReason,
@@ -80,7 +82,7 @@ def report(m, dev, now=1002.0, round_index=None):
 
 
 def test_modality_shapes_match_torch_model():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from fedmfs.learner.models import ModalityModel, state_to_numpy
     ms = ModalitySpec("tactile", (4, 4), hidden=5)
     got = {k: v.shape for k, v in state_to_numpy(ModalityModel(ms, 7)).items()}
@@ -88,7 +90,8 @@ def test_modality_shapes_match_torch_model():
 
 
 def test_start_publishes_configs_globals_and_open_round():
-    m = CoordinatorMachine("lab", SPEC, (DeviceConfig("a", SelectionPolicy(gamma=1, cap_bytes=5000)),), RoundPolicy(2), Signer(PRIV))
+    devs = (DeviceConfig("a", SelectionPolicy(gamma=1, cap_bytes=5000)),)
+    m = CoordinatorMachine("lab", SPEC, devs, RoundPolicy(2), Signer(PRIV))
     acts = m.seed_globals({n: state(n, 1) for n in SPEC.names}) + m.handle(Start(now=10.0))
     topics = [a.topic for a in acts if isinstance(a, Publish)]
     assert topics.count("fedmfs/v1/lab/global/eye") == 2  # seeded, then republished on start
@@ -311,8 +314,6 @@ def test_restore_resumes_without_double_counting():
     np.testing.assert_array_equal(m2.globals["eye"].state["head.weight"], state("eye", 1)["head.weight"])
 
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 @settings(max_examples=150, deadline=None)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from fedmfs.core.aggregation import (
     Median,
     TrimmedMean,

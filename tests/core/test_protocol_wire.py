@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedmfs.core.errors import PayloadError
 from fedmfs.core.records import RoundRecord
 from fedmfs.core.selection import Alphas, SelectionPolicy
-from fedmfs.core.errors import PayloadError
 from fedmfs.core.wire import (
     CHUNK_HEADER_BYTES,
     Ack,

@@ -6,8 +6,30 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedmfs.core.errors import ConfigError, PayloadError
+from fedmfs.core.payload import ModelHeader, encode_model
 from fedmfs.core.records import RoundRecord
 from fedmfs.core.selection import SelectionPolicy
+from fedmfs.core.wire import (
+    Ack,
+    AckReason,
+    DeviceConfig,
+    Evaluation,
+    Report,
+    RoundAnnouncement,
+    RoundState,
+    Signer,
+    Topics,
+    Verifier,
+    decode_chunk,
+    decode_message,
+    encode_global,
+    encode_message,
+    generate_keypair,
+)
 from fedmfs.edge.machine import (
     AckArrived,
     Announced,
@@ -35,28 +57,6 @@ from fedmfs.edge.machine import (
     verify_global,
 )
 from fedmfs.edge.uploads import publish_packet_bytes
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from fedmfs.core.errors import ConfigError, PayloadError
-from fedmfs.core.payload import ModelHeader, encode_model
-from fedmfs.core.wire import (
-    Ack,
-    AckReason,
-    DeviceConfig,
-    Evaluation,
-    Report,
-    RoundAnnouncement,
-    RoundState,
-    Signer,
-    Topics,
-    Verifier,
-    decode_chunk,
-    decode_message,
-    encode_global,
-    encode_message,
-    generate_keypair,
-)
 
 DEV, FLEET, CHUNK = "d1", "f", 4
 T = Topics(FLEET)

@@ -7,14 +7,14 @@ import sys
 import time
 
 import pytest
-from fedmfs.sim.config import SimConfig
-from fedmfs.sim.driver import run_simulation
 
 from fedmfs.coordinator.ledger import Ledger
 from fedmfs.core.data.format import Fleet
-from fedmfs.core.records import RoundRecord
 from fedmfs.core.data.synthetic import make_synthetic
+from fedmfs.core.records import RoundRecord
 from fedmfs.core.settings import TrainConfig
+from fedmfs.sim.config import SimConfig
+from fedmfs.sim.driver import run_simulation
 from fedmfs.sim.processes import (
     _spawn,
     build_report,

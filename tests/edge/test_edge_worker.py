@@ -8,17 +8,13 @@ import time
 
 import paho.mqtt.client as mqtt
 import pytest
-from fedmfs.core.records import RoundRecord
-from fedmfs.core.selection import SelectionPolicy
-from fedmfs.edge.config import EdgeConfig
-from fedmfs.edge.daemon import EdgeDaemon
-from fedmfs.edge.machine import JobFailed, JobKind, RunStage2, StartTraining, Trained
-from fedmfs.edge.worker import Worker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fedmfs.adapters.mqtt import BrokerConfig
 from fedmfs.adapters.sdnotify import Notifier, Watchdog
 from fedmfs.core.errors import ConfigError
+from fedmfs.core.records import RoundRecord
+from fedmfs.core.selection import SelectionPolicy
 from fedmfs.core.wire import (
     Ack,
     AckReason,
@@ -30,6 +26,10 @@ from fedmfs.core.wire import (
     encode_message,
     generate_keypair,
 )
+from fedmfs.edge.config import EdgeConfig
+from fedmfs.edge.daemon import EdgeDaemon
+from fedmfs.edge.machine import JobFailed, JobKind, RunStage2, StartTraining, Trained
+from fedmfs.edge.worker import Worker
 
 
 def _wait(pred, timeout=10.0, what="condition"):
@@ -150,7 +150,8 @@ def test_acks_and_configs_flow_while_the_round_trains(tmp_path, mosquitto, notif
     def fake_run(job):
         started.set()
         assert release.wait(30)
-        return Trained(job.round, ("a",), {"a": payload}, RoundRecord("d1", job.round, 5, sizes={"a": 10}, chosen=("a",)), time.time())
+        rec = RoundRecord("d1", job.round, 5, sizes={"a": 10}, chosen=("a",))
+        return Trained(job.round, ("a",), {"a": payload}, rec, time.time())
 
     d.trainer.run = fake_run
     t = Topics("f")

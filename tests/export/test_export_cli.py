@@ -5,14 +5,14 @@ import re
 import numpy as np
 import pytest
 import torch
-from fedmfs.export.cli import main
-from fedmfs.export.quantize import quantization_report, quantize_model_set, to_fp16
-from fedmfs.export.statedir import StateSet, save_state_set
 
 from fedmfs.core.data.format import ClientData, Fleet, save_fleet
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
 from fedmfs.core.runtime.graphs import model_set_onnx
 from fedmfs.core.runtime.modelset import load_model_set, read_manifest
+from fedmfs.export.cli import main
+from fedmfs.export.quantize import quantization_report, quantize_model_set, to_fp16
+from fedmfs.export.statedir import StateSet, save_state_set
 from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 SPEC = DatasetSpec((ModalitySpec("eye", (2,), hidden=8), ModalitySpec("tactile", (6, 6), hidden=16)), 3, 5)

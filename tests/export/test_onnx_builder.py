@@ -3,12 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from fedmfs.export.verify import (
-    TOLERANCE,
-    verify_coalitions,
-    verify_fusion,
-    verify_modality,
-)
 
 from fedmfs.core.errors import PayloadError
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
@@ -18,6 +12,12 @@ from fedmfs.core.runtime.graphs import (
     modality_model_onnx,
     model_set_onnx,
     model_set_runtime,
+)
+from fedmfs.export.verify import (
+    TOLERANCE,
+    verify_coalitions,
+    verify_fusion,
+    verify_modality,
 )
 from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 

@@ -23,7 +23,8 @@ The generative model (per modality ``m``, class ``c``, window ``n``, step ``t``)
 
 The ground truth goes to ``fleet.metadata``: ``informativeness`` (the expected accuracy of a
 nearest-class-centroid classifier on time-averaged windows, centroids estimated from one client's
-training windows, by Monte Carlo; higher is more informative), ``informativeness_order`` (most -> least), the per-modality amplitudes and encoded classes.
+training windows, by Monte Carlo; higher is more informative), ``informativeness_order`` (most -> least),
+the per-modality amplitudes and encoded classes.
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
         truth = p.truth[ms.name]
         protos[ms.name], encoded[ms.name] = _prototypes(ms, truth, _rng(seed, 1, j), blocks[ms.name])
         grid = len(ms.feature_shape) == 2 and p.grid_noise_rank > 0
-        bases[ms.name] = _smooth_basis((ms.feature_shape[0], ms.feature_shape[-1]), p.grid_noise_rank, _rng(seed, 7, j)) if grid else None
+        shape2 = (ms.feature_shape[0], ms.feature_shape[-1])
+        bases[ms.name] = _smooth_basis(shape2, p.grid_noise_rank, _rng(seed, 7, j)) if grid else None
         informativeness[ms.name] = round(_expected_accuracy(
             protos[ms.name], truth.amplitude, avg_noise, n_train, _rng(seed, 2, j), bases[ms.name]), 4)
     env_rng = _rng(seed, 3)

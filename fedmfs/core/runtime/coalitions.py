@@ -161,6 +161,8 @@ def coalition_values_from_probs(p: np.ndarray, kind: ValueKind, y: np.ndarray | 
     true-class log-likelihood for "loglik" (probabilities clipped at 1e-12, as the reference)."""
     if kind == "prob":
         return p.mean(axis=2)
+    if y is None:
+        raise DataError("the 'loglik' value function needs the true labels y")
     idx = np.broadcast_to(y[None, :, None, None], p.shape[:3] + (1,))
     pt = np.take_along_axis(p, idx, axis=3)[..., 0]
     return np.log(np.clip(pt, 1e-12, None)).mean(axis=2)

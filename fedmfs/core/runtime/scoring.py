@@ -26,6 +26,7 @@ from fedmfs.core.runtime.coalitions import (
     graph_coalition_fn,
 )
 from fedmfs.core.runtime.memory import FUSION_RSS_SLACK, release_free_heap, resident_bytes
+from fedmfs.core.shapley import ValueKind
 
 if TYPE_CHECKING:
     from fedmfs.core.runtime.sessions import EdgeRuntime
@@ -87,6 +88,7 @@ def shapley_from_probs(
         raise DataError("need at least one explained and one background sample")
     if kind not in ("prob", "loglik"):
         raise ConfigError(f"unknown value function {kind!r}; use 'prob' or 'loglik'")
+    value_kind: ValueKind = "prob" if kind == "prob" else "loglik"
     if kind == "loglik":
         if y is None:
             raise DataError("the 'loglik' value function needs the true labels y")
@@ -111,9 +113,9 @@ def shapley_from_probs(
             return out
 
         evaluate = graph_coalition_fn(run_graph, x_probs, bg_probs, players, mask, rt._coalition_hidden,
-                                      kind, y, rt.chunk_elements)
+                                      value_kind, y, rt.chunk_elements)
     else:
-        evaluate = fusion_coalition_fn(rt.fuse, x_probs, bg_probs, players, mask, kind, y, rt.chunk_elements)
+        evaluate = fusion_coalition_fn(rt.fuse, x_probs, bg_probs, players, mask, value_kind, y, rt.chunk_elements)
     result = engine_shapley(evaluate, players, m, method, permutations, seed)
     release_free_heap()
     return result

@@ -169,7 +169,7 @@ class EdgeRuntime:
         # the one-graph model is checked now but kept as bytes and opened on the first predict that
         # can use it: its session holds a second copy of every modality model's weights (+7 MB on
         # ActionSense shapes), which a process that only scores modalities never needs
-        self._personalised = None
+        self._personalised: ort.InferenceSession | None = None
         self._personalised_bytes: bytes | None = None
         self._personalised_names: tuple[str, ...] = ()
         if personalised_model is not None:
@@ -292,13 +292,13 @@ class EdgeRuntime:
         names = list(x.keys())
         for name in names:
             if name not in self.spec.names or name not in self._sessions:
-                problems.append(self._check(name, None)[1])
+                problems.append(self._check(name, None)[1] or f"no model for modality {name!r}")
         for j, ms in enumerate(self.spec.modalities):
             if ms.name not in names or ms.name not in self._sessions:
                 continue
             a, why = self._check(ms.name, x[ms.name])
-            if why:
-                problems.append(why)
+            if why or a is None:
+                problems.append(why or f"{ms.name} was refused")
                 continue
             if n is None:
                 n = a.shape[0]
@@ -319,7 +319,7 @@ class EdgeRuntime:
             mask[j] = True
         if not problems and not mask.any():
             problems.append("no modality given")
-        if problems:
+        if problems or probs is None:
             raise DataError(f"{what}: " + "; ".join(problems))
         return probs, mask
 
@@ -374,21 +374,22 @@ class EdgeRuntime:
                 n = a.shape[0]
                 feeds[self._inputs[k]] = a
                 continue
-            a, why = self._check(k, a, need_session=False)
-            if why:
-                problems.append(why)
+            checked, why = self._check(k, a, need_session=False)
+            if why or checked is None:
+                problems.append(why or f"{k} was refused")
                 continue
             if n is None:
-                n = a.shape[0]
+                n = checked.shape[0]
                 if n * self._personalised_row > self.input_chunk_elements and self._personalised_chunked:
                     return None
-            elif a.shape[0] != n:
-                problems.append(f"{k} has {a.shape[0]} samples, other modalities {n}")
+            elif checked.shape[0] != n:
+                problems.append(f"{k} has {checked.shape[0]} samples, other modalities {n}")
                 continue
-            feeds[self.spec[k].onnx_input] = np.ascontiguousarray(a, dtype=np.float32)
+            feeds[self.spec[k].onnx_input] = np.ascontiguousarray(checked, dtype=np.float32)
         if problems:
             raise DataError("predict input: " + "; ".join(problems))
         if self._personalised is None:
+            assert self._personalised_bytes is not None, "a personalised model is opened once, from its bytes"
             self._personalised = open_session(self._personalised_bytes, "personalised model", self._session_options)
             self._personalised_bytes = None
         return self._personalised.run([_FUSION_OUT], feeds)[0]

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from fedmfs.core.errors import PayloadError
 from fedmfs.core.fields import (
