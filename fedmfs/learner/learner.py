@@ -37,9 +37,9 @@ class LocalUpdate:
     shapley: dict[str, float]
     samples: int
     stage1_accuracy: float
+    codec: str                # of the payloads (the policy's, as the coordinator sent it)
     # the encoded upload of every modality (what ``sizes`` measures), encoded once
     payloads: dict[str, bytes] = field(default_factory=dict)
-    codec: str = "fp32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +165,7 @@ class Learner:
         phi = exact_shapley(fusion_fn, sub, sub, self.mask, cfg.value_kind, y[idx])
         return modality_scores(phi)
 
-    def local_round(self, round_index: int, globals: dict[str, State], codec: str = "fp32") -> LocalUpdate:
+    def local_round(self, round_index: int, globals: dict[str, State], codec: str) -> LocalUpdate:
         """Train every modality model from the current globals, fit Stage #1 fusion, score modalities,
         and encode every modality's upload with ``codec`` (its size is part of the choice)."""
         if self.config.score_on == "holdout":
