@@ -60,7 +60,8 @@ def _simulate_parser(sub) -> None:
 
 
 def _resolve(args) -> dict:
-    from fedmfs.core.config import SIM_KEYS, check_keys, load_toml, train_config_from
+    from fedmfs.core.config import check_keys, load_toml, train_config_from
+    from fedmfs.sim.config import SIM_KEYS
 
     conf: dict = {}
     train_table: dict = {}

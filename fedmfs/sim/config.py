@@ -13,10 +13,16 @@ from typing import Any
 from fedmfs.coordinator.machine import RoundPolicy
 from fedmfs.core.aggregation import DEFAULT_RULE, make_aggregator
 from fedmfs.core.errors import ConfigError
-from fedmfs.core.selection import METHODS, Alphas, SelectionPolicy
+from fedmfs.core.selection import METHODS, POLICY_KEYS, Alphas, SelectionPolicy
 from fedmfs.core.settings import TrainConfig
 
-__all__ = ["SimConfig", "BASELINES", "all_methods"]
+__all__ = ["SimConfig", "BASELINES", "SIM_KEYS", "all_methods"]
+
+# the keys of a `fedmfs simulate --config` file (and its options); a [train] table holds TrainConfig's
+SIM_KEYS: dict[str, type] = {
+    "preset": str, "data": str, "method": str, "rounds": int, "seed": int, "aggregation": str, "out": str,
+    "transport": str, "broker": str, **{k: t for k, t in POLICY_KEYS.items() if k != "method"},
+}
 
 # baselines that are not a selection policy of the FedMFS round: each has its own small driver
 BASELINES = {
