@@ -103,7 +103,8 @@ def cmd_simulate(args) -> int:
         fleet = make_synthetic(conf["preset"], seed=cfg.seed)
     report = run_simulation(fleet, cfg, conf["transport"], conf.get("broker"), progress=not args.quiet)
     path = write_report(report, out, plots=not args.no_plots)
-    print(f"final accuracy {report['final_accuracy'] * 100:.2f}%  total upload "
+    acc = report["final_accuracy"]
+    print(f"final accuracy {'-' if acc is None else f'{acc * 100:.2f}%'}  total upload "
           f"{report['total_upload_bytes'] / 1e6:.3f} MB over {cfg.rounds} rounds  -> {path}")
     return 0
 

@@ -10,6 +10,7 @@ heavy work runs on the owner's thread; publishes can wait for the broker's PUBAC
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import random
@@ -70,7 +71,13 @@ def parse_broker_url(url: str) -> BrokerConfig:
     u = urlparse(url)
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
         raise ConfigError(f"broker URL {url!r} must look like mqtt://HOST:PORT")
-    return BrokerConfig(host=u.hostname, port=u.port or (8883 if u.scheme == "mqtts" else 1883),
+    try:
+        port = u.port
+    except ValueError as e:   # not a number, or outside 0..65535
+        raise ConfigError(f"broker URL {url!r}: the port must be a number in 1..65535 ({e})") from e
+    if port is None:
+        port = 8883 if u.scheme == "mqtts" else 1883
+    return BrokerConfig(host=u.hostname, port=port,
                         username=u.username, password=u.password,
                         tls_ca="system" if u.scheme == "mqtts" else None)
 
@@ -93,7 +100,10 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        cap = min(self.maximum, self.initial * self.factor ** self.attempt)
+        # capped before the power can overflow: after ~1000 attempts factor ** attempt is not a float
+        cap = self.maximum
+        if self.factor <= 1 or self.attempt < math.log(self.maximum / self.initial, self.factor) + 1:
+            cap = min(self.maximum, self.initial * self.factor ** self.attempt)
         self.attempt += 1
         return self._rng.uniform(cap / 2, cap)
 

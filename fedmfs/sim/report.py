@@ -122,7 +122,7 @@ def plot_report(report: dict, d: Path) -> list[str]:
     mods = _modalities(report)
     files = []
     cum = np.array([r["cumulative_bytes"] for r in rounds]) / 1e6
-    acc = np.array([r["accuracy"] for r in rounds]) * 100
+    acc = np.array([np.nan if r["accuracy"] is None else r["accuracy"] for r in rounds], dtype=float) * 100
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(cum, acc, marker="o", label=report["config"]["method"])
     ax.set_xlabel("cumulative upload (MB)")
@@ -169,6 +169,11 @@ def plot_report(report: dict, d: Path) -> list[str]:
     return files
 
 
+def _pct(accuracy: float | None) -> str:
+    """A percentage, or a dash for a round no device evaluated."""
+    return "-" if accuracy is None else f"{accuracy * 100:.2f}%"
+
+
 def summary_markdown(report: dict) -> str:
     cfg = report["config"]
     rounds = report["rounds"]
@@ -178,7 +183,7 @@ def summary_markdown(report: dict) -> str:
         f"- rounds: {cfg['rounds']}, gamma: {cfg['gamma']}, alphas: {cfg['alphas']}, cap: {cfg['cap_bytes']}, "
         f"seed: {cfg['seed']}, transport: {report.get('transport', 'inproc')}",
         f"- clients: {len(report['dataset']['clients'])}, modalities: {', '.join(_modalities(report))}",
-        f"- final mean accuracy: **{report['final_accuracy'] * 100:.2f}%**",
+        f"- final mean accuracy: **{_pct(report['final_accuracy'])}**",
         f"- total upload: **{report['total_upload_bytes'] / 1e6:.3f} MB** "
         f"({report['total_upload_bytes'] / max(1, len(rounds)) / 1e6:.3f} MB per round)",
         "",
@@ -186,7 +191,7 @@ def summary_markdown(report: dict) -> str:
         "|---|---|---|---|",
     ]
     for r in rounds:
-        lines.append(f"| {r['round']} | {r['accuracy'] * 100:.2f}% | {r['upload_bytes'] / 1e6:.4f} | "
+        lines.append(f"| {r['round']} | {_pct(r['accuracy'])} | {r['upload_bytes'] / 1e6:.4f} | "
                      f"{r['cumulative_bytes'] / 1e6:.4f} |")
     counts: dict[str, int] = {}
     for r in rounds:

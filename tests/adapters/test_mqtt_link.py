@@ -295,9 +295,6 @@ def test_backoff_custom_factor_and_small_maximum():
         assert cap / 2 <= d <= cap
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="Backoff.next_delay computes initial * factor ** attempt before capping: after "
-                          "1024 attempts (factor 2) the float power overflows and raises OverflowError")
 def test_backoff_stays_bounded_after_many_attempts():
     b = Backoff(initial=0.5, maximum=30.0, rng=random.Random(1))
     for _ in range(1100):
@@ -328,17 +325,12 @@ def test_parse_broker_url_refuses_other_shapes(url):
     assert repr(url) in str(ei.value) and "mqtt://HOST:PORT" in str(ei.value)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="parse_broker_url lets urllib's ValueError for a non-numeric or out-of-range port "
-                          "escape instead of a ConfigError (fedmfs-coordinator only catches FedMFSError)")
 @pytest.mark.parametrize("url", ["mqtt://host:notaport", "mqtt://host:70000"])
 def test_parse_broker_url_bad_port_is_a_config_error(url):
     with pytest.raises(ConfigError):
         parse_broker_url(url)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_broker_url maps port 0 to the default 1883 (`u.port or 1883`) "
-                                       "instead of refusing it like BrokerConfig does")
 def test_parse_broker_url_port_zero_is_refused():
     with pytest.raises(ConfigError):
         parse_broker_url("mqtt://host:0")

@@ -246,9 +246,6 @@ def test_a_round_without_evaluations_has_no_accuracy(unevaluated_round, report):
     assert rep["rounds"][0]["upload_bytes"] == report["rounds"][0]["upload_bytes"]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="build_report gives accuracy None to a round without evaluations, but "
-                          "summary_markdown and plot_report multiply it by 100 (TypeError)")
 @pytest.mark.parametrize("plots", [False, True])
 def test_write_report_accepts_a_round_without_accuracy(unevaluated_round, tmp_path, plots):
     write_report(unevaluated_round, tmp_path, plots=plots)
