@@ -99,11 +99,12 @@ def build_report(fleet, cfg, state_dir: str | os.PathLike, transport: str, **ext
 
 
 def write_report(report: dict, out: str | os.PathLike, plots: bool = True) -> Path:
+    """Write ``DIR/report.json`` (with the names of the plots), the PNG plots and ``summary.md``."""
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write(d / "report.json", json.dumps(report, indent=1, sort_keys=False).encode())
     if plots:
         report["plots"] = plot_report(report, d)
+    atomic_write(d / "report.json", json.dumps(report, indent=1, sort_keys=False).encode())
     atomic_write(d / "summary.md", summary_markdown(report).encode())
     return d / "report.json"
 
