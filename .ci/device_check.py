@@ -25,4 +25,4 @@ xs = {k: v[:8] for k, v in x.items()}
 res = rt.shapley(xs, xs, kind="loglik", y=y[:8])
 assert res.scores.shape == (len(rt.spec.names),) and np.isfinite(res.scores).all()
 assert "torch" not in sys.modules
-print("device Shapley engine without torch:", dict(zip(rt.spec.names, np.round(res.scores, 4))))
+print("device Shapley engine without torch:", {m: round(float(s), 4) for m, s in zip(rt.spec.names, res.scores)})
