@@ -28,7 +28,9 @@ __all__ = ["run_simulation", "run_inproc"]
 
 log = logging.getLogger("fedmfs.sim")
 
-_IDLE_LIMIT = 10_000   # pump turns without any message or job: the fleet is stuck (a bug), not slow
+# seconds without any message or job: the fleet is stuck (a bug, or a device that gave up), not slow.
+# Longer than the waits a machine may still be in (the edge's 10 s ack timeout, 1 s job retry delay).
+_IDLE_SECONDS = 120.0
 
 
 def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
@@ -66,7 +68,8 @@ def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
         coord.start(writer_thread=False)
         for e in edges:
             e.start()
-        idle, closed = 0, 0
+        idle_since: float | None = None
+        closed = 0
         while not (coord.over and all(e.finished for e in edges)):
             moved = coord.pump()
             for e in edges:
@@ -81,9 +84,15 @@ def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
                 closed = n
                 if on_round is not None:
                     on_round(closed)
-            idle = 0 if moved else idle + 1
-            if idle > _IDLE_LIMIT:
-                raise FedMFSError(f"the in-process fleet made no progress: {coord._status_line()}")
+            if moved:
+                idle_since = None
+                continue
+            # nothing moved: a machine waits for a timer (a retry); let time pass, within a bound
+            idle_since = idle_since if idle_since is not None else time.monotonic()
+            if time.monotonic() - idle_since > _IDLE_SECONDS:
+                raise FedMFSError(f"the in-process fleet made no progress for {_IDLE_SECONDS:.0f} s: "
+                                  f"{coord._status_line()}")
+            time.sleep(0.005)
     finally:
         for e in edges:
             e.stop()
