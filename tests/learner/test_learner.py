@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -208,7 +209,7 @@ def test_recency_enters_the_priority_after_mark_uploaded(fleet, client, trained)
     lr.mark_uploaded([present[0]], 0)
     assert lr.history.last_upload == {present[0]: 0}
     # the same scores one round later: the uploaded modality is 1 round old, the others never uploaded
-    u1 = LocalUpdate(1, u.states, u.sizes, u.shapley, u.samples, u.stage1_accuracy, u.payloads, u.codec)
+    u1 = dataclasses.replace(u, round_index=1)
     ch = lr.choose(u1, SelectionPolicy(gamma=1))
     a = Alphas()
     base = priority(np.array([u.shapley[m] for m in present]), np.array([u.sizes[m] for m in present]), a)
