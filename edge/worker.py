@@ -64,7 +64,9 @@ class Trainer:
             from fedmfs.core.modality import load_spec
 
             spec = load_spec(cfg.spec)
-            return spec, load_client(cfg.data, spec, cfg.device)
+            data = load_client(cfg.data, spec, cfg.device)
+            data.check_splits()
+            return spec, data
 
         return cls(cfg.device, cfg.state_dir, cfg.train, cfg.seed, cfg.index, load, cfg.spool)
 

@@ -44,6 +44,8 @@ def _simulate_parser(sub) -> None:
                    help=f"weight of recency (rounds since the last upload) [{d.alphas.r:.3g}]")
     p.add_argument("--cap-bytes", type=int, default=None,
                    help="per-device upload cap in bytes per round; selection becomes an exact knapsack [no cap]")
+    p.add_argument("--cap-rule", default=None,
+                   help=f"what a binding cap maximises: impact (Shapley, recency bonus) | priority (0.1.0) [{d.cap_rule}]")
     p.add_argument("--codec", default=None, help=f"encoding of the uploaded weights: fp32 | fp16 | int8 [{d.codec}]")
     p.add_argument("--seed", type=int, default=None, help=f"seed of data, initial models and training [{a.seed}]")
     p.add_argument("--aggregation", default=None,
@@ -89,7 +91,7 @@ def cmd_simulate(args) -> int:
     from fedmfs.sim.report import write_report
 
     conf = _resolve(args)
-    kw = {k: conf[k] for k in ("gamma", "cap_bytes", "codec", "rounds", "seed", "aggregation") if k in conf}
+    kw = {k: conf[k] for k in ("gamma", "cap_bytes", "codec", "cap_rule", "rounds", "seed", "aggregation") if k in conf}
     if any(f"alpha_{x}" in conf for x in "scr"):
         d = Alphas()
         kw["alphas"] = Alphas(conf.get("alpha_s", d.s), conf.get("alpha_c", d.c), conf.get("alpha_r", d.r))

@@ -27,6 +27,9 @@ __all__ = [
     "RandomSelector",
     "SelectionInput",
     "SelectionPolicy",
+    "POLICY_KEYS",
+    "CAP_RULES",
+    "impact_value",
     "Selector",
     "knapsack",
     "minmax",
@@ -131,18 +134,38 @@ class Selector(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PrioritySelector:
-    """FedMFS: top-gamma by priority, or the best subset under the byte cap."""
+    """FedMFS: the top-gamma modalities by priority; when they do not fit the byte cap, the subset of
+    at most gamma modalities that fits and is worth the most under ``cap_rule``:
+
+    * ``"impact"`` (default): value_m = phi_m / max(phi) + alpha_r * (t - last_m) / (t + 1): the Shapley
+      impact, with recency as a bonus; size is only the knapsack's weight (it is what the cap spends);
+    * ``"priority"``: value_m = P_m, the priority itself (fedmfs 0.1.0's rule). The priority already
+      rewards small size, so many small models can outweigh the one large informative model.
+
+    A cap that the top-gamma choice fits changes nothing (the cap does not change gamma's meaning)."""
 
     alphas: Alphas
     name: str = "fedmfs"
+    cap_rule: str = "impact"
 
     def select(self, inp: SelectionInput, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
         p = priority(inp.shapley, inp.sizes, self.alphas, inp.rounds_since_upload, inp.round_index)
-        if inp.cap_bytes is None:
-            idx = top_gamma(p, inp.gamma)
-        else:
-            idx = knapsack(p, inp.sizes, inp.cap_bytes, inp.gamma)
+        idx = top_gamma(p, inp.gamma)
+        if inp.cap_bytes is not None and sum(int(inp.sizes[i]) for i in idx) > inp.cap_bytes:
+            value = p if self.cap_rule == "priority" else impact_value(inp, self.alphas)
+            idx = knapsack(value, inp.sizes, inp.cap_bytes, inp.gamma)
         return [inp.modalities[i] for i in idx], p
+
+
+def impact_value(inp: SelectionInput, alphas: Alphas) -> np.ndarray:
+    """value_m = phi_m / max(phi) + a_r * (t - last_m) / (t + 1): what an upload is expected to add
+    (its Shapley impact, scaled to the client's best modality) plus the recency bonus of the priority."""
+    phi = np.clip(np.asarray(inp.shapley, dtype=np.float64), 0.0, None)
+    top = phi.max() if phi.size else 0.0
+    v = phi / top if top > 0 else np.zeros_like(phi)
+    if alphas.r:
+        v = v + alphas.r * np.asarray(inp.rounds_since_upload, dtype=np.float64) / (inp.round_index + 1)
+    return v
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,21 +224,23 @@ class Method:
 
 
 METHODS: Mapping[str, Method] = {m.name: m for m in (
-    Method("fedmfs", "FedMFS: top-gamma modalities by priority (Shapley vs size vs recency), knapsack under a cap",
-           lambda p: PrioritySelector(p.alphas)),
+    Method("fedmfs", "FedMFS: top-gamma modalities by priority (Shapley vs size vs recency); under a byte cap "
+           "that they exceed, the subset of most impact that fits",
+           lambda p: PrioritySelector(p.alphas, cap_rule=p.cap_rule)),
     Method("all", "every modality model every round (gamma = M)", lambda p: AllSelector(), every_modality=True),
     Method("random", "FLASH-style: gamma modalities chosen uniformly at random", lambda p: RandomSelector()),
     Method("size_only", "priority from model size alone (alpha_s = 0)",
-           lambda p: PrioritySelector(Alphas(0.0, 1.0, p.alphas.r), name="size_only")),
+           lambda p: PrioritySelector(Alphas(0.0, 1.0, p.alphas.r), name="size_only", cap_rule="priority")),
     Method("shapley_only", "priority from Shapley impact alone (alpha_c = 0)",
-           lambda p: PrioritySelector(Alphas(1.0, 0.0, p.alphas.r), name="shapley_only")),
+           lambda p: PrioritySelector(Alphas(1.0, 0.0, p.alphas.r), name="shapley_only", cap_rule=p.cap_rule)),
     Method("local", "no federation: every client keeps its local models", lambda p: NoneSelector()),
 )}
 
 
 # the flat keys of a policy (fleet file tables, config messages, simulate options) and their TOML types
 POLICY_KEYS: Mapping[str, type] = {"method": str, "gamma": int, "alpha_s": float, "alpha_c": float,
-                                   "alpha_r": float, "cap_bytes": int, "codec": str}
+                                   "alpha_r": float, "cap_bytes": int, "codec": str, "cap_rule": str}
+CAP_RULES = ("impact", "priority")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,8 +255,11 @@ class SelectionPolicy:
     alphas: Alphas = field(default_factory=Alphas)
     cap_bytes: int | None = None
     codec: str = "fp32"
+    cap_rule: str = "impact"     # what a binding cap maximises (PrioritySelector); CAP_RULES
 
     def __post_init__(self) -> None:
+        if self.cap_rule not in CAP_RULES:
+            raise ValueError(f"cap_rule must be one of {', '.join(CAP_RULES)}, got {self.cap_rule!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or self.gamma < 0:
@@ -253,7 +281,8 @@ class SelectionPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "gamma": self.gamma, "alpha_s": self.alphas.s, "alpha_c": self.alphas.c,
-                "alpha_r": self.alphas.r, "cap_bytes": self.cap_bytes, "codec": self.codec}
+                "alpha_r": self.alphas.r, "cap_bytes": self.cap_bytes, "codec": self.codec,
+                "cap_rule": self.cap_rule}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SelectionPolicy:
@@ -264,4 +293,5 @@ class SelectionPolicy:
         return cls(method=d.get("method", base.method), gamma=d.get("gamma", base.gamma),
                    alphas=Alphas(float(d.get("alpha_s", a.s)), float(d.get("alpha_c", a.c)),
                                  float(d.get("alpha_r", a.r))),
-                   cap_bytes=d.get("cap_bytes", base.cap_bytes), codec=d.get("codec", base.codec))
+                   cap_bytes=d.get("cap_bytes", base.cap_bytes), codec=d.get("codec", base.codec),
+                   cap_rule=d.get("cap_rule", base.cap_rule))

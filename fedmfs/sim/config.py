@@ -58,7 +58,7 @@ class SimConfig:
     def build(cls, method: str | None = None, **kw: Any) -> SimConfig:
         """From flat settings (``method``, ``gamma``, ``alphas``, ``cap_bytes``, ``codec``, ``rounds``,
         ``seed``, ``aggregation``, ``train``); what is not given takes its one declared default."""
-        pol: dict[str, Any] = {k: kw.pop(k) for k in ("gamma", "cap_bytes", "codec", "alphas") if k in kw}
+        pol: dict[str, Any] = {k: kw.pop(k) for k in ("gamma", "cap_bytes", "codec", "alphas", "cap_rule") if k in kw}
         baseline = method if method in BASELINES else None
         if method is not None and baseline is None:
             pol["method"] = method
@@ -83,4 +83,5 @@ class SimConfig:
         p = self.policy
         return {"method": self.method, "rounds": self.rounds, "gamma": p.gamma,
                 "alphas": {"s": p.alphas.s, "c": p.alphas.c, "r": p.alphas.r}, "cap_bytes": p.cap_bytes,
-                "codec": p.codec, "seed": self.seed, "aggregation": self.aggregation, "train": asdict(self.train)}
+                "codec": p.codec, "cap_rule": p.cap_rule, "seed": self.seed, "aggregation": self.aggregation,
+                "train": asdict(self.train)}

@@ -227,3 +227,34 @@ def test_uci_har_bad_labels_and_numbers(tmp_path):
     sig.write_text(sig.read_text().replace("e", "q", 1))
     with pytest.raises(DataError, match="not a number"):
         load_uci_har(tmp_path, parts=("train",))
+
+
+@pytest.mark.parametrize("which", ["train", "test"])
+def test_a_client_without_training_or_test_windows_is_refused_up_front(tmp_path, which):
+    """Issue 8: such a client passed validation and crashed the run in evaluation."""
+    from fedmfs.core.data.format import Fleet, load_fleet, save_fleet
+    from fedmfs.core.data.synthetic import make_synthetic
+    from fedmfs.core.errors import DataError
+    from fedmfs.sim.config import SimConfig
+    from fedmfs.sim.driver import run_simulation
+
+    f = make_synthetic("small", 0)
+    bad = f.clients[1]
+    bad.train[:] = which == "test"          # all windows train (no test), or none train
+    fleet = Fleet(f.spec, [f.clients[0], bad], f.metadata)
+    with pytest.raises(DataError, match=f"{bad.name}.*at least one of each"):
+        run_simulation(fleet, SimConfig.build(rounds=1), "inproc", workdir=tmp_path / "run")
+    with pytest.raises(DataError, match=bad.name):
+        save_fleet(fleet, tmp_path / "fleet")
+    # a hand-written fleet directory with such a client is refused when it is loaded
+    save_fleet(Fleet(f.spec, [f.clients[0]], f.metadata), tmp_path / "fleet2")
+    import json
+
+    import numpy as np
+    np.savez(tmp_path / "fleet2" / f"{bad.name}.npz", y=bad.y, train=bad.train,
+             **{f"x_{k}": v for k, v in bad.x.items()})
+    meta = json.loads((tmp_path / "fleet2" / "fleet.json").read_text())
+    meta["clients"].append(bad.name)
+    (tmp_path / "fleet2" / "fleet.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="at least one of each"):
+        load_fleet(tmp_path / "fleet2")

@@ -14,6 +14,7 @@ from fedmfs.core.selection import (
     PrioritySelector,
     RandomSelector,
     SelectionInput,
+    SelectionPolicy,
     knapsack,
     minmax,
     priority,
@@ -93,3 +94,35 @@ def test_bad_alphas():
         Alphas(-1, 1)
     with pytest.raises(ValueError):
         Alphas(0, 0, 0)
+
+
+def test_a_slack_cap_changes_nothing():
+    """Issue 8: a cap that fits every model dropped modalities of priority 0 (the sum of priorities
+    gains nothing from them), so a cap changed what gamma meant."""
+    inp = SelectionInput(("a", "b", "c"), np.array([1.0, 0.5, 0.1]), np.array([10, 20, 30]), np.ones(3), 0, 3)
+    capped = SelectionInput(*[getattr(inp, f) for f in ("modalities", "shapley", "sizes", "rounds_since_upload",
+                                                          "round_index", "gamma")], cap_bytes=10**6)
+    for rule in ("impact", "priority"):
+        sel = PrioritySelector(Alphas(1.0, 0.0, 0.0), cap_rule=rule)
+        assert sel.select(capped, np.random.default_rng(0))[0] == sel.select(inp, np.random.default_rng(0))[0] \
+            == ["a", "b", "c"]
+
+
+def test_under_a_binding_cap_the_impact_rule_sends_the_informative_model():
+    """Issue 8: with gamma = 8 and a cap the largest, most informative model fits, the sum-of-priorities
+    rule sent the many small models (the priority rewards small size) and never the large one."""
+    mods = ("big", "n1", "n2", "n3", "n4", "n5", "n6")
+    inp = SelectionInput(mods, np.array([10.0] + [0.5] * 6), np.array([50_000] + [5_000] * 6), np.ones(7),
+                         3, 8, cap_bytes=55_000)
+    old, _ = PrioritySelector(Alphas(), cap_rule="priority").select(inp, np.random.default_rng(0))
+    new, _ = PrioritySelector(Alphas(), cap_rule="impact").select(inp, np.random.default_rng(0))
+    assert "big" not in old and len(old) == 6
+    assert "big" in new and sum(inp.sizes[mods.index(m)] for m in new) <= 55_000
+    # gamma still bounds the count, and the rule is part of the policy the coordinator sends
+    one, _ = PrioritySelector(Alphas(), cap_rule="impact").select(
+        SelectionInput(mods, inp.shapley, inp.sizes, inp.rounds_since_upload, 3, 1, 55_000), np.random.default_rng(0))
+    assert one == ["big"]
+    assert SelectionPolicy(cap_rule="priority").selector().cap_rule == "priority"
+    assert SelectionPolicy.from_dict(SelectionPolicy(cap_rule="priority").to_dict()).cap_rule == "priority"
+    with pytest.raises(ValueError, match="cap_rule"):
+        SelectionPolicy(cap_rule="greedy")

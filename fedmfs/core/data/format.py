@@ -78,6 +78,14 @@ class ClientData:
         if problems:
             raise DataError(f"client {self.name!r}: " + "; ".join(problems))
 
+    def check_splits(self) -> None:
+        """A client that takes part in rounds needs training windows (to train and fit its fusion
+        model) and test windows (to be evaluated). Spool files of new windows need not have both."""
+        n_train, n_test = int(self.train.sum()), int((~self.train).sum())
+        if n_train == 0 or n_test == 0:
+            raise DataError(f"client {self.name!r} has {n_train} training and {n_test} test windows; it needs "
+                            "at least one of each (set train = True for training windows, False for test)")
+
 
 @dataclass(slots=True)
 class Fleet:
@@ -93,6 +101,7 @@ class Fleet:
             raise DataError(f"duplicate client names: {names}")
         for c in self.clients:
             c.validate(self.spec)
+            c.check_splits()
 
 
 
@@ -154,4 +163,6 @@ def load_fleet(directory: str | os.PathLike) -> Fleet:
     clients = [load_client(d / f"{n}.npz", spec, n) for n in meta.get("clients", [])]
     if not clients:
         raise DataError(f"{mp}: the fleet lists no clients")
-    return Fleet(spec, clients, meta.get("metadata", {}))
+    fleet = Fleet(spec, clients, meta.get("metadata", {}))
+    fleet.validate()
+    return fleet

@@ -143,6 +143,7 @@ class DeviceConfig:
     def from_dict(cls, d: Mapping) -> DeviceConfig:
         for k in ("method", "codec"):
             get_field(d, k, str)
+        get_field(d, "cap_rule", str, optional=True)
         get_field(d, "gamma", int)
         for k in ("alpha_s", "alpha_c", "alpha_r"):
             finite(d, k)
