@@ -21,14 +21,16 @@ from torch import nn
 from fedmfs.core.aggregation import WeightedMean
 from fedmfs.core.data.format import Fleet
 from fedmfs.core.modality import DatasetSpec
-from fedmfs.core.payload import Codec, ModelHeader, encode_model, state_digest
+from fedmfs.core.payload import Codec, ModelHeader, decode_model, encode_model, state_digest
 from fedmfs.core.seeds import seed_for
 from fedmfs.learner.models import numpy_to_state, state_to_numpy
 from fedmfs.learner.training import sgd_epochs
 from fedmfs.sim.config import SimConfig
 from fedmfs.sim.report import report_envelope
 
-__all__ = ["HolisticModel", "run_holistic"]
+__all__ = ["HolisticModel", "aggregate_holistic", "run_holistic"]
+
+State = dict[str, np.ndarray]
 
 
 class HolisticModel(nn.Module):
@@ -59,9 +61,33 @@ def _train(model: HolisticModel, x: dict[str, np.ndarray], y: np.ndarray, cfg, r
                len(y), cfg, rng)
 
 
+def _group(name: str) -> str:
+    """The aggregation group of a parameter: its modality's encoder, or the shared head."""
+    return name.split(".")[1] if name.startswith("encoders.") else "head"
+
+
+def aggregate_holistic(previous: State, uploads: list[tuple[State, float, tuple[str, ...]]]) -> tuple[State, int]:
+    """FedAvg per parameter group: each modality's encoder over the uploads of clients that have the
+    modality (an absent modality's untouched encoder would dilute it), the head over all uploads;
+    a group nobody uploaded keeps ``previous``. Returns the new state and the number of uploads."""
+    groups: dict[str, WeightedMean] = {}
+    for state, weight, modalities in uploads:
+        for g in {"head", *modalities}:
+            part = {k: v for k, v in state.items() if _group(k) == g}
+            groups.setdefault(g, WeightedMean()).add(part, weight)
+    out = dict(previous)
+    for agg in groups.values():
+        out.update(agg.result())
+    return out, len(uploads)
+
+
 def run_holistic(fleet: Fleet, cfg: SimConfig, progress: bool = False,
                  on_round: Callable[[dict], None] | None = None) -> dict:
+    """Rounds of holistic FedAvg under the run's policy: every client uploads its whole model each
+    round, encoded with the policy's codec (the server averages what it received, decoded), and not
+    at all when the encoded model exceeds the policy's byte cap."""
     spec = fleet.spec
+    policy = cfg.policy
     torch.manual_seed(seed_for(cfg.seed, 0x401))
     global_state = state_to_numpy(HolisticModel(spec))
     rounds, cumulative = [], 0
@@ -72,20 +98,21 @@ def run_holistic(fleet: Fleet, cfg: SimConfig, progress: bool = False,
         bar = tqdm(total=cfg.rounds * len(fleet.clients), desc="holistic", unit="client", leave=False)
     for r in range(cfg.rounds):
         t0 = time.perf_counter()
-        agg = WeightedMean()
+        received: list[tuple[State, float, tuple[str, ...]]] = []
         uploads = []
         for i, c in enumerate(fleet.clients):
             model = HolisticModel(spec)
             numpy_to_state(model, global_state)
             xtr, ytr = c.split(True)
             _train(model, xtr, ytr, cfg.train, np.random.default_rng(seed_for(cfg.seed, i, r, 0x401)))
-            st = state_to_numpy(model)
-            nbytes = len(encode_model(st, ModelHeader(r, "holistic", c.n_train, Codec(cfg.policy.codec))))
-            agg.add(st, float(c.n_train))
-            uploads.append({"device": c.name, "modality": "holistic", "bytes": nbytes})
+            payload = encode_model(state_to_numpy(model), ModelHeader(r, "holistic", c.n_train, Codec(policy.codec)))
+            if policy.cap_bytes is not None and len(payload) > policy.cap_bytes:
+                continue   # the whole model does not fit the device's cap: nothing is sent
+            received.append((decode_model(payload)[1], float(c.n_train), tuple(c.modalities)))
+            uploads.append({"device": c.name, "modality": "holistic", "bytes": len(payload)})
             if bar is not None:
                 bar.update(1)
-        global_state = agg.result()
+        global_state, count = aggregate_holistic(global_state, received)
         model = HolisticModel(spec)
         numpy_to_state(model, global_state)
         accs = {}
@@ -98,8 +125,8 @@ def run_holistic(fleet: Fleet, cfg: SimConfig, progress: bool = False,
         cumulative += nbytes
         row = {"round": r, "accuracy": float(np.mean(list(accs.values()))), "client_accuracy": accs,
                "uploads": uploads, "upload_bytes": nbytes, "cumulative_bytes": cumulative,
-               "aggregated": {"holistic": len(uploads)}, "clients": {}, "global_versions": {"holistic": r + 1},
-               "seconds": time.perf_counter() - t0}
+               "aggregated": {"holistic": count} if count else {}, "clients": {},
+               "global_versions": {"holistic": r + 1}, "seconds": time.perf_counter() - t0}
         rounds.append(row)
         if on_round is not None:
             on_round(row)
