@@ -327,14 +327,16 @@ class CoordinatorMachine:
         return [PersistGlobal(m, version, round_index, frame, sha),
                 Publish(self.topics.global_model(m), frame, 1, True)]
 
-    def training_globals(self, round_index: int) -> dict[str, str]:
-        """Globals a device trains round ``round_index`` from (the engine's ``for_training``)."""
-        return {m: g.sha256 for m, g in sorted(self.globals.items()) if round_index == 0 or g.version > 0}
+    def training_globals(self) -> dict[str, str]:
+        """The globals a device trains from, every modality's latest, the never-aggregated initial
+        ones included: a device that joins after round 0 starts a modality nobody has uploaded yet from
+        the fleet's initial model, not from its own random one. (A device that trained it since round 0
+        keeps its local model: it restarts from a global only when that global is new to it.)"""
+        return {m: g.sha256 for m, g in sorted(self.globals.items())}
 
     def announcement(self) -> RoundAnnouncement:
-        r = self.round if self.state is not RoundState.DONE else self.policy.rounds_total
         return RoundAnnouncement(self.fleet, self.round, self.state, self.deadline, self.policy.rounds_total,
-                                 self.expected, self.training_globals(r), self.policy.chunk_bytes)
+                                 self.expected, self.training_globals(), self.policy.chunk_bytes)
 
     def _announce(self) -> Publish:
         return Publish(self.topics.round(), encode_message(self.announcement()), 1, True)

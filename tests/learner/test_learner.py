@@ -424,3 +424,24 @@ def test_sgd_epochs_is_deterministic_in_the_rng():
         out.append(state_to_numpy(model))
     assert_states_equal(out[0], out[1])
     assert states_differ(out[0], out[2])
+
+
+def test_a_late_joiner_starts_a_never_aggregated_modality_from_the_fleets_initial_model():
+    """Issue 8: the round-1 announcement listed only aggregated globals, so a device joining then
+    started the others from its own random initialisation. The coordinator now lists every global
+    (tests/coordinator); a learner given one it has not started from starts from it."""
+    from fedmfs.core.payload import state_digest
+    from fedmfs.learner.models import initial_globals
+
+    f = make_synthetic("small", 0)
+    client = f.clients[0]
+    fleet_init = initial_globals(f.spec, seed=0)
+    late = Learner(f.spec, client, TrainConfig(epochs=0, fusion_steps=2, shapley_samples=4), seed=0, index=5)
+    m = client.modalities[0]
+    own = {k: v.detach().numpy().copy() for k, v in late.models[m].state_dict().items()}
+    assert any(not np.array_equal(own[k], fleet_init[m][k]) for k in own)   # its own init differs
+    late.local_round(1, {m: fleet_init[m]}, "fp32")
+    got = {k: v.detach().numpy() for k, v in late.models[m].state_dict().items()}
+    for k in got:   # epochs=0: the model is exactly the fleet's initial model it started from
+        np.testing.assert_array_equal(got[k], fleet_init[m][k])
+    assert late.history.synced[m] == state_digest(fleet_init[m])
