@@ -30,19 +30,23 @@ class TrainConfig:
     # "holdout": each round one of `folds` stratified folds of the training split is held out of local
     # training (round-robin, so every window trains in most rounds) and Stage #1 fusion + Shapley use
     # it: a modality that memorises its training windows cannot look informative.
+    # "crossfit": the held-out fold as with "holdout", but the fusion is fitted on the training windows
+    # (as the deployed fusion is) and only judged on the held-out ones.
     score_on: str = "train"
     folds: int = 5
-    value_kind: str = "prob"  # "prob" (paper) or "loglik"
+    # "prob" (the paper's: |phi| over class probabilities), "loglik" (|phi| of the true class's
+    # log-likelihood) or "gain" (its signed mean: harmful contributions count against a modality)
+    value_kind: str = "prob"
     hard_labels: bool = False  # the paper feeds one-hot predicted labels to the fusion model
     # "onnx": the ONNX Runtime engine (the device's path); "numpy": the reference. Hard labels use numpy.
     shapley_backend: str = "onnx"
     threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.value_kind not in ("prob", "loglik"):
-            raise ConfigError(f"value_kind must be 'prob' or 'loglik', got {self.value_kind!r}")
-        if self.score_on not in ("holdout", "train"):
-            raise ConfigError(f"score_on must be 'holdout' or 'train', got {self.score_on!r}")
+        if self.value_kind not in ("prob", "loglik", "gain"):
+            raise ConfigError(f"value_kind must be 'prob', 'loglik' or 'gain', got {self.value_kind!r}")
+        if self.score_on not in ("holdout", "train", "crossfit"):
+            raise ConfigError(f"score_on must be 'train', 'holdout' or 'crossfit', got {self.score_on!r}")
         if self.folds < 2:
             raise ConfigError(f"folds must be >= 2, got {self.folds}")
         if self.shapley_backend not in ("onnx", "numpy"):

@@ -143,6 +143,10 @@ class Learner:
         rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, 0x5A))
         n = len(y)
         idx = np.sort(rng.choice(n, size=min(cfg.shapley_samples, n), replace=False))
+        # "gain": the signed contribution to the true class's log-likelihood, averaged over samples: a
+        # modality whose contribution is large but harmful (noise the fusion trusts) scores below 0,
+        # where |phi| (the paper's score) would count it as impact
+        kind = "loglik" if cfg.value_kind in ("loglik", "gain") else "prob"
         if cfg.shapley_backend == "onnx" and not cfg.hard_labels:
             from fedmfs.core.runtime.graphs import model_set_runtime
 
@@ -152,7 +156,9 @@ class Learner:
                 state_to_numpy(f), cfg.fusion_hidden, threads=cfg.threads,
             )
             xs = {m: x[m][idx] for m in self.present}
-            res = rt.shapley(xs, xs, kind=cfg.value_kind, y=y[idx], method="exact")
+            res = rt.shapley(xs, xs, kind=kind, y=y[idx], method="exact")
+            if cfg.value_kind == "gain":
+                return np.asarray(res.phi, dtype=np.float64).mean(axis=0)
             return np.asarray(res.scores, dtype=np.float64)
         from fedmfs.core.shapley import exact_shapley, modality_scores
 
@@ -162,13 +168,13 @@ class Learner:
                          torch.from_numpy(np.ascontiguousarray(mask, np.float32))).exp().numpy()
 
         sub = probs[idx]
-        phi = exact_shapley(fusion_fn, sub, sub, self.mask, cfg.value_kind, y[idx])
-        return modality_scores(phi)
+        phi = exact_shapley(fusion_fn, sub, sub, self.mask, kind, y[idx])
+        return phi.mean(axis=0) if cfg.value_kind == "gain" else modality_scores(phi)
 
     def local_round(self, round_index: int, globals: dict[str, State], codec: str) -> LocalUpdate:
         """Train every modality model from the current globals, fit Stage #1 fusion, score modalities,
         and encode every modality's upload with ``codec`` (its size is part of the choice)."""
-        if self.config.score_on == "holdout":
+        if self.config.score_on in ("holdout", "crossfit"):
             held = self.fold == round_index % self.config.folds
         else:
             held = np.zeros(len(self.ytr), bool)
@@ -186,7 +192,13 @@ class Learner:
         xs = {m: v[score_rows] for m, v in self.xtr.items()}
         ys = self.ytr[score_rows]
         probs = self._probs(self.models, xs)
-        f1 = self._fit_fusion(probs, ys, seed_for(round_index, 1))
+        if self.config.score_on == "crossfit" and held.any():
+            # the fusion is fitted where the modality models trained, as the deployed one will be,
+            # and judged on the held-out windows: what a modality memorised does not carry over
+            xf = {m: v[train_rows] for m, v in self.xtr.items()}
+            f1 = self._fit_fusion(self._probs(self.models, xf), self.ytr[train_rows], seed_for(round_index, 1))
+        else:
+            f1 = self._fit_fusion(probs, ys, seed_for(round_index, 1))
         scores = self._shapley(f1, xs, ys, probs, round_index)
         states = {m: state_to_numpy(self.models[m]) for m in self.present}
         payloads = {m: self._encode(states[m], m, round_index, self.data.n_train, codec) for m in self.present}

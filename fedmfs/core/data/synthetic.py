@@ -46,6 +46,7 @@ __all__ = [
     "ModalityTruth",
     "SyntheticPreset",
     "make_synthetic",
+    "add_noise_modalities",
 ]
 
 GENERATOR = "fedmfs.synthetic/1"
@@ -305,3 +306,32 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
     fleet = Fleet(spec, clients, metadata)
     fleet.validate()
     return fleet
+
+
+def add_noise_modalities(fleet: Fleet, widths: tuple[int, ...] = (3, 16, 64, 256), seed: int = 0,
+                         hidden: int | None = None) -> Fleet:
+    """``fleet`` with one pure-noise modality ``noise<w>`` of ``w`` features per width, on every client:
+    Gaussian noise per window and step, independent of the label, scaled like the other modalities.
+    The noise modalities join the end of the ground truth (``informativeness`` = chance, listed in
+    ``metadata["noise_modalities"]``), so a scoring rule can be checked to rank them last."""
+    if not widths or len(set(widths)) != len(widths) or min(widths) < 1:
+        raise ValueError(f"widths must be distinct positive feature counts, got {widths}")
+    spec = fleet.spec
+    h = hidden or spec.modalities[0].hidden
+    extra = tuple(ModalitySpec(f"noise{w}", (w,), h) for w in widths)
+    new_spec = DatasetSpec(spec.modalities + extra, spec.num_classes, spec.steps, spec.class_names)
+    clients = []
+    for i, c in enumerate(fleet.clients):
+        xs = dict(c.x)
+        for j, ms in enumerate(extra):
+            rng = _rng(seed, 0x0015E, i, j)
+            xs[ms.name] = np.clip(rng.normal(0.0, 0.35, (len(c.y), spec.steps, ms.features)), -1, 1).astype(np.float32)
+        clients.append(ClientData(c.name, xs, c.y, c.train))
+    meta = dict(fleet.metadata)
+    chance = 1.0 / spec.num_classes
+    meta["informativeness"] = {**meta.get("informativeness", {}), **{ms.name: chance for ms in extra}}
+    meta["informativeness_order"] = list(meta.get("informativeness_order", spec.names)) + [ms.name for ms in extra]
+    meta["noise_modalities"] = [ms.name for ms in extra]
+    out = Fleet(new_spec, clients, meta)
+    out.validate()
+    return out
