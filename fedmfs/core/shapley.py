@@ -33,6 +33,7 @@ __all__ = [
     "coalition_values",
     "exact_shapley",
     "modality_scores",
+    "modality_gains",
     "permutation_from_coalitions",
     "permutation_shapley",
     "shapley_from_coalition_values",
@@ -207,3 +208,12 @@ def modality_scores(phi: np.ndarray) -> np.ndarray:
     """One impact score per modality: |phi| summed over samples (and classes), as the paper does."""
     a = np.abs(phi)
     return a.sum(axis=tuple(i for i in range(a.ndim) if i != 1))
+
+
+def modality_gains(phi: np.ndarray) -> np.ndarray:
+    """One signed score per modality from "loglik" Shapley values (N, M): the mean contribution to the
+    true class's log-likelihood. A modality that helps scores above 0; one whose contribution is large
+    but harmful (noise the fusion trusts) scores below 0, where :func:`modality_scores` would count it."""
+    if phi.ndim != 2:
+        raise ValueError(f"gains need per-sample log-likelihood values (N, M), got shape {phi.shape}")
+    return phi.mean(axis=0)

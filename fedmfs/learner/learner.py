@@ -19,6 +19,7 @@ from fedmfs.core.records import RoundRecord
 from fedmfs.core.seeds import seed_for
 from fedmfs.core.selection import SelectionInput, SelectionPolicy
 from fedmfs.core.settings import TrainConfig
+from fedmfs.core.shapley import modality_gains
 from fedmfs.learner.models import FusionModel, ModalityModel, numpy_to_state, state_to_numpy
 from fedmfs.learner.training import sgd_epochs
 
@@ -158,7 +159,7 @@ class Learner:
             xs = {m: x[m][idx] for m in self.present}
             res = rt.shapley(xs, xs, kind=kind, y=y[idx], method="exact")
             if cfg.value_kind == "gain":
-                return np.asarray(res.phi, dtype=np.float64).mean(axis=0)
+                return modality_gains(np.asarray(res.phi, dtype=np.float64))
             return np.asarray(res.scores, dtype=np.float64)
         from fedmfs.core.shapley import exact_shapley, modality_scores
 
@@ -169,7 +170,7 @@ class Learner:
 
         sub = probs[idx]
         phi = exact_shapley(fusion_fn, sub, sub, self.mask, kind, y[idx])
-        return phi.mean(axis=0) if cfg.value_kind == "gain" else modality_scores(phi)
+        return modality_gains(phi) if cfg.value_kind == "gain" else modality_scores(phi)
 
     def local_round(self, round_index: int, globals: dict[str, State], codec: str) -> LocalUpdate:
         """Train every modality model from the current globals, fit Stage #1 fusion, score modalities,

@@ -141,3 +141,30 @@ def test_coalition_values_shapes(problem):
     f, x, bg, y, _ = problem
     v = coalition_values(f, x, bg, np.array([0, 2]), np.array([1, 0, 1, 0], bool), "loglik", y)
     assert v.shape == (4, x.shape[0])
+
+
+def test_gains_count_a_harmful_contribution_against_the_modality():
+    """Issue 8: |phi| rewards a modality whose contribution is large and harmful as much as one that
+    helps. Two modalities, two classes: the fusion follows modality 0 (right) and is pulled to the
+    wrong class by modality 1 (noise it trusts). |phi| scores both high; the signed gain puts the
+    harmful one below 0."""
+    from fedmfs.core.shapley import exact_shapley, modality_gains, modality_scores
+
+    y = np.array([0, 1, 0, 1])
+    x = np.zeros((4, 2, 2), np.float32)
+    x[np.arange(4), 0, y] = 1.0            # modality 0 says the true class
+    x[np.arange(4), 1, 1 - y] = 1.0        # modality 1 says the other one
+    bg = np.full((3, 2, 2), 0.5, np.float32)
+
+    def fusion(z, mask):
+        logits = 2.0 * z[:, 0] + 1.5 * z[:, 1]
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    phi = exact_shapley(fusion, x, bg, np.array([True, True]), "loglik", y)
+    abs_scores, gains = modality_scores(phi), modality_gains(phi)
+    assert abs_scores[1] > 0.5 * abs_scores[0]            # |phi| calls the harmful modality impactful
+    assert gains[0] > 0 > gains[1]                         # the gain ranks it below 0
+    np.testing.assert_allclose(gains.sum(), phi.sum(1).mean())   # efficiency: gains sum to the total
+    with pytest.raises(ValueError, match="per-sample"):
+        modality_gains(np.zeros((4, 2, 2)))
