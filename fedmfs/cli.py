@@ -117,13 +117,144 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def cmd_data(args) -> int:
-    from fedmfs.core.data import make_synthetic, save_fleet
+# the processed file of the paper (ActionNet's export; the layout mmFedMC's utils_data.py reads)
+_ACTIONSENSE_FILE = "data_processed_allStreams_10s_10hz_5subj_ex20-20_allActs.hdf5"
+_ACTIONSENSE_HINT = (f"--hdf5 takes the processed ActionSense file ({_ACTIONSENSE_FILE}, the layout in "
+                     f"docs/data.md, section ActionSense)")
 
-    fleet = make_synthetic(args.preset, seed=args.seed)
-    d = save_fleet(fleet, args.out)
-    print(f"wrote {len(fleet.clients)} clients to {d}")
+
+def _split_list(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _check_actionsense_file(path: Path, modalities: list[str] | None) -> None:
+    """The three ways a user's --hdf5 goes wrong, each with its fix; the loader checks the rest."""
+    from fedmfs.core.data.actionsense import STREAMS
+    from fedmfs.core.errors import DataError
+
+    if not path.exists():
+        raise DataError(f"{path}: no such file. Fix: {_ACTIONSENSE_HINT}; check the path")
+    if not path.is_file():
+        raise DataError(f"{path} is a directory, not a file. Fix: {_ACTIONSENSE_HINT}; a fleet "
+                        f"directory is read by `fedmfs simulate --data DIR`")
+    try:
+        import h5py
+    except ImportError as e:  # pragma: no cover - h5py is in the [train] extra
+        raise DataError("reading ActionSense needs h5py. Fix: pip install 'fedmfs[train]'") from e
+    if not h5py.is_hdf5(path):
+        raise DataError(f"{path} is not an HDF5 file (no HDF5 signature). Fix: {_ACTIONSENSE_HINT}")
+    try:
+        with h5py.File(path, "r") as f:
+            keys = sorted(f.keys())
+    except OSError as e:
+        raise DataError(f"{path} is an HDF5 file h5py cannot read ({e}). Fix: check the file is complete "
+                        f"(a partial download or copy is truncated)") from e
+    wanted = modalities or list(STREAMS)
+    unknown = [m for m in wanted if m not in STREAMS]
+    if unknown:
+        raise ConfigError(f"--modalities: unknown {unknown}; the ActionSense modalities are {', '.join(STREAMS)}")
+    lacking = [k for k in ("example_label_indexes", "example_subject_ids") if k not in keys]
+    if lacking:
+        raise DataError(f"{path}: lacks the dataset(s) {lacking}; it has {keys}. Fix: {_ACTIONSENSE_HINT}: "
+                        f"one window per row with example_label_indexes, example_subject_ids and one "
+                        f"example_matrices_<device>_<stream> dataset per modality")
+    have = [m for m in wanted if STREAMS[m] in keys]
+    if len(have) == len(wanted) or (not have and "example_matrices" in keys):
+        return  # per-stream datasets, or ActionNet's single concatenated example_matrices
+    missing = [STREAMS[m] for m in wanted if STREAMS[m] not in keys]
+    fix = (f"read the streams it has with --modalities {','.join(have)}, or use a file with every stream"
+           if have else f"{_ACTIONSENSE_HINT}")
+    raise DataError(f"{path}: lacks the stream dataset(s) {missing}; it has {keys}. Fix: {fix}")
+
+
+def cmd_data(args) -> int:
+    from fedmfs.core.data import load_actionsense_hdf5, make_synthetic, save_fleet
+
+    source = args.data_cmd or "synthetic"
+    if args.data_cmd is not None and any(v is not None for v in (args.legacy_preset, args.legacy_seed,
+                                                                 args.legacy_out)):
+        raise ConfigError(f"give --preset/--seed/--out after the source: `fedmfs data {source} ... --out DIR`")
+    if source == "synthetic":
+        preset = args.preset if args.data_cmd else (args.legacy_preset or "small")
+        seed = args.seed if args.data_cmd else (0 if args.legacy_seed is None else args.legacy_seed)
+        out = args.out if args.data_cmd else args.legacy_out
+        if out is None:
+            raise ConfigError("fedmfs data: --out DIR is required (`fedmfs data synthetic --preset small --out DIR`)")
+        fleet = make_synthetic(preset, seed=seed)
+    else:
+        out = args.out
+        mods = _split_list(args.modalities)
+        _check_actionsense_file(args.hdf5, mods)
+        if not 0.0 < args.split < 1.0:
+            raise ConfigError(f"--split must be between 0 and 1 (the training share), got {args.split}")
+        if args.steps is not None and args.steps < 0:
+            raise ConfigError(f"--steps must be >= 0 (0 keeps the file's), got {args.steps}")
+        kw: dict = {"split": args.split, "seed": args.seed, "subjects": _split_list(args.subjects)}
+        if args.steps is not None:
+            kw["steps"] = args.steps or None
+        if mods:
+            kw["modalities"] = tuple(mods)
+        fleet = load_actionsense_hdf5(args.hdf5, **kw)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory (it is created if needed)")
+    try:
+        d = save_fleet(fleet, out)
+    except OSError as e:
+        raise ConfigError(f"cannot write the fleet to {out}: {e}") from e
+    spec = fleet.spec
+    print(f"wrote {len(fleet.clients)} clients ({', '.join(c.name for c in fleet.clients)}), "
+          f"{len(spec.modalities)} modalities, {spec.num_classes} classes, {spec.steps} steps to {d}")
+    for c in fleet.clients:
+        lacks = [m for m in spec.names if m not in c.x]
+        if lacks:
+            print(f"  {c.name}: {len(c)} windows ({c.n_train} train), lacks {', '.join(lacks)}")
     return 0
+
+
+def _data_parser(sub) -> None:
+    import inspect
+
+    from fedmfs.core.data import load_actionsense_hdf5
+
+    loader = inspect.signature(load_actionsense_hdf5).parameters
+    d = sub.add_parser(
+        "data", help="write a fleet directory (docs/data.md): synthetic, or from the ActionSense HDF5",
+        usage="fedmfs data {synthetic,actionsense} [options] --out DIR\n       fedmfs data --preset P [--seed N] --out DIR",
+        description=(
+            "Write a fleet directory (docs/data.md format) for `fedmfs simulate --data DIR`. Sources: "
+            "`synthetic` (a generated ActionSense-shaped fleet) and `actionsense` (the processed "
+            "ActionSense HDF5, one client per subject). The older form `fedmfs data --preset P "
+            "[--seed N] --out DIR` still writes a synthetic fleet."
+        ),
+    )
+    # the older form, without a source; hidden from --help (the description names it)
+    d.add_argument("--preset", dest="legacy_preset", default=None, help=argparse.SUPPRESS)
+    d.add_argument("--seed", dest="legacy_seed", type=int, default=None, help=argparse.SUPPRESS)
+    d.add_argument("--out", dest="legacy_out", type=Path, default=None, help=argparse.SUPPRESS)
+    src = d.add_subparsers(dest="data_cmd", metavar="{synthetic,actionsense}")
+    s = src.add_parser("synthetic", help="a synthetic ActionSense-shaped fleet",
+                       description="Write a synthetic ActionSense-shaped fleet (docs/data.md, Synthetic fleet).")
+    s.add_argument("--preset", default="small", help="small (fast) or actionsense (paper size) [small]")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator [0]")
+    s.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write (created if needed)")
+    a = src.add_parser(
+        "actionsense", help="the processed ActionSense HDF5 file, one client per subject",
+        description=(f"Turn the processed ActionSense file ({_ACTIONSENSE_FILE}; layout in docs/data.md) "
+                     "into a fleet directory: one client per subject, a stratified train/test split per "
+                     "client, a subject whose stream is all zeros lacks that modality."),
+    )
+    a.add_argument("--hdf5", type=Path, required=True, metavar="FILE", help="the processed HDF5 file")
+    a.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write (created if needed)")
+    a.add_argument("--split", type=float, default=loader["split"].default,
+                   help=f"training share of each client's windows, stratified by class [{loader['split'].default}]")
+    a.add_argument("--seed", type=int, default=loader["seed"].default,
+                   help=f"seed of the split [{loader['seed'].default}]")
+    a.add_argument("--steps", type=int, default=None,
+                   help=f"resample every window to this many steps; 0 keeps the file's [{loader['steps'].default}]")
+    a.add_argument("--subjects", default=None, metavar="S00,S02", help="comma-separated subject ids to keep [every subject]")
+    a.add_argument("--modalities", default=None, metavar="M1,M2",
+                   help="comma-separated modalities to read (eye,emg_left,emg_right,tactile_left,"
+                   "tactile_right,xsens) [all six]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,10 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     _simulate_parser(sub)
     m = sub.add_parser("methods", help="list the selection methods and baselines")
     m.set_defaults()
-    d = sub.add_parser("data", help="write a synthetic fleet directory (docs/data.md format)")
-    d.add_argument("--preset", default="small", help="small or actionsense")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", type=Path, required=True, help="directory to write")
+    _data_parser(sub)
     return ap
 
 

@@ -27,9 +27,13 @@ def fedmfs_report(fleet):
 def test_report_bookkeeping(fleet, fedmfs_report):
     rep = fedmfs_report
     assert len(rep["rounds"]) == 10
+    n_test = {c.name: int((~c.train).sum()) for c in fleet.clients}
     cum = 0
     for r in rep["rounds"]:
-        assert 0.0 <= r["accuracy"] <= 1.0
+        # a client's accuracy is a count of its test windows: k / n_test (was: 0 <= accuracy <= 1)
+        for name, acc in r["client_accuracy"].items():
+            k = round(acc * n_test[name])
+            assert 0 <= k <= n_test[name] and acc * n_test[name] == pytest.approx(k, abs=1e-6)
         assert r["accuracy"] == pytest.approx(np.mean(list(r["client_accuracy"].values())))
         assert r["upload_bytes"] == sum(u["bytes"] for u in r["uploads"])
         cum += r["upload_bytes"]
@@ -46,6 +50,11 @@ def test_report_bookkeeping(fleet, fedmfs_report):
     for name in ("S06", "S07", "S08", "S09"):
         assert "tactile_left" not in rep["rounds"][0]["clients"][name]["shapley"]
     assert rep["total_upload_bytes"] == cum
+    # the default run learns (measured, seed 0: 0.141 after round 0, 0.79 after round 9, every client
+    # >= 0.69); each method's learning in a few rounds: tests/sim/test_methods_learn.py
+    acc = [r["accuracy"] for r in rep["rounds"]]
+    assert acc[-1] >= 0.5 and acc[-1] - acc[0] >= 0.3, acc
+    assert min(rep["rounds"][-1]["client_accuracy"].values()) >= 0.4
     json.dumps(rep)  # the report is JSON as is
 
 
@@ -112,4 +121,4 @@ def test_baselines_run(fleet, method):
         assert len(r["uploads"]) == n
     if method == "size_only":  # the smallest model of every client: eye (2 features)
         assert {u["modality"] for u in r["uploads"]} == {"eye"}
-    assert 0 <= r["accuracy"] <= 1
+    # that each of them learns (not only 0 <= accuracy <= 1): tests/sim/test_methods_learn.py
