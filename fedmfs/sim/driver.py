@@ -105,7 +105,7 @@ def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
 def run_simulation(fleet: Fleet, config: SimConfig, transport: str = "inproc", broker_url: str | None = None,
                    workdir: str | Path | None = None, progress: bool = False) -> dict:
     """Run ``config`` on ``fleet`` over ``transport`` (``inproc`` or ``mqtt``); return the report."""
-    fleet.validate()     # every problem of the data before any work, not in round 3
+    fleet.check_runnable()     # every problem of the data before any work, not in evaluation
     if config.baseline == "holistic":
         from fedmfs.sim.holistic import run_holistic
 

@@ -101,6 +101,12 @@ class Fleet:
             raise DataError(f"duplicate client names: {names}")
         for c in self.clients:
             c.validate(self.spec)
+
+    def check_runnable(self) -> None:
+        """Every client can take part in rounds (:meth:`ClientData.check_splits`). A valid fleet need
+        not be runnable: a partition may leave a client without test windows."""
+        self.validate()
+        for c in self.clients:
             c.check_splits()
 
 
@@ -163,6 +169,4 @@ def load_fleet(directory: str | os.PathLike) -> Fleet:
     clients = [load_client(d / f"{n}.npz", spec, n) for n in meta.get("clients", [])]
     if not clients:
         raise DataError(f"{mp}: the fleet lists no clients")
-    fleet = Fleet(spec, clients, meta.get("metadata", {}))
-    fleet.validate()
-    return fleet
+    return Fleet(spec, clients, meta.get("metadata", {}))
