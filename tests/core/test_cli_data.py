@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from actionsense_files import write_actionsense
 
 from fedmfs.cli import main
 from fedmfs.core.data import load_actionsense_hdf5, load_fleet
@@ -22,36 +23,10 @@ from fedmfs.core.settings import TrainConfig
 from fedmfs.sim.config import SimConfig
 from fedmfs.sim.driver import run_simulation
 
-# the writer of tests/core/test_data_loaders.py: the processed layout of mmFedMC's utils_data.py
-RAW_SHAPES = {"eye": (2,), "emg_left": (8,), "emg_right": (8,), "tactile_left": (4, 4),
-              "tactile_right": (4, 4), "xsens": (22, 3)}
 
-
-def _write_actionsense(path: Path, subjects=("S00", "S02", "S06"), per_class=5, classes=4, t=10,
-                       zero_tactile=("S06",), drop: str | None = None):
-    rng = np.random.default_rng(0)
-    sid, y = [], []
-    for s in subjects:
-        for c in range(classes):
-            sid += [s] * per_class
-            y += [c] * per_class
-    y = np.array(y)
-    n = len(y)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("example_label_indexes", data=y + 1)  # ActionNet: 0 is the 'None' baseline
-        f.create_dataset("example_subject_ids", data=np.array(sid, dtype="S3"))
-        f.create_dataset("example_labels", data=np.array([f"act{c}" for c in y], dtype="S8"))
-        f.attrs["activities_to_classify"] = repr(["None"] + [f"act{c}" for c in range(classes)])
-        for m, shape in RAW_SHAPES.items():
-            if m == drop:
-                continue
-            x = rng.uniform(-1, 1, (n, t, *shape)).astype(np.float32)
-            x += y.reshape(n, *([1] * (x.ndim - 1))) * 0.5  # label-dependent: there is something to learn
-            if m.startswith("tactile"):
-                for s in zero_tactile:
-                    x[np.array(sid) == s] = 0.0
-            f.create_dataset(STREAMS[m], data=x)
-    return y, np.array(sid)
+def _write_actionsense(path: Path, **kw):
+    """A file with something to learn (tests/actionsense_files.py)."""
+    return write_actionsense(path, **{"per_class": 5, "signal": 0.5, **kw})
 
 
 def test_actionsense_hdf5_to_fleet_directory_that_simulates(tmp_path, capsys):

@@ -7,6 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from actionsense_files import write_actionsense
 
 from fedmfs.core.data import load_actionsense_hdf5, load_fleet, load_uci_har, save_fleet
 from fedmfs.core.data.actionsense import STREAMS, resample_steps
@@ -14,41 +15,12 @@ from fedmfs.core.errors import DataError
 
 # ---------------------------------------------------------------- ActionSense
 
-RAW_SHAPES = {"eye": (2,), "emg_left": (8,), "emg_right": (8,), "tactile_left": (4, 4),
-              "tactile_right": (4, 4), "xsens": (22, 3)}
-
-
-def _write_actionsense(path: Path, subjects=("S00", "S02", "S06"), per_class=3, classes=4, t=10,
-                       zero_tactile=("S06",), one_based=True, drop: str | None = None, attrs=True):
-    rng = np.random.default_rng(0)
-    sid, y = [], []
-    for s in subjects:
-        for c in range(classes):
-            sid += [s] * per_class
-            y += [c] * per_class
-    y = np.array(y)
-    n = len(y)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("example_label_indexes", data=y + (1 if one_based else 0))
-        f.create_dataset("example_subject_ids", data=np.array(sid, dtype="S3"))
-        f.create_dataset("example_labels", data=np.array([f"act{c}" for c in y], dtype="S8"))
-        if attrs and one_based:
-            f.attrs["activities_to_classify"] = repr(["None"] + [f"act{c}" for c in range(classes)])
-        for m, shape in RAW_SHAPES.items():
-            if m == drop:
-                continue
-            x = rng.uniform(-1, 1, (n, t, *shape)).astype(np.float32)
-            x[:, :, ...] += y.reshape(n, *([1] * (x.ndim - 1))) * 0.01  # label-dependent, to track rows
-            if m.startswith("tactile"):
-                for s in zero_tactile:
-                    x[np.array(sid) == s] = 0.0
-            f.create_dataset(STREAMS[m], data=x)
-    return y, np.array(sid)
+# the writer of small files in the processed layout: tests/actionsense_files.py
 
 
 def test_actionsense_layout_mapping_and_missing(tmp_path):
     p = tmp_path / "as.hdf5"
-    y, sid = _write_actionsense(p)
+    y, sid = write_actionsense(p)
     fleet = load_actionsense_hdf5(p, steps=10, split=0.75, seed=1)
     assert [c.name for c in fleet.clients] == ["S00", "S02", "S06"]
     assert fleet.spec.num_classes == 4 and fleet.spec.steps == 10
@@ -73,7 +45,7 @@ def test_actionsense_layout_mapping_and_missing(tmp_path):
 
 def test_actionsense_subjects_steps_and_zero_based(tmp_path):
     p = tmp_path / "as.hdf5"
-    _write_actionsense(p, one_based=False, attrs=False, t=8)
+    write_actionsense(p, one_based=False, attrs=False, t=8)
     fleet = load_actionsense_hdf5(p, subjects=["S02"], steps=16)
     assert [c.name for c in fleet.clients] == ["S02"]
     assert fleet.spec.steps == 16 and fleet.clients[0].x["eye"].shape == (12, 16, 2)
@@ -84,7 +56,7 @@ def test_actionsense_subjects_steps_and_zero_based(tmp_path):
 
 def test_actionsense_baseline_windows_are_dropped(tmp_path):
     p = tmp_path / "as.hdf5"
-    _write_actionsense(p, one_based=False, attrs=False)
+    write_actionsense(p, one_based=False, attrs=False)
     with h5py.File(p, "a") as f:  # ActionNet numbering: 0 is the 'None' baseline
         f.attrs["activities_to_classify"] = repr(["None", "a", "b", "c"])
     fleet = load_actionsense_hdf5(p, steps=None)
@@ -94,7 +66,7 @@ def test_actionsense_baseline_windows_are_dropped(tmp_path):
 
 def test_actionsense_missing_stream_names_what_is_expected(tmp_path):
     p = tmp_path / "as.hdf5"
-    _write_actionsense(p, drop="emg_right")
+    write_actionsense(p, drop="emg_right")
     with pytest.raises(DataError, match=r"missing dataset\(s\) \['example_matrices_myo-right_emg'\]"):
         load_actionsense_hdf5(p)
     # Restricting the modalities makes the same file loadable.
@@ -115,7 +87,7 @@ def test_actionsense_broken_files(tmp_path):
     with pytest.raises(DataError, match="missing dataset 'example_label_indexes'"):
         load_actionsense_hdf5(nolabels)
     short = tmp_path / "short.hdf5"
-    _write_actionsense(short)
+    write_actionsense(short)
     with h5py.File(short, "a") as f:
         del f[STREAMS["eye"]]
         f.create_dataset(STREAMS["eye"], data=np.zeros((5, 10, 2), np.float32))
