@@ -137,8 +137,9 @@ class PrioritySelector:
     """FedMFS: the top-gamma modalities by priority; when they do not fit the byte cap, the subset of
     at most gamma modalities that fits and is worth the most under ``cap_rule``:
 
-    * ``"impact"`` (default): value_m = phi_m / max(phi) + alpha_r * (t - last_m) / (t + 1): the Shapley
-      impact, with recency as a bonus; size is only the knapsack's weight (it is what the cap spends);
+    * ``"impact"`` (default): value_m = phi+_m / max(phi+) * (1 + alpha_r * (t - last_m) / (t + 1)): the
+      Shapley impact, with recency as a bonus on it; size is only the knapsack's weight (it is what the
+      cap spends), and a modality of no positive impact costs bytes for nothing, so it is not sent;
     * ``"priority"``: value_m = P_m, the priority itself (fedmfs 0.1.0's rule). The priority already
       rewards small size, so many small models can outweigh the one large informative model.
 
@@ -158,13 +159,15 @@ class PrioritySelector:
 
 
 def impact_value(inp: SelectionInput, alphas: Alphas) -> np.ndarray:
-    """value_m = phi_m / max(phi) + a_r * (t - last_m) / (t + 1): what an upload is expected to add
-    (its Shapley impact, scaled to the client's best modality) plus the recency bonus of the priority."""
+    """value_m = phi+_m / max(phi+) * (1 + a_r * (t - last_m) / (t + 1)): what an upload is expected to
+    add (its Shapley impact, scaled to the client's best modality) with the priority's recency term as a
+    bonus on it. A modality of no positive impact is worth nothing however stale, so the knapsack (which
+    prefers fewer bytes at equal value) spends no bytes on it."""
     phi = np.clip(np.asarray(inp.shapley, dtype=np.float64), 0.0, None)
     top = phi.max() if phi.size else 0.0
     v = phi / top if top > 0 else np.zeros_like(phi)
     if alphas.r:
-        v = v + alphas.r * np.asarray(inp.rounds_since_upload, dtype=np.float64) / (inp.round_index + 1)
+        v = v * (1.0 + alphas.r * np.asarray(inp.rounds_since_upload, dtype=np.float64) / (inp.round_index + 1))
     return v
 
 

@@ -126,3 +126,19 @@ def test_under_a_binding_cap_the_impact_rule_sends_the_informative_model():
     assert SelectionPolicy.from_dict(SelectionPolicy(cap_rule="priority").to_dict()).cap_rule == "priority"
     with pytest.raises(ValueError, match="cap_rule"):
         SelectionPolicy(cap_rule="greedy")
+
+
+def test_under_a_binding_cap_the_impact_rule_spends_no_bytes_on_what_has_no_impact():
+    """Issue 8: bytes left under the cap went to modalities of zero or negative impact (pure noise under
+    a signed score) because their recency bonus alone made them worth something; a capped round must
+    not send more bytes than the impact it buys."""
+    mods = ("inf", "weak", "noise_a", "noise_b")
+    inp = SelectionInput(mods, np.array([2.0, 0.4, -0.1, 0.0]), np.array([40_000, 10_000, 5_000, 5_000]),
+                         np.array([1.0, 3.0, 6.0, 6.0]), 5, 4, cap_bytes=58_000)
+    chosen, _ = PrioritySelector(Alphas(), cap_rule="impact").select(inp, np.random.default_rng(0))
+    assert chosen == ["inf", "weak"]
+    # staleness still raises what helps: of two equally sized helpful models that do not both fit, the
+    # one not sent for longer wins when their impact is close
+    inp2 = SelectionInput(("a", "b"), np.array([1.0, 0.9]), np.array([10_000, 10_000]), np.array([1.0, 6.0]),
+                          5, 2, cap_bytes=15_000)
+    assert PrioritySelector(Alphas(), cap_rule="impact").select(inp2, np.random.default_rng(0))[0] == ["b"]
