@@ -28,10 +28,11 @@ from fedmfs.sim.driver import run_simulation
 
 RULES = {
     "paper (train, |phi| prob)": dict(score_on="train", value_kind="prob"),
-    "holdout, |phi| loglik": dict(score_on="holdout", value_kind="loglik"),
     "holdout, gain": dict(score_on="holdout", value_kind="gain"),
-    "crossfit, |phi| prob": dict(score_on="crossfit", value_kind="prob"),
     "crossfit, gain": dict(score_on="crossfit", value_kind="gain"),
+    "crossfit, gain_lcb": dict(score_on="crossfit", value_kind="gain_lcb"),
+    "crossfit, gain_lcb, 100 steps": dict(score_on="crossfit", value_kind="gain_lcb", min_steps=100),
+    "crossfit, gain_lcb, 100 steps, es": dict(score_on="crossfit", value_kind="gain_lcb", min_steps=100, patience=3),
 }
 
 

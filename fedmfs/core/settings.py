@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from fedmfs.core.errors import ConfigError
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "VALUE_KINDS"]
+
+VALUE_KINDS = ("prob", "loglik", "gain", "gain_lcb")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,22 +22,30 @@ class TrainConfig:
     """Local training and scoring settings (paper defaults where the paper gives one)."""
 
     epochs: int = 5
+    # a floor of optimiser steps per round: epochs are added until it is reached (small data sets)
+    min_steps: int = 0
+    # early stopping: stop after `patience` epochs without a lower loss on the round's held-out fold
+    # of the training windows, keeping the best epoch's weights (0: off, train the whole budget)
+    patience: int = 0
     lr: float = 0.1
     batch_size: int = 32
     fusion_hidden: int = 64
     fusion_steps: int = 200
     fusion_lr: float = 0.01
     shapley_samples: int = 50
-    # Where Stage #1 is fitted and scored. "train" (default): the paper's recipe, on training windows.
-    # "holdout": each round one of `folds` stratified folds of the training split is held out of local
-    # training (round-robin, so every window trains in most rounds) and Stage #1 fusion + Shapley use
-    # it: a modality that memorises its training windows cannot look informative.
-    # "crossfit": the held-out fold as with "holdout", but the fusion is fitted on the training windows
-    # (as the deployed fusion is) and only judged on the held-out ones.
+    # The validation part: one fixed stratified fold of `folds` of the training windows that the
+    # modality models never train on (it exists when score_on is not "train" or patience > 0). Fixed,
+    # because a fold that rotated over rounds would have been memorised in earlier rounds.
+    # Where Stage #1 is fitted and scored. "train": the paper's recipe, on the training windows.
+    # "holdout": fusion fitted and Shapley values taken on the validation part: a modality that
+    # memorises its training windows cannot look informative there.
+    # "crossfit": the fusion is fitted on the training windows (as the deployed fusion is) and judged
+    # on the validation part only.
     score_on: str = "train"
     folds: int = 5
     # "prob" (the paper's: |phi| over class probabilities), "loglik" (|phi| of the true class's
-    # log-likelihood) or "gain" (its signed mean: harmful contributions count against a modality)
+    # log-likelihood), "gain" (its signed mean: harmful contributions count against a modality) or
+    # "gain_lcb" (that mean minus two standard errors: a modality counts as far as its help is sure)
     value_kind: str = "prob"
     hard_labels: bool = False  # the paper feeds one-hot predicted labels to the fusion model
     # "onnx": the ONNX Runtime engine (the device's path); "numpy": the reference. Hard labels use numpy.
@@ -43,14 +53,17 @@ class TrainConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.value_kind not in ("prob", "loglik", "gain"):
-            raise ConfigError(f"value_kind must be 'prob', 'loglik' or 'gain', got {self.value_kind!r}")
+        if self.value_kind not in VALUE_KINDS:
+            raise ConfigError(f"value_kind must be one of {', '.join(map(repr, VALUE_KINDS))}, got {self.value_kind!r}")
         if self.score_on not in ("holdout", "train", "crossfit"):
             raise ConfigError(f"score_on must be 'train', 'holdout' or 'crossfit', got {self.score_on!r}")
         if self.folds < 2:
             raise ConfigError(f"folds must be >= 2, got {self.folds}")
         if self.shapley_backend not in ("onnx", "numpy"):
             raise ConfigError(f"shapley_backend must be 'onnx' or 'numpy', got {self.shapley_backend!r}")
+        for k in ("min_steps", "patience"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
         for k in ("epochs", "batch_size", "fusion_hidden", "fusion_steps", "shapley_samples", "threads"):
             if getattr(self, k) <= 0 and not (k == "epochs" and getattr(self, k) == 0):
                 raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")

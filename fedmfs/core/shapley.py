@@ -210,10 +210,17 @@ def modality_scores(phi: np.ndarray) -> np.ndarray:
     return a.sum(axis=tuple(i for i in range(a.ndim) if i != 1))
 
 
-def modality_gains(phi: np.ndarray) -> np.ndarray:
+def modality_gains(phi: np.ndarray, lower_bound: bool = False) -> np.ndarray:
     """One signed score per modality from "loglik" Shapley values (N, M): the mean contribution to the
     true class's log-likelihood. A modality that helps scores above 0; one whose contribution is large
-    but harmful (noise the fusion trusts) scores below 0, where :func:`modality_scores` would count it."""
+    but harmful (noise the fusion trusts) scores below 0, where :func:`modality_scores` would count it.
+
+    ``lower_bound``: the mean minus two standard errors over the samples, so that a modality counts only
+    as far as its help is sure: a pure-noise modality the fusion leans on has a mean near 0 and a
+    large spread (it helps some windows by chance and hurts others), and lands below 0."""
     if phi.ndim != 2:
         raise ValueError(f"gains need per-sample log-likelihood values (N, M), got shape {phi.shape}")
-    return phi.mean(axis=0)
+    mean = phi.mean(axis=0)
+    if not lower_bound or len(phi) < 2:
+        return mean
+    return mean - 2.0 * phi.std(axis=0, ddof=1) / np.sqrt(len(phi))

@@ -95,14 +95,18 @@ class Learner:
         return fold
 
     # -- local training ---------------------------------------------------------------------------
-    def _train_modality(self, m: str, round_index: int, rows: np.ndarray) -> None:
+    def _train_modality(self, m: str, round_index: int, rows: np.ndarray, val_rows: np.ndarray) -> int:
         cfg = self.config
         model = self.models[m]
         x = torch.from_numpy(self.xtr[m][rows])
         y = torch.from_numpy(self.ytr[rows])
         rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, self.spec.index(m)))
         loss_fn = nn.NLLLoss()
-        sgd_epochs(model, lambda b: loss_fn(model(x[b]), y[b]), len(y), cfg, rng)
+        val = None
+        if len(val_rows):
+            xv, yv = torch.from_numpy(self.xtr[m][val_rows]), torch.from_numpy(self.ytr[val_rows])
+            val = lambda: float(loss_fn(model(xv), yv))  # noqa: E731
+        return sgd_epochs(model, lambda b: loss_fn(model(x[b]), y[b]), len(y), cfg, rng, val_loss=val)
 
     def _probs(self, models: dict[str, nn.Module], x: dict[str, np.ndarray]) -> np.ndarray:
         """(N, M, C) modality outputs as fusion inputs (zeros for absent modalities)."""
@@ -147,7 +151,7 @@ class Learner:
         # "gain": the signed contribution to the true class's log-likelihood, averaged over samples: a
         # modality whose contribution is large but harmful (noise the fusion trusts) scores below 0,
         # where |phi| (the paper's score) would count it as impact
-        kind = "loglik" if cfg.value_kind in ("loglik", "gain") else "prob"
+        kind = "prob" if cfg.value_kind == "prob" else "loglik"
         if cfg.shapley_backend == "onnx" and not cfg.hard_labels:
             from fedmfs.core.runtime.graphs import model_set_runtime
 
@@ -158,8 +162,8 @@ class Learner:
             )
             xs = {m: x[m][idx] for m in self.present}
             res = rt.shapley(xs, xs, kind=kind, y=y[idx], method="exact")
-            if cfg.value_kind == "gain":
-                return modality_gains(np.asarray(res.phi, dtype=np.float64))
+            if cfg.value_kind in ("gain", "gain_lcb"):
+                return modality_gains(np.asarray(res.phi, dtype=np.float64), lower_bound=cfg.value_kind == "gain_lcb")
             return np.asarray(res.scores, dtype=np.float64)
         from fedmfs.core.shapley import exact_shapley, modality_scores
 
@@ -170,17 +174,22 @@ class Learner:
 
         sub = probs[idx]
         phi = exact_shapley(fusion_fn, sub, sub, self.mask, kind, y[idx])
-        return modality_gains(phi) if cfg.value_kind == "gain" else modality_scores(phi)
+        if cfg.value_kind in ("gain", "gain_lcb"):
+            return modality_gains(phi, lower_bound=cfg.value_kind == "gain_lcb")
+        return modality_scores(phi)
 
     def local_round(self, round_index: int, globals: dict[str, State], codec: str) -> LocalUpdate:
         """Train every modality model from the current globals, fit Stage #1 fusion, score modalities,
         and encode every modality's upload with ``codec`` (its size is part of the choice)."""
-        if self.config.score_on in ("holdout", "crossfit"):
-            held = self.fold == round_index % self.config.folds
+        cfg = self.config
+        if cfg.score_on in ("holdout", "crossfit") or cfg.patience > 0:
+            # the validation part: one fixed fold of the training windows the modality models never
+            # train on (a fold that rotated would have been memorised in earlier rounds)
+            held = self.fold == 0
         else:
             held = np.zeros(len(self.ytr), bool)
         train_rows = np.nonzero(~held)[0]
-        score_rows = np.nonzero(held)[0] if held.any() else np.arange(len(self.ytr))
+        val_rows = np.nonzero(held)[0] if cfg.patience > 0 else np.zeros(0, np.int64)
         for m in self.present:
             if m in globals:
                 d = state_digest(globals[m])
@@ -189,11 +198,14 @@ class Learner:
                     # which started from that global and has trained since
                     numpy_to_state(self.models[m], globals[m])
                     self.history.synced[m] = d
-            self._train_modality(m, round_index, train_rows)
+            self._train_modality(m, round_index, train_rows, val_rows)
+        if cfg.score_on == "train":
+            held = np.zeros(len(self.ytr), bool)  # the paper's: fitted and scored on the training windows
+        score_rows = np.nonzero(held)[0] if held.any() else np.arange(len(self.ytr))
         xs = {m: v[score_rows] for m, v in self.xtr.items()}
         ys = self.ytr[score_rows]
         probs = self._probs(self.models, xs)
-        if self.config.score_on == "crossfit" and held.any():
+        if cfg.score_on == "crossfit" and held.any():
             # the fusion is fitted where the modality models trained, as the deployed one will be,
             # and judged on the held-out windows: what a modality memorised does not carry over
             xf = {m: v[train_rows] for m, v in self.xtr.items()}

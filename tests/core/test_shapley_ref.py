@@ -168,3 +168,24 @@ def test_gains_count_a_harmful_contribution_against_the_modality():
     np.testing.assert_allclose(gains.sum(), phi.sum(1).mean())   # efficiency: gains sum to the total
     with pytest.raises(ValueError, match="per-sample"):
         modality_gains(np.zeros((4, 2, 2)))
+
+
+def test_the_lower_bound_gain_puts_a_noisy_contribution_below_a_small_sure_one():
+    """Issue 8: a pure-noise modality the fusion leans on helps some windows by chance and hurts others;
+    its mean gain is a coin toss around 0 and could beat a weak informative modality. Its lower bound
+    (mean minus two standard errors) cannot."""
+    from fedmfs.core.shapley import modality_gains
+
+    rng = np.random.default_rng(0)
+    n = 60
+    sure = 0.05 + 0.01 * rng.standard_normal(n)       # helps a little, every window
+    noisy = 0.5 * rng.standard_normal(n)
+    noisy += 0.08 - noisy.mean()                        # by chance a higher mean than `sure`
+    phi = np.stack([sure, noisy], axis=1)
+    mean = modality_gains(phi)
+    assert mean[1] > mean[0]
+    lcb = modality_gains(phi, lower_bound=True)
+    assert lcb[0] > 0 > lcb[1]
+    se = phi.std(axis=0, ddof=1) / np.sqrt(n)
+    np.testing.assert_allclose(lcb, phi.mean(0) - 2 * se)
+    np.testing.assert_allclose(modality_gains(phi[:1], lower_bound=True), phi[0])   # one sample: no spread

@@ -445,3 +445,62 @@ def test_a_late_joiner_starts_a_never_aggregated_modality_from_the_fleets_initia
     for k in got:   # epochs=0: the model is exactly the fleet's initial model it started from
         np.testing.assert_array_equal(got[k], fleet_init[m][k])
     assert late.history.synced[m] == state_digest(fleet_init[m])
+
+
+def test_a_step_floor_turns_a_few_windows_into_enough_optimiser_steps():
+    """Issue 8: with ten training windows and batches of 32, `epochs = 5` was five optimiser steps a
+    round; `min_steps` adds epochs until the floor is reached (and changes nothing on larger data)."""
+    model = nn.Linear(2, 1)
+    steps: list[int] = []
+    took = sgd_epochs(model, lambda b: (steps.append(len(b)), model(torch.zeros(len(b), 2)).sum())[1], 10,
+                      TrainConfig(epochs=5, batch_size=32, min_steps=40), np.random.default_rng(0))
+    assert took == len(steps) == 40 and set(steps) == {10}
+    assert sgd_epochs(nn.Linear(2, 1), lambda b: model(torch.zeros(len(b), 2)).sum(), 320,
+                      TrainConfig(epochs=5, batch_size=32, min_steps=40), np.random.default_rng(0)) == 50
+    assert sgd_epochs(nn.Linear(2, 1), lambda b: model(torch.zeros(len(b), 2)).sum(), 10,
+                      TrainConfig(epochs=0, min_steps=40), np.random.default_rng(0)) == 0
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
+    """Training on labels the validation part contradicts: the validation loss only rises, so training
+    stops after `patience` epochs and the model keeps the weights it started from (its best)."""
+    x, y = _toy()
+    model = _toy_model()
+    model[1].p = 0.0
+    start = state_to_numpy(model)
+    loss = nn.MSELoss()
+    took = sgd_epochs(model, lambda b: loss(model(x[b]), y[b]), len(y),
+                      TrainConfig(epochs=50, lr=0.05, batch_size=8, patience=2), np.random.default_rng(0),
+                      val_loss=lambda: float(loss(model(x), -y)))
+    per_epoch = math.ceil(len(y) / 8)
+    assert took == 2 * per_epoch
+    assert_states_equal(state_to_numpy(model), start)
+    assert model.training is False
+    # a validation loss that keeps falling trains the whole budget and keeps the last weights
+    model2 = _toy_model()
+    took2 = sgd_epochs(model2, lambda b: loss(model2(x[b]), y[b]), len(y),
+                       TrainConfig(epochs=6, lr=0.05, batch_size=8, patience=2), np.random.default_rng(0),
+                       val_loss=lambda: float(loss(model2(x), y)))
+    assert took2 == 6 * per_epoch
+
+
+def test_the_validation_part_is_fixed_and_never_trained_on(fleet, client):
+    """Issue 8: the held-out fold rotated over rounds, so by round 2 the fold scored on had been trained
+    on (a pure-noise model had memorised it and scored as informative). Now one fixed fold of the
+    training windows is the validation part: the modality models never see it."""
+    cfg = TrainConfig(epochs=1, fusion_steps=5, shapley_samples=8, score_on="crossfit", patience=1)
+    lr = new_learner(fleet, client, config=cfg)
+    held = set(np.nonzero(lr.fold == 0)[0].tolist())
+    assert 0 < len(held) < len(lr.ytr) / 3
+    seen: list[set[int]] = []
+    orig = lr._train_modality
+
+    def spy(m, r, rows, val_rows):
+        seen.append(set(rows.tolist()))
+        assert set(val_rows.tolist()) == held
+        return orig(m, r, rows, val_rows)
+
+    lr._train_modality = spy
+    for r in range(3):
+        lr.local_round(r, {}, "fp32")
+    assert seen and all(not (s & held) and len(s) + len(held) == len(lr.ytr) for s in seen)
