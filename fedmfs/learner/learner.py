@@ -105,7 +105,7 @@ class Learner:
         val = None
         if len(val_rows):
             xv, yv = torch.from_numpy(self.xtr[m][val_rows]), torch.from_numpy(self.ytr[val_rows])
-            val = lambda: float(loss_fn(model(xv), yv))  # noqa: E731
+            val = lambda: float(loss_fn(model(xv), yv))
         return sgd_epochs(model, lambda b: loss_fn(model(x[b]), y[b]), len(y), cfg, rng, val_loss=val)
 
     def _probs(self, models: dict[str, nn.Module], x: dict[str, np.ndarray]) -> np.ndarray:
