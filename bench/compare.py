@@ -1,10 +1,20 @@
-"""FedMFS (gamma = 1) against the all-modalities baseline on the same preset and seed.
+"""FedMFS against every baseline and its own sweeps, reported as a paper would (fedmfs.sim.compare).
 
-Prints the final accuracy of each, the cumulative upload bytes of each and their ratios, measured in one
-run. Target of the project: FedMFS within 1 point of the all-modalities accuracy with at most a quarter
-of its bytes.
+Every (variant, seed) is one in-process run. Prints, over the seeds, each variant's final accuracy
+(mean ± 95% CI, Student t), cumulative upload and byte ratio to `all`, its paired difference to
+`all`; each variant's accuracy at equal cumulative upload (the paper's Table II protocol: the last
+round that fits the budget; budgets = FedMFS's largest total and half of it) with FedMFS's paired margins
+over all, holistic and random; and the project's targets: FedMFS within 1 point of `all` at <= 1/10 of
+its bytes (<= 1/20 with int8).
 
-    python bench/compare.py --preset small --rounds 20 --seeds 0 1 2
+Tuning and reporting never share seeds or windows: choose defaults with `--split validation`
+(default seeds 100-104: each client's test windows are dropped and a stratified quarter of its
+training windows is held out), then report once with `--split test` (default seeds 0-4).
+
+    python bench/compare.py --split validation --rounds 20 --workers 2        # tuning
+    python bench/compare.py --rounds 20 --workers 2 --json cmp.json --plot pareto.png   # reporting
+    python bench/compare.py --preset small --rounds 1 --seeds 0 1 --variants fedmfs all --clients 3   # smoke
+    python bench/compare.py --load cmp.json --plot pareto.png     # summary and plot of saved runs
 """
 
 from __future__ import annotations
@@ -12,63 +22,92 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from fedmfs.core.data import make_synthetic
-from fedmfs.core.selection import Alphas
-from fedmfs.sim.config import SimConfig
-from fedmfs.sim.driver import run_simulation
+from fedmfs.core.data.synthetic import PRESETS
+from fedmfs.sim.compare import (
+    REPORTING_SEEDS,
+    SPLITS,
+    TUNING_SEEDS,
+    SyntheticFleet,
+    default_variants,
+    format_summary,
+    pareto_plot,
+    run_grid,
+    summarize,
+)
+
+
+def _default_preset() -> str:
+    return "headroom" if "headroom" in PRESETS else "small"
 
 
 def main(argv=None) -> int:
+    variants = default_variants()
+    names = [v.name for v in variants]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--preset", default=None, help=f"synthetic preset (default: headroom if defined, else small; "
+                                                   f"known now: {', '.join(PRESETS)})")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; figures are means")
-    ap.add_argument("--gamma", type=int, default=1)
-    d = Alphas()
-    ap.add_argument("--alpha-s", type=float, default=d.s)
-    ap.add_argument("--alpha-c", type=float, default=d.c)
-    ap.add_argument("--alpha-r", type=float, default=d.r)
-    ap.add_argument("--extra", nargs="*", default=[], help="more methods to run alongside (e.g. random holistic local)")
-    ap.add_argument("--json", type=Path, help="write the figures as JSON here")
+    ap.add_argument("--split", choices=SPLITS, default="test",
+                    help="test: reporting, on the real test windows; validation: tuning, on held-out training windows")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help=f"default: {' '.join(map(str, REPORTING_SEEDS))} with --split test (reporting), "
+                         f"{' '.join(map(str, TUNING_SEEDS))} with --split validation (tuning)")
+    ap.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                    help="variants to run (default: all of them): " + ", ".join(names))
+    ap.add_argument("--clients", type=int, default=None, help="keep only the first N clients (smoke runs)")
+    ap.add_argument("--workers", type=int, default=1, help="processes running the grid (one torch thread each)")
+    ap.add_argument("--budgets-mb", type=float, nargs="+", default=None,
+                    help="equal-bytes budgets in MB (default: FedMFS's largest total upload over the seeds, and half of it)")
+    ap.add_argument("--json", type=Path, help="write the runs and the summary here (rewritten after every run)")
+    ap.add_argument("--plot", type=Path, help="write the Pareto plot (accuracy vs cumulative MB) here")
+    ap.add_argument("--load", type=Path, help="summarise the runs of an earlier --json instead of running")
     args = ap.parse_args(argv)
-    runs: dict[str, list[dict]] = {}
-    for seed in args.seeds:
-        fleet = make_synthetic(args.preset, seed=seed)
-        for method in ["fedmfs", "all", *args.extra]:
-            cfg = SimConfig.build(method, rounds=args.rounds, gamma=args.gamma, seed=seed,
-                                  alphas=Alphas(args.alpha_s, args.alpha_c, args.alpha_r))
-            t0 = time.perf_counter()
-            rep = run_simulation(fleet, cfg, "inproc", progress=sys.stderr.isatty())
-            runs.setdefault(method, []).append({
-                "seed": seed,
-                "final_accuracy": rep["final_accuracy"],
-                "total_upload_bytes": rep["total_upload_bytes"],
-                "seconds": time.perf_counter() - t0,
-            })
-            print(f"  seed {seed} {method:13s} final accuracy {rep['final_accuracy'] * 100:6.2f}%  "
-                  f"upload {rep['total_upload_bytes'] / 1e6:8.3f} MB", flush=True)
-    results = {m: {k: sum(r[k] for r in rs) / len(rs) for k in ("final_accuracy", "total_upload_bytes", "seconds")}
-               | {"runs": rs} for m, rs in runs.items()}
-    base = results["all"]
-    print(f"preset={args.preset} rounds={args.rounds} seeds={args.seeds} gamma={args.gamma} "
-          f"alphas=({args.alpha_s:.3g}, {args.alpha_c:.3g}, {args.alpha_r:.3g}); means over seeds")
-    print(f"{'method':13s} {'final acc':>9s} {'upload MB':>10s} {'bytes/all':>9s} {'acc - all':>9s} {'time s':>7s}")
-    for m, r in results.items():
-        print(f"{m:13s} {r['final_accuracy'] * 100:8.2f}% {r['total_upload_bytes'] / 1e6:10.3f} "
-              f"{r['total_upload_bytes'] / base['total_upload_bytes']:9.3f} "
-              f"{(r['final_accuracy'] - base['final_accuracy']) * 100:+8.2f}p {r['seconds']:7.1f}")
-    f = results["fedmfs"]
-    ok_acc = f["final_accuracy"] >= base["final_accuracy"] - 0.01
-    ok_bytes = f["total_upload_bytes"] <= 0.25 * base["total_upload_bytes"]
-    print(f"target: FedMFS within 1 point of all ({'met' if ok_acc else 'NOT met'}), "
-          f"<= 1/4 of its bytes ({'met' if ok_bytes else 'NOT met'}): byte ratio "
-          f"{f['total_upload_bytes'] / base['total_upload_bytes']:.3f}, accuracy difference "
-          f"{(f['final_accuracy'] - base['final_accuracy']) * 100:+.2f} points")
+
+    meta: dict = {}
+    if args.load:
+        saved = json.loads(args.load.read_text())
+        runs, meta = saved["runs"], saved.get("args", {})
+    else:
+        chosen = variants
+        if args.variants:
+            unknown = [n for n in args.variants if n not in names]
+            if unknown:
+                ap.error(f"unknown variants {unknown}; known: {', '.join(names)}")
+            chosen = [v for v in variants if v.name in args.variants]
+        preset = args.preset or _default_preset()
+        seeds = args.seeds or list(REPORTING_SEEDS if args.split == "test" else TUNING_SEEDS)
+        if args.split == "test" and set(seeds) & set(TUNING_SEEDS):
+            print(f"warning: reporting on tuning seeds {sorted(set(seeds) & set(TUNING_SEEDS))}", file=sys.stderr)
+        if args.split == "validation" and set(seeds) & set(REPORTING_SEEDS):
+            print(f"warning: tuning on reporting seeds {sorted(set(seeds) & set(REPORTING_SEEDS))}", file=sys.stderr)
+        meta = {"preset": preset, "rounds": args.rounds, "split": args.split, "seeds": seeds,
+                "variants": [v.name for v in chosen], "clients": args.clients, "workers": args.workers}
+        print(f"preset {preset}, rounds {args.rounds}, split {args.split}, seeds {seeds}, "
+              f"{len(chosen)} variants x {len(seeds)} seeds, {args.workers} worker(s)", flush=True)
+        done: list[dict] = []
+
+        def on_run(row: dict) -> None:
+            done.append(row)
+            acc = row["final_accuracy"]
+            print(f"  {row['variant']:20s} seed {row['seed']:4d}  final accuracy "
+                  f"{'-' if acc is None else f'{acc * 100:6.2f}%'}  upload {row['total_upload_bytes'] / 1e6:8.3f} MB"
+                  f"  {row['seconds']:6.1f} s", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"args": meta, "runs": done}, indent=1))
+
+        runs = run_grid(SyntheticFleet(preset, args.clients), chosen, seeds, args.rounds, args.split,
+                        workers=args.workers, on_run=on_run)
+    budgets = None if args.budgets_mb is None else [b * 1e6 for b in args.budgets_mb]
+    summary = summarize(runs, budgets=budgets)
+    if meta:
+        print(f"\npreset {meta.get('preset')}, clients {meta.get('clients') or 'all'}")
+    print(format_summary(summary))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"args": meta, "runs": runs, "summary": summary}, indent=1))
+    if args.plot:
+        print(f"plot: {pareto_plot(summary, args.plot)}")
     return 0
 
 

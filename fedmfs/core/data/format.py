@@ -109,6 +109,30 @@ class Fleet:
         for c in self.clients:
             c.check_splits()
 
+    def validation_view(self, fraction: float = 0.25, seed: int = 0) -> Fleet:
+        """The fleet to tune on: every client keeps only its training windows, and a stratified
+        ``fraction`` of them becomes its "test" split (the validation windows); the real test windows
+        are dropped, so a run on the view never sees them.
+
+        Per client and class, ``round(n * fraction)`` of the class's ``n`` training windows validate,
+        but always at least one of them still trains
+        (:func:`~fedmfs.core.data.partition.stratified_split`); a client whose every class has a single
+        training window gets no validation window (:meth:`check_runnable` then refuses it).
+        Deterministic in ``seed``; the arrays are copies. ``metadata["split"]`` is ``"validation"``."""
+        # a lazy import: partition imports this module
+        from fedmfs.core.data.partition import stratified_split
+
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        clients = []
+        for k, c in enumerate(self.clients):
+            x, y = c.split(True)
+            train = stratified_split(y, 1.0 - fraction, np.random.default_rng([int(seed), 0x7A1, k]))
+            clients.append(ClientData(c.name, x, y.copy(), train))
+        meta = {**self.metadata, "split": "validation",
+                "validation": {"fraction": float(fraction), "seed": int(seed)}}
+        return Fleet(self.spec, clients, meta)
+
 
 
 def save_fleet(fleet: Fleet, directory: str | os.PathLike) -> Path:

@@ -1,0 +1,472 @@
+"""Methods compared as a paper reports them: seeds, confidence intervals, equal rounds and equal bytes.
+
+``bench/compare.py`` is the command line over this module; everything it prints is computed here.
+
+The protocol (docs/benchmarks.md):
+
+* **Seeds.** Every (variant, seed) pair is one run of :func:`fedmfs.sim.driver.run_simulation` over
+  the ``inproc`` transport on the fleet ``fleet_factory(seed)`` with ``SimConfig.seed = seed``.
+  Defaults are tuned on :data:`TUNING_SEEDS` on the validation split (:meth:`Fleet.validation_view`:
+  a stratified quarter of each client's *training* windows is held out; its test windows are never
+  read); figures are reported on :data:`REPORTING_SEEDS` on the real test split, run once.
+* **Equal rounds.** Each variant's final-round accuracy after the same number of rounds: mean over
+  seeds with a Student-t 95% confidence interval (:func:`mean_ci`), and its paired difference to the
+  ``all`` baseline, seed by seed (:func:`paired_diff_ci`).
+* **Equal bytes** (the paper's Table II protocol): at a budget of cumulative upload bytes, a method's
+  accuracy is that of its last round whose cumulative upload fits the budget
+  (:func:`accuracy_at_bytes`): the run as if it had stopped when the next round would overspend.
+  The default budgets are the reference variant's (FedMFS's) largest total upload over the seeds
+  (every FedMFS run fits it whole) and half of it, so every method that spends more per round than
+  FedMFS is cut short.
+* **Pareto plot** (:func:`pareto_plot`): final accuracy against mean cumulative MB, every variant with
+  its confidence intervals, and the front of variants no other beats on both.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmfs.core.data.format import Fleet
+from fedmfs.core.modality import DatasetSpec
+from fedmfs.core.selection import Alphas, SelectionPolicy
+
+__all__ = [
+    "REPORTING_SEEDS",
+    "TUNING_SEEDS",
+    "SPLITS",
+    "Variant",
+    "SyntheticFleet",
+    "default_variants",
+    "modality_payload_sizes",
+    "mean_ci",
+    "paired_diff_ci",
+    "accuracy_at_bytes",
+    "run_grid",
+    "summarize",
+    "headline_checks",
+    "format_summary",
+    "pareto_front",
+    "pareto_plot",
+]
+
+REPORTING_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+TUNING_SEEDS: tuple[int, ...] = (100, 101, 102, 103, 104)
+SPLITS = ("validation", "test")
+VALIDATION_FRACTION = 0.25
+
+
+# ------------------------------------------------------------------------------------ statistics
+
+def _finite(values: Iterable[float | None]) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def mean_ci(values: Sequence[float | None], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half width of the two-sided ``level`` confidence interval) of ``values`` under Student's t:
+    half = t_{(1 + level) / 2, n - 1} * s / sqrt(n), s the sample standard deviation (ddof 1).
+    None and NaN values are left out; the half width is NaN for fewer than two values, the mean NaN
+    for none."""
+    v = _finite(values)
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan
+    mean = float(np.mean(v))
+    if n < 2:
+        return mean, math.nan
+    # scipy (the test extra) only here, where the statistics need it
+    from scipy.stats import t
+
+    sd = float(np.std(v, ddof=1))
+    return mean, float(t.ppf((1.0 + level) / 2.0, n - 1)) * sd / math.sqrt(n)
+
+
+def paired_diff_ci(a: Sequence[float | None], b: Sequence[float | None],
+                   level: float = 0.95) -> tuple[float, float]:
+    """(mean, CI half width) of the per-seed differences a[i] - b[i] (``a`` and ``b`` aligned by seed);
+    pairs where either side is None or NaN are left out. Pairing removes what the seed's fleet does to
+    both methods alike, so this interval is narrower than the two means' intervals suggest."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)
+         if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y))]
+    return mean_ci(d, level)
+
+
+def accuracy_at_bytes(rounds: Sequence[Mapping[str, Any]], budget: float) -> float | None:
+    """The paper's Table II rule: the accuracy of the last round whose cumulative upload bytes (the
+    sum of ``rounds[j]["upload_bytes"]`` for j <= i) is at most ``budget``: the run stopped before the
+    round that would overspend. None when round 0 alone exceeds the budget (no round fits), or when the
+    round found has no accuracy. A budget above the run's total gives its final round: the run did
+    not spend the budget, so budgets are meant to be at most the totals of the runs compared."""
+    acc = None
+    cumulative = 0
+    for r in rounds:
+        cumulative += int(r["upload_bytes"])
+        if cumulative > budget:
+            break
+        acc = r["accuracy"]
+    return None if acc is None else float(acc)
+
+
+# ------------------------------------------------------------------------------------ the variants
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of the comparison: a method with its settings.
+
+    ``settings`` are :meth:`SimConfig.build` keywords (``gamma``, ``alphas``, ``cap_bytes``, ``codec``,
+    ``cap_rule``); what is not given takes its one declared default (:class:`SelectionPolicy`). Two
+    settings are resolved against the fleet's spec, because they depend on its model sizes:
+    ``cap_of_largest`` sets ``cap_bytes`` to that multiple of the largest modality model's payload in the
+    variant's codec; ``gamma_all`` sets gamma to the number of modalities (the cap alone limits)."""
+
+    name: str
+    method: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    family: str = "method"         # what it sweeps, for the plot: method, gamma, codec, alpha, cap
+    cap_of_largest: float | None = None
+    gamma_all: bool = False
+
+    def sim_kwargs(self, spec: DatasetSpec) -> dict[str, Any]:
+        kw = dict(self.settings)
+        if self.gamma_all:
+            kw["gamma"] = len(spec.names)
+        if self.cap_of_largest is not None:
+            codec = kw.get("codec", SelectionPolicy().codec)
+            kw["cap_bytes"] = max(1, int(self.cap_of_largest * max(modality_payload_sizes(spec, codec).values())))
+        return kw
+
+
+def modality_payload_sizes(spec: DatasetSpec, codec: str = "fp32") -> dict[str, int]:
+    """Bytes of each modality model's upload in ``codec`` (freshly initialised weights; a real upload's
+    header differs by a few bytes): what selection and caps count."""
+    from fedmfs.core.payload import encoded_size
+    from fedmfs.learner.models import build_modality_models, state_to_numpy
+
+    return {m: encoded_size(state_to_numpy(model), codec, m) for m, model in build_modality_models(spec).items()}
+
+
+def default_variants() -> list[Variant]:
+    """Every method, and FedMFS swept over gamma, codec, alphas and byte caps (the paper's Table II
+    rows among them). ``fedmfs`` is the project's default policy, the centre of every sweep; the
+    baselines upload in fp32 unless named otherwise; ``random`` draws as many modalities as FedMFS
+    sends (gamma of the default policy)."""
+    gamma = SelectionPolicy().gamma
+    v = [
+        Variant("fedmfs", "fedmfs"),
+        Variant("all", "all"),
+        Variant("random", "random", {"gamma": gamma}),
+        Variant("holistic", "holistic"),
+    ]
+    v += [Variant(f"fedmfs-g{g}", "fedmfs", {"gamma": g}, "gamma") for g in (1, 2, 3) if g != gamma]
+    v += [Variant(f"fedmfs-{c}", "fedmfs", {"codec": c}, "codec") for c in ("fp32", "fp16", "int8")
+          if c != SelectionPolicy().codec]
+    v.append(Variant("all-int8", "all", {"codec": "int8"}, "codec"))    # is FedMFS's gain only int8's?
+    # the paper's two gamma = 1 rows (no recency) and a lighter recency than the default's 1/3
+    for s, c, r in ((0.2, 0.8, 0.0), (0.5, 0.5, 0.0), (0.4, 0.4, 0.2)):
+        v.append(Variant(f"fedmfs-a{s:g}-{c:g}-{r:g}", "fedmfs", {"alphas": Alphas(s, c, r)}, "alpha"))
+    # binding caps: every modality may go, as long as the round's uploads fit the cap; relative to the
+    # largest model (tactile): a quarter (only the small models fit), a half (xsens fits), one
+    v += [Variant(f"fedmfs-cap{f:g}", "fedmfs", {}, "cap", cap_of_largest=f, gamma_all=True)
+          for f in (0.25, 0.5, 1.0)]
+    return v
+
+
+@dataclass(frozen=True)
+class SyntheticFleet:
+    """A fleet factory for :func:`run_grid`: ``make_synthetic(preset, seed)``, cut to its first
+    ``clients`` clients if given (smoke runs). A class, so worker processes can receive it."""
+
+    preset: str
+    clients: int | None = None
+
+    def __call__(self, seed: int) -> Fleet:
+        from fedmfs.core.data import make_synthetic
+
+        fleet = make_synthetic(self.preset, seed=seed)
+        if self.clients is not None:
+            fleet = Fleet(fleet.spec, fleet.clients[: self.clients], dict(fleet.metadata))
+        return fleet
+
+
+# ------------------------------------------------------------------------------------ running
+
+@dataclass(frozen=True)
+class _Job:
+    fleet_factory: Callable[[int], Fleet]
+    variant: Variant
+    seed: int
+    rounds: int
+    split: str
+    validation_fraction: float
+
+
+def _run_job(job: _Job) -> dict[str, Any]:
+    from fedmfs.sim.config import SimConfig
+    from fedmfs.sim.driver import run_simulation
+
+    fleet = job.fleet_factory(job.seed)
+    if job.split == "validation":
+        fleet = fleet.validation_view(job.validation_fraction, seed=job.seed)
+    cfg = SimConfig.build(job.variant.method, rounds=job.rounds, seed=job.seed, **job.variant.sim_kwargs(fleet.spec))
+    t0 = time.perf_counter()
+    rep = run_simulation(fleet, cfg, "inproc")
+    rows = [{"round": r["round"], "accuracy": r["accuracy"], "upload_bytes": int(r["upload_bytes"]),
+             "cumulative_bytes": int(r["cumulative_bytes"])} for r in rep["rounds"]]
+    return {"variant": job.variant.name, "method": cfg.method, "family": job.variant.family, "seed": job.seed,
+            "split": job.split, "config": cfg.to_dict(), "rounds": rows, "final_accuracy": rep["final_accuracy"],
+            "total_upload_bytes": int(rep["total_upload_bytes"]), "seconds": time.perf_counter() - t0}
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_grid(fleet_factory: Callable[[int], Fleet], variants: Sequence[Variant], seeds: Sequence[int], rounds: int,
+             split: str = "test", *, workers: int = 1, validation_fraction: float = VALIDATION_FRACTION,
+             on_run: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run every (variant, seed) for ``rounds`` rounds; return one row per run, variant-major in the
+    given orders: ``variant``, ``method``, ``family``, ``seed``, ``split``, ``config``, ``rounds`` (per
+    round: ``accuracy``, ``upload_bytes``, ``cumulative_bytes``), ``final_accuracy``,
+    ``total_upload_bytes``, ``seconds``.
+
+    ``split="test"`` runs on the fleet as made (reporting); ``split="validation"`` on its
+    :meth:`~Fleet.validation_view` (tuning). ``workers`` > 1 runs the grid in that many spawned
+    processes of one torch thread each (``fleet_factory`` must then be picklable, e.g.
+    :class:`SyntheticFleet`); 1 runs it here. ``on_run(row)`` is told of each run as it ends."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variant names must be unique, got {names}")
+    jobs = [_Job(fleet_factory, v, int(s), int(rounds), split, validation_fraction) for v in variants for s in seeds]
+    out: dict[int, dict[str, Any]] = {}
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            out[i] = _run_job(job)
+            if on_run is not None:
+                on_run(out[i])
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                 initializer=_init_worker) as pool:
+            futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
+            for fut in as_completed(futures):
+                out[futures[fut]] = fut.result()
+                if on_run is not None:
+                    on_run(out[futures[fut]])
+    return [out[i] for i in range(len(jobs))]
+
+
+# ------------------------------------------------------------------------------------ the summary
+
+def _est(values: Sequence[float | None], level: float) -> dict[str, Any]:
+    m, h = mean_ci(values, level)
+    return {"mean": m, "ci": h, "n": len(_finite(values))}
+
+
+def _paired(a: Mapping[int, float | None], b: Mapping[int, float | None], level: float) -> dict[str, Any]:
+    seeds = sorted(set(a) & set(b))
+    x, y = [a[s] for s in seeds], [b[s] for s in seeds]
+    m, h = paired_diff_ci(x, y, level)
+    n = sum(1 for p, q in zip(x, y) if p is not None and q is not None)
+    return {"mean": m, "ci": h, "n": n}
+
+
+def summarize(runs: Sequence[Mapping[str, Any]], *, baseline: str = "all", reference: str = "fedmfs",
+              against: Sequence[str] = ("all", "holistic", "random"), budget_fractions: Sequence[float] = (1.0, 0.5),
+              budgets: Sequence[float] | None = None, level: float = 0.95) -> dict[str, Any]:
+    """The figures of :func:`run_grid`'s rows, JSON-ready.
+
+    ``variants[name]``: ``final_accuracy`` and ``total_mb`` (mean, ci, n), ``bytes_ratio`` (its mean
+    total over ``baseline``'s), ``diff_vs_baseline`` (paired final-accuracy difference).
+    ``equal_bytes``: one entry per budget (``budgets`` in bytes, or ``budget_fractions`` of
+    ``reference``'s largest total over the seeds, so that 1.0 leaves every run of it whole): each
+    variant's accuracy at the budget and the paired differences of ``reference`` against each of
+    ``against``. Accuracies are fractions (0..1)."""
+    order: list[str] = []
+    by: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for r in runs:
+        if r["variant"] not in by:
+            order.append(r["variant"])
+            by[r["variant"]] = {}
+        by[r["variant"]][int(r["seed"])] = r
+    final = {v: {s: r["final_accuracy"] for s, r in rs.items()} for v, rs in by.items()}
+    totals = {v: [float(r["total_upload_bytes"]) for r in rs.values()] for v, rs in by.items()}
+    base_total = float(np.mean(totals[baseline])) if baseline in totals else math.nan
+    variants: dict[str, Any] = {}
+    for v in order:
+        first = next(iter(by[v].values()))
+        mb = [t / 1e6 for t in totals[v]]
+        variants[v] = {
+            "method": first["method"], "family": first.get("family", "method"), "config": first.get("config"),
+            "seeds": sorted(by[v]),
+            "final_accuracy": _est(list(final[v].values()), level),
+            "total_mb": _est(mb, level),
+            "bytes_ratio": float(np.mean(totals[v])) / base_total if base_total else math.nan,
+            "diff_vs_baseline": _paired(final[v], final[baseline], level) if baseline in final else None,
+            "seconds": float(np.mean([r.get("seconds", math.nan) for r in by[v].values()])),
+        }
+    if budgets is None:   # the reference's largest total: its whole run fits on every seed
+        budgets = ([f * max(totals[reference]) for f in budget_fractions] if reference in totals else [])
+    equal = []
+    for b in budgets:
+        acc = {v: {s: accuracy_at_bytes(r["rounds"], b) for s, r in rs.items()} for v, rs in by.items()}
+        equal.append({
+            "budget_bytes": float(b),
+            "accuracy": {v: _est(list(acc[v].values()), level) for v in order},
+            "rounds_used": {v: float(np.mean([sum(1 for _ in _fitting(r["rounds"], b)) for r in by[v].values()]))
+                            for v in order},
+            "diff": {o: _paired(acc[reference], acc[o], level) for o in against if o in acc and reference in acc},
+        })
+    seeds = sorted({int(r["seed"]) for r in runs})
+    rounds = sorted({len(r["rounds"]) for r in runs})
+    splits = sorted({r.get("split", "test") for r in runs})
+    return {"seeds": seeds, "rounds": rounds, "splits": splits, "level": level, "baseline": baseline,
+            "reference": reference, "variants": variants, "equal_bytes": equal,
+            "headline": headline_checks(variants, baseline)}
+
+
+def _fitting(rounds: Sequence[Mapping[str, Any]], budget: float) -> Iterable[Mapping[str, Any]]:
+    cumulative = 0
+    for r in rounds:
+        cumulative += int(r["upload_bytes"])
+        if cumulative > budget:
+            return
+        yield r
+
+
+def headline_checks(variants: Mapping[str, Any], baseline: str = "all",
+                    claims: Sequence[tuple[str, float]] = (("fedmfs", 0.1), ("fedmfs-int8", 0.05)),
+                    points: float = 1.0) -> list[dict[str, Any]]:
+    """The project's targets: each (variant, byte ratio) of ``claims`` is within ``points`` accuracy
+    points of ``baseline`` at no more than that share of its bytes. ``met`` judges the mean paired
+    difference; ``met_ci`` asks the interval's lower end to be within the points too (NaN CI: False)."""
+    out = []
+    for name, ratio in claims:
+        if name not in variants or baseline not in variants:
+            continue
+        v = variants[name]
+        d = v["diff_vs_baseline"]
+        low = d["mean"] - d["ci"]
+        bytes_ok = bool(v["bytes_ratio"] <= ratio)
+        out.append({"variant": name, "max_ratio": ratio, "points": points, "bytes_ratio": v["bytes_ratio"],
+                    "diff": d, "bytes_ok": bytes_ok,
+                    "met": bytes_ok and bool(d["mean"] >= -points / 100),
+                    "met_ci": bytes_ok and bool(math.isfinite(low) and low >= -points / 100)})
+    return out
+
+
+def _pm(e: Mapping[str, Any] | None, scale: float = 100.0, fmt: str = "{:.2f}", sign: bool = False) -> str:
+    if e is None or not math.isfinite(e["mean"]):
+        return "n/a"
+    f = ("{:+" + fmt[2:]) if sign else fmt
+    m = f.format(e["mean"] * scale)
+    return m if not math.isfinite(e["ci"]) else f"{m} ± {fmt.format(e['ci'] * scale)}"
+
+
+def format_summary(s: Mapping[str, Any]) -> str:
+    """The summary as the plain-text tables the command prints (accuracies in %, ± = CI half width)."""
+    pct = f"{s['level'] * 100:g}%"
+    lines = [f"seeds {s['seeds']}, rounds {s['rounds']}, split {'/'.join(s['splits'])}; "
+             f"mean ± {pct} CI half width (Student t) over seeds; differences paired by seed",
+             "", "At equal rounds (final round):",
+             f"{'variant':22s} {'final acc %':>16s} {'upload MB':>18s} {'bytes/' + s['baseline']:>10s} "
+             f"{'acc - ' + s['baseline'] + ' (points)':>22s} {'n':>3s} {'s/run':>7s}"]
+    for name, v in s["variants"].items():
+        lines.append(f"{name:22s} {_pm(v['final_accuracy']):>16s} {_pm(v['total_mb'], 1.0, '{:.3f}'):>18s} "
+                     f"{v['bytes_ratio']:10.4f} {_pm(v['diff_vs_baseline'], sign=True):>22s} "
+                     f"{v['final_accuracy']['n']:3d} {v['seconds']:7.1f}")
+    for e in s["equal_bytes"]:
+        lines += ["", f"At equal cumulative upload: {e['budget_bytes'] / 1e6:.3f} MB "
+                      "(accuracy of the last round that fits; n/a: not even round 0 fits)",
+                  f"{'variant':22s} {'accuracy %':>16s} {'rounds used':>11s} {'n':>3s}"]
+        for name, a in e["accuracy"].items():
+            lines.append(f"{name:22s} {_pm(a):>16s} {e['rounds_used'][name]:11.1f} {a['n']:3d}")
+        for o, d in e["diff"].items():
+            lines.append(f"  {s['reference']} - {o}: {_pm(d, sign=True)} points (n = {d['n']})")
+    if s["headline"]:
+        lines += ["", "Targets:"]
+        for h in s["headline"]:
+            lines.append(
+                f"  {h['variant']} within {h['points']:g} point of {s['baseline']} at <= 1/{1 / h['max_ratio']:g} "
+                f"of its bytes: byte ratio {h['bytes_ratio']:.4f} ({'ok' if h['bytes_ok'] else 'NOT ok'}), "
+                f"accuracy difference {_pm(h['diff'], sign=True)} points: "
+                f"{'met' if h['met'] else 'NOT met'} on the mean, "
+                f"{'met' if h['met_ci'] else 'NOT met'} by the CI's lower end")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ the plot
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: none has at most the bytes (x) and at least the
+    accuracy (y) with one of them strictly better. In increasing x; NaN points are never on it."""
+    ok = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+    ok.sort(key=lambda i: (points[i][0], -points[i][1]))
+    front: list[int] = []
+    best = -math.inf
+    for i in ok:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+_FAMILY_COLOURS = {"method": "tab:blue", "gamma": "tab:orange", "codec": "tab:green", "alpha": "tab:purple",
+                   "cap": "tab:red"}
+
+
+def pareto_plot(summary: Mapping[str, Any], path: str | Path) -> Path:
+    """Final accuracy (%) against mean cumulative upload (MB, log scale) of every variant, error bars
+    the confidence intervals of both, each point labelled, the Pareto front drawn as a step line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["variants"])
+    vs = [summary["variants"][n] for n in names]
+    pts = [(v["total_mb"]["mean"], v["final_accuracy"]["mean"] * 100) for v in vs]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    seen = set()
+    for name, v, (x, y) in zip(names, vs, pts):
+        if not (math.isfinite(x) and math.isfinite(y) and x > 0):
+            continue
+        fam = v.get("family", "method")
+        xe, ye = v["total_mb"]["ci"], v["final_accuracy"]["ci"] * 100
+        # on a log axis an interval reaching 0 MB cannot be drawn: its lower arm stops just above 0
+        xerr = [[min(xe, 0.99 * x)], [xe]] if math.isfinite(xe) else None
+        ax.errorbar(x, y, xerr=xerr, yerr=ye if math.isfinite(ye) else None,
+                    fmt="o", capsize=3, color=_FAMILY_COLOURS.get(fam, "tab:gray"),
+                    label=None if fam in seen else fam)
+        seen.add(fam)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = [i for i in pareto_front(pts) if pts[i][0] > 0]
+    if front:
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="black",
+                linestyle="--", linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative upload over the run (MB, log scale)")
+    ax.set_ylabel("final accuracy (%, mean over clients)")
+    ax.set_title(f"Accuracy vs communication: seeds {summary['seeds']}, rounds {summary['rounds']}, "
+                 f"split {'/'.join(summary['splits'])}; bars: {summary['level'] * 100:g}% CI", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
