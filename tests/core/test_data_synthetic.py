@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
@@ -136,3 +138,168 @@ def test_informativeness_is_real_without_torch(seed):
     # xsens alone identifies its 8-class block (40% of the classes) and guesses among the rest
     assert acc[order[0]] > 0.35
     assert acc["emg_left"] < 0.15  # the near-useless one is near the 5% chance rate
+
+
+# --- the headroom preset: overlapping modalities, noise modalities, a per-client Shapley ground truth ---
+
+NOISE_WIDTHS = {"noise3": 3, "noise16": 16, "noise64": 64, "noise256": 256}
+
+
+@pytest.fixture(scope="module")
+def headroom():
+    return make_synthetic("headroom", 0)
+
+
+def _encoded(fleet) -> dict[str, set[int]]:
+    return {m: set(v) for m, v in fleet.metadata["encoded_classes"].items()}
+
+
+def test_headroom_deterministic_and_seed_dependent(headroom):
+    again, other = make_synthetic("headroom", 0), make_synthetic("headroom", 1)
+    for ca, cb in zip(headroom.clients, again.clients):
+        assert ca.y.tobytes() == cb.y.tobytes() and ca.train.tobytes() == cb.train.tobytes()
+        assert set(ca.x) == set(cb.x)
+        for k in ca.x:
+            assert ca.x[k].tobytes() == cb.x[k].tobytes()
+    assert headroom.metadata == again.metadata
+    assert headroom.clients[0].x["eye"].tobytes() != other.clients[0].x["eye"].tobytes()
+    assert headroom.metadata["encoded_classes"] != other.metadata["encoded_classes"]
+    # JSON-ready (fleet.json): floats, lists and dicts only
+    assert json.loads(json.dumps(headroom.metadata)) == headroom.metadata
+
+
+def test_headroom_spec_and_shapes(headroom):
+    p = PRESETS["headroom"]
+    assert headroom.spec == p.spec()
+    assert headroom.metadata["preset"] == "headroom"
+    for c in headroom.clients:
+        assert len(c) >= 20 * 3
+        assert np.bincount(c.y[c.train], minlength=20).min() >= 2
+        for name, x in c.x.items():
+            assert x.dtype == np.float32 and x.shape == (len(c), p.steps, *headroom.spec[name].feature_shape)
+            assert -1.0 <= x.min() and x.max() <= 1.0
+        has_tactile = {"tactile_left", "tactile_right"} <= set(c.x)
+        assert has_tactile == (c.name not in TACTILE_MISSING)
+        assert len(c.x) == (10 if has_tactile else 8)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_headroom_cover_overlaps_and_resolves_every_class_everywhere(seed):
+    enc = _encoded(make_synthetic("headroom", seed))
+    informative = [m for m in enc if enc[m]]
+    assert sorted(informative) == sorted(m.name for m in ACTIONSENSE_MODALITIES)
+    # no modality alone suffices
+    assert max(len(enc[m]) for m in informative) <= 8
+    # every class is encoded by a non-tactile modality (so by something at every client), by 1..3 in all
+    plain = set().union(*(enc[m] for m in informative if not m.startswith("tactile")))
+    assert plain == set(range(20))
+    per_class = [sum(c in enc[m] for m in informative) for c in range(20)]
+    assert min(per_class) >= 1 and max(per_class) <= 3 and sum(k >= 2 for k in per_class) >= 10
+    # at least one redundant pair: two modalities encoding exactly the same classes
+    pairs = [(a, b) for i, a in enumerate(informative) for b in informative[i + 1:] if enc[a] == enc[b]]
+    assert ("emg_right", "emg_left") in pairs or ("emg_left", "emg_right") in pairs
+
+
+def test_headroom_noise_modalities_get_zero_truth_everywhere(headroom):
+    md = headroom.metadata
+    assert md["noise_modalities"] == list(NOISE_WIDTHS)
+    assert {m: headroom.spec[m].features for m in NOISE_WIDTHS} == NOISE_WIDTHS
+    assert md["informativeness_order"][-4:] == list(NOISE_WIDTHS)
+    truth = md["shapley_truth"]
+    assert set(truth) == set(SUBJECTS)
+    for c in headroom.clients:
+        phi = truth[c.name]
+        assert set(phi) == set(c.x)
+        informative = [v for m, v in phi.items() if m not in NOISE_WIDTHS]
+        assert all(phi[m] == 0.0 for m in NOISE_WIDTHS)
+        assert min(informative) > 0.01  # every informative modality ranks above every noise one
+    for m in NOISE_WIDTHS:
+        assert md["informativeness"][m] == pytest.approx(0.05) and md["encoded_classes"][m] == []
+
+
+def test_headroom_shapley_truth_is_efficient_and_follows_the_order(headroom):
+    md = headroom.metadata
+    gain = {m: np.asarray(v) for m, v in md["class_gain"].items()}
+    for c in headroom.clients:
+        phi = md["shapley_truth"][c.name]
+        v_all = float(np.max(np.stack([gain[m] for m in c.x]), axis=0).mean())  # v(all present)
+        assert abs(sum(phi.values()) - v_all) < 1e-9
+        assert md["shapley_truth_value_all"][c.name] == pytest.approx(v_all, abs=1e-12)
+        assert 0.6 < v_all < 0.95  # clearly informative, but no modality set is certain of every class
+    fleet_truth = md["shapley_truth_fleet"]
+    order = md["informativeness_order"]
+    assert sorted(order) == sorted(headroom.spec.names)
+    vals = [fleet_truth[m] for m in order]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    # the redundant pair splits its classes: the weaker arm gets less than the stronger
+    assert fleet_truth["emg_left"] < fleet_truth["emg_right"]
+
+
+def test_headroom_truth_is_not_the_size_order(headroom):
+    feats = {m.name: m.features for m in headroom.spec.modalities}
+    order = headroom.metadata["informativeness_order"]
+    by_size = sorted(feats, key=lambda m: -feats[m])
+    assert order != by_size
+    informative = [m for m in order if m not in NOISE_WIDTHS]
+    assert informative[0] == "eye"  # the smallest modality is the most informative
+    truth = headroom.metadata["shapley_truth_fleet"]
+    rho = spearmanr([truth[m] for m in informative], [feats[m] for m in informative]).statistic
+    assert rho < 0, rho
+
+
+def test_headroom_data_has_headroom(headroom):
+    """On the data (no torch): no modality alone suffices, all of them together do far better, and a
+    nearest-class-centroid classifier on every modality stays well below 100%."""
+    single = _ncc_accuracy(headroom)
+    assert max(single.values()) < 0.6, single
+    assert all(single[m] < 0.12 for m in NOISE_WIDTHS), single
+    together = np.mean([_ncc_concat(c, list(c.x)) for c in headroom.clients])
+    assert max(single.values()) + 0.15 < together < 0.9, (together, single)
+    # the clients without gloves still resolve every class (their non-tactile modalities cover all)
+    bare = [c for c in headroom.clients if c.name in TACTILE_MISSING]
+    assert np.mean([_ncc_concat(c, list(c.x)) for c in bare]) > 0.55
+
+
+def _ncc_concat(c, mods) -> float:
+    f = np.concatenate([c.x[m].reshape(len(c), c.x[m].shape[1], -1).mean(axis=1) for m in mods], axis=1)
+    ytr = c.y[c.train]
+    cent = np.stack([f[c.train][ytr == k].mean(0) for k in range(20)])
+    d = ((f[~c.train][:, None, :] - cent[None]) ** 2).sum(-1)
+    return float((d.argmin(1) == c.y[~c.train]).mean())
+
+
+def test_max_game_shapley_is_exact():
+    """The truth's Shapley values against the definition (average marginal contribution over orders)."""
+    from itertools import permutations
+
+    from fedmfs.core.data.synthetic import _max_game_shapley
+
+    gain = np.random.default_rng(0).uniform(0, 1, (4, 6)) * (np.random.default_rng(1).uniform(size=(4, 6)) > 0.4)
+
+    def v(s: list[int]) -> float:
+        return float(gain[s].max(axis=0).mean()) if s else 0.0
+
+    brute = np.zeros(4)
+    orders = list(permutations(range(4)))
+    for order in orders:
+        for k, i in enumerate(order):
+            brute[i] += v(list(order[:k + 1])) - v(list(order[:k]))
+    phi, v_all = _max_game_shapley(gain)
+    np.testing.assert_allclose(phi, brute / len(orders), atol=1e-12)
+    assert v_all == pytest.approx(v([0, 1, 2, 3]))
+
+
+def test_a_cover_must_leave_no_class_to_the_gloves_alone():
+    import dataclasses
+
+    from fedmfs.core.data.synthetic import _check_cover
+
+    p = PRESETS["headroom"]
+    assert p.cover is not None
+    cover = dict(p.cover, emg_left=(14, 15, 16, 17, 18), emg_right=(14, 15, 16, 17, 18))
+    truth = dict(p.truth, emg_left=dataclasses.replace(p.truth["emg_left"], classes=5),
+                 emg_right=dataclasses.replace(p.truth["emg_right"], classes=5))
+    with pytest.raises(ValueError, match=r"slots \[19\] are encoded by no non-tactile modality"):
+        _check_cover(dataclasses.replace(p, cover=cover, truth=truth))
+    with pytest.raises(ValueError, match="covers 5 classes, truth says 6"):
+        _check_cover(dataclasses.replace(p, cover=cover))

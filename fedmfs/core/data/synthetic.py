@@ -25,6 +25,32 @@ The ground truth goes to ``fleet.metadata``: ``informativeness`` (the expected a
 nearest-class-centroid classifier on time-averaged windows, centroids estimated from one client's
 training windows, by Monte Carlo; higher is more informative), ``informativeness_order`` (most -> least),
 the per-modality amplitudes and encoded classes.
+
+The ``headroom`` preset (the others are unchanged, bit for bit) is built so that a modality ranking has
+something to get right and the ``all`` baseline stays well below its ceiling:
+
+* **Overlap** instead of disjoint blocks: ``SyntheticPreset.cover`` lists, per modality, the class
+  *slots* it encodes (mapped to classes through the seed's random class permutation). Each class is
+  encoded by one to three modalities, no modality encodes more than 8 of the 20 classes (none suffices
+  alone), and ``emg_left``/``emg_right`` encode exactly the same classes (a redundant pair; the right arm
+  is the stronger). Every class a tactile glove encodes is also encoded by a non-tactile modality, so
+  the clients without gloves (S06-S09) can resolve every class.
+* **Informativeness not aligned with size**: eye (2 features) is the strongest, xsens (66) medium,
+  the EMG pair (8 each) moderate, the tactile grids (12x12 = 144) weak and redundant.
+* **Noise modalities** ``noise3``, ``noise16``, ``noise64``, ``noise256`` (``SyntheticPreset.noise_widths``,
+  added by :func:`add_noise_modalities` on every client).
+* **A Shapley ground truth** in ``metadata["shapley_truth"]`` = {client: {modality: phi}}: the exact
+  Shapley values (all coalitions of the client's present modalities) of the coalition game
+
+      v(S) = mean over classes c of  max over m in S of  g[m, c],     v({}) = 0,
+
+  where ``g[m, c] = max(0, r[m, c] - 1/C)`` and ``r[m, c]`` is the Monte-Carlo probability that a
+  nearest-class-centroid classifier on modality ``m``'s time-averaged windows (centroids from one
+  client's number of training windows, as for ``informativeness``) labels a window of class ``c``
+  correctly. ``g[m, c] = 0`` for a class ``m`` does not encode (telling a class by the absence of every
+  pattern is not credited), so noise modalities get exactly 0. ``metadata["class_gain"]`` holds ``g``
+  ({modality: [20 floats]}), ``metadata["shapley_truth_fleet"]`` the truth of a client with every
+  modality, and ``informativeness_order`` follows it (most -> least, noise modalities last).
 """
 
 from __future__ import annotations
@@ -69,7 +95,8 @@ class ModalityTruth:
 
 @dataclass(frozen=True, slots=True)
 class SyntheticPreset:
-    """A size of synthetic fleet; the truth table is shared so every preset has the same ranking."""
+    """A size of synthetic fleet; ``small`` and ``actionsense`` share the default truth table (the same
+    ranking); ``headroom`` has its own, with an overlapping ``cover`` and noise modalities."""
 
     name: str
     steps: int
@@ -96,12 +123,20 @@ class SyntheticPreset:
         "emg_left": ModalityTruth(amplitude=0.05, classes=0),
     })
 
+    # Overlapping coverage (the headroom preset): per modality, the class *slots* (0..19) it encodes,
+    # mapped to classes through the seed's class permutation. None: disjoint blocks of truth[m].classes.
+    cover: dict[str, tuple[int, ...]] | None = None
+    # Pure-noise modalities ``noise<w>`` added to every client (add_noise_modalities), one per width.
+    noise_widths: tuple[int, ...] = ()
+
     def spec(self) -> DatasetSpec:
-        """The DatasetSpec of this preset: the feature shapes actually generated and the hidden size."""
+        """The DatasetSpec of this preset: the feature shapes actually generated and the hidden size
+        (the noise modalities, if any, after the six ActionSense ones)."""
         mods = []
         for m in ACTIONSENSE_MODALITIES:
             shape = self.tactile_shape if m.name.startswith("tactile") else m.feature_shape
             mods.append(ModalitySpec(m.name, tuple(shape), self.hidden))
+        mods += [ModalitySpec(f"noise{w}", (w,), self.hidden) for w in self.noise_widths]
         return DatasetSpec(tuple(mods), NUM_CLASSES, self.steps, tuple(f"class{c:02d}" for c in range(NUM_CLASSES)))
 
     def order(self) -> list[str]:
@@ -118,6 +153,33 @@ PRESETS: dict[str, SyntheticPreset] = {
         name="actionsense", steps=100, windows_per_class=20, tactile_shape=(32, 32), hidden=64,
         description="the paper's size (T=100, ~20 windows/class/client, 32x32 tactile grids, hidden 64)",
     ),
+    "headroom": SyntheticPreset(
+        name="headroom", steps=12, windows_per_class=15, tactile_shape=(12, 12), hidden=16,
+        description=("overlapping, partly redundant modalities, informativeness not aligned with size, four "
+                     "noise modalities (3, 16, 64, 256 features) and a per-client Shapley ground truth "
+                     "(T=12, ~15 windows/class/client, 12x12 tactile grids, hidden 16)"),
+        # Isotropic noise on the grids: smooth low-rank noise would make the weak gloves swamp a
+        # nearest-centroid classifier on all modalities (and the `all` baseline would measure that).
+        grid_noise_rank=0,
+        # Strong to weak (the Shapley truth's order); amplitudes moderate, so that no class is certain.
+        truth={
+            "eye": ModalityTruth(amplitude=1.4, classes=8, active_fraction=1.0),
+            "xsens": ModalityTruth(amplitude=1.05, classes=8),
+            "emg_right": ModalityTruth(amplitude=1.2, classes=6),
+            "emg_left": ModalityTruth(amplitude=0.8, classes=6),
+            "tactile_right": ModalityTruth(amplitude=0.9, classes=6),
+            "tactile_left": ModalityTruth(amplitude=0.7, classes=6),
+        },
+        cover={
+            "eye": (0, 1, 2, 3, 4, 5, 6, 7),
+            "xsens": (6, 7, 8, 9, 10, 11, 12, 13),
+            "emg_right": (14, 15, 16, 17, 18, 19),
+            "emg_left": (14, 15, 16, 17, 18, 19),  # the redundant pair: the same classes as emg_right
+            "tactile_right": (0, 1, 2, 8, 9, 14),
+            "tactile_left": (3, 4, 10, 11, 15, 16),
+        },
+        noise_widths=(3, 16, 64, 256),
+    ),
 }
 
 
@@ -126,9 +188,30 @@ def _rng(seed: int, *parts: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), *map(int, parts)])
 
 
+def _check_cover(p: SyntheticPreset) -> None:
+    """An overlapping cover is well formed: known slots, one per truth modality, sizes as declared, and
+    every class encoded by a non-tactile modality (the clients without gloves can resolve every class)."""
+    cover = p.cover or {}
+    if set(cover) != set(p.truth):
+        raise ValueError(f"preset {p.name!r}: cover names {sorted(cover)}, truth names {sorted(p.truth)}")
+    for name, slots in cover.items():
+        if len(set(slots)) != len(slots) or not all(0 <= c < NUM_CLASSES for c in slots):
+            raise ValueError(f"preset {p.name!r}: cover of {name!r} must be distinct slots in [0, {NUM_CLASSES})")
+        if len(slots) != p.truth[name].classes:
+            raise ValueError(f"preset {p.name!r}: {name!r} covers {len(slots)} classes, truth says {p.truth[name].classes}")
+    plain = {c for name, slots in cover.items() if not name.startswith("tactile") for c in slots}
+    if len(plain) != NUM_CLASSES:
+        missing = sorted(set(range(NUM_CLASSES)) - plain)
+        raise ValueError(f"preset {p.name!r}: slots {missing} are encoded by no non-tactile modality")
+
+
 def _blocks(p: SyntheticPreset, rng: np.random.Generator) -> dict[str, list[int]]:
-    """Disjoint class blocks, one per modality in truth order, over a random permutation of the classes."""
+    """Disjoint class blocks, one per modality in truth order, over a random permutation of the classes;
+    or, if the preset has a ``cover``, its (overlapping) slots mapped through that permutation."""
     perm = rng.permutation(NUM_CLASSES).tolist()
+    if p.cover is not None:
+        _check_cover(p)
+        return {name: sorted(perm[c] for c in p.cover[name]) for name in p.truth}
     out, start = {}, 0
     for name, truth in p.truth.items():
         out[name] = sorted(perm[start:start + truth.classes])
@@ -210,6 +293,57 @@ def _expected_accuracy(protos: np.ndarray, amplitude: float, noise: float, n_tra
     return hits / reps
 
 
+def _per_class_accuracy(protos: np.ndarray, amplitude: float, noise: float, n_train: int,
+                        rng: np.random.Generator, basis: np.ndarray | None = None,
+                        per_class: int = 100, reps: int = 12) -> np.ndarray:
+    """Per-class accuracies (C,) of the classifier of :func:`_expected_accuracy` (Monte Carlo): the
+    probability that a window of class c is labelled c, centroids from ``n_train`` windows per class."""
+    centres = amplitude * protos  # (C, F)
+    c, f = centres.shape
+    y = np.repeat(np.arange(c), per_class)
+    hits = np.zeros(c, dtype=np.float64)
+    for _ in range(reps):
+        cent = centres + _noise((n_train, c, f), noise, basis, rng).mean(0)
+        x = centres[y] + _noise((y.size, f), noise, basis, rng)
+        d = (x**2).sum(1)[:, None] - 2 * x @ cent.T + (cent**2).sum(1)[None, :]
+        hits += np.bincount(y, weights=(d.argmin(1) == y).astype(np.float64), minlength=c)
+    return hits / (reps * per_class)
+
+
+def _max_game_shapley(gain: np.ndarray) -> tuple[np.ndarray, float]:
+    """Exact Shapley values (M,) of v(S) = mean_c max_{m in S} gain[m, c] (v of the empty set 0, gains
+    >= 0), by enumerating all 2^M coalitions; and v(all). Meant for M <= ~12 players."""
+    m = gain.shape[0]
+    if m == 0:
+        return np.zeros(0), 0.0
+    masks = np.arange(1 << m)
+    member = ((masks[:, None] >> np.arange(m)[None, :]) & 1).astype(bool)  # (2^M, M)
+    value = np.where(member[:, :, None], gain[None], 0.0).max(axis=1).mean(axis=1)  # (2^M,)
+    size = member.sum(1)
+    fact = [math.factorial(k) for k in range(m + 1)]
+    weight = np.array([fact[k] * fact[m - k - 1] / fact[m] if k < m else 0.0 for k in range(m + 1)])
+    phi = np.empty(m)
+    for i in range(m):
+        without = masks[~member[:, i]]  # coalitions lacking player i
+        phi[i] = float((weight[size[without]] * (value[without | (1 << i)] - value[without])).sum())
+    return phi, float(value[-1])
+
+
+def _shapley_truth(gain: dict[str, np.ndarray], clients: list[ClientData],
+                   names: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, float]]:
+    """Per-client exact Shapley values of the max game over the client's present modalities, v(all) per
+    client, and the truth of a client with every modality in ``names``."""
+    per_client: dict[str, dict[str, float]] = {}
+    v_all: dict[str, float] = {}
+    for c in clients:
+        present = [m for m in names if m in c.x]
+        phi, v = _max_game_shapley(np.stack([gain[m] for m in present]))
+        per_client[c.name] = {m: float(x) for m, x in zip(present, phi)}
+        v_all[c.name] = v
+    phi, _ = _max_game_shapley(np.stack([gain[m] for m in names]))
+    return per_client, v_all, {m: float(x) for m, x in zip(names, phi)}
+
+
 def _class_counts(preset: SyntheticPreset, rng: np.random.Generator) -> np.ndarray:
     """Per-client label skew: each class count is drawn around windows_per_class, never below 3."""
     w = preset.windows_per_class
@@ -228,6 +362,9 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
     except KeyError:
         raise ValueError(f"unknown synthetic preset {preset!r}; known: {', '.join(PRESETS)}") from None
     spec = p.spec()
+    # The generated modalities (the noise ones, if any, are added at the end by add_noise_modalities).
+    base = DatasetSpec(tuple(ms for ms in spec.modalities if ms.name in p.truth), spec.num_classes,
+                       spec.steps, spec.class_names)
     t = p.steps
     steps = np.arange(t, dtype=np.float64)
 
@@ -239,8 +376,9 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
     avg_noise = math.sqrt(p.window_noise**2 + p.step_noise**2 / t)
     n_train = max(2, int(round(0.8 * p.windows_per_class)))
     bases: dict[str, np.ndarray | None] = {}
+    class_gain: dict[str, np.ndarray] = {}  # the Shapley truth's per-class gains (presets with a cover)
     blocks = _blocks(p, _rng(seed, 8))
-    for j, ms in enumerate(spec.modalities):
+    for j, ms in enumerate(base.modalities):
         truth = p.truth[ms.name]
         protos[ms.name], encoded[ms.name] = _prototypes(ms, truth, _rng(seed, 1, j), blocks[ms.name])
         grid = len(ms.feature_shape) == 2 and p.grid_noise_rank > 0
@@ -248,6 +386,12 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
         bases[ms.name] = _smooth_basis(shape2, p.grid_noise_rank, _rng(seed, 7, j)) if grid else None
         informativeness[ms.name] = round(_expected_accuracy(
             protos[ms.name], truth.amplitude, avg_noise, n_train, _rng(seed, 2, j), bases[ms.name]), 4)
+        if p.cover is not None:
+            r = _per_class_accuracy(protos[ms.name], truth.amplitude, avg_noise, n_train, _rng(seed, 9, j),
+                                    bases[ms.name])
+            g = np.maximum(r - 1.0 / NUM_CLASSES, 0.0)
+            g[np.linalg.norm(protos[ms.name], axis=1) == 0] = 0.0  # no credit for classes it does not encode
+            class_gain[ms.name] = g
     env_rng = _rng(seed, 3)
     freq = env_rng.integers(1, 4, NUM_CLASSES)
     phase = env_rng.uniform(0, 2 * np.pi, NUM_CLASSES)
@@ -261,7 +405,7 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
         y = y[crng.permutation(y.size)]
         train = stratified_split(y, 0.8, _rng(seed, 5, k))
         xs: dict[str, np.ndarray] = {}
-        for j, ms in enumerate(spec.modalities):
+        for j, ms in enumerate(base.modalities):
             if name in TACTILE_MISSING and ms.name.startswith("tactile"):
                 continue
             mrng = _rng(seed, 6, k, j)
@@ -303,9 +447,36 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
         "window_noise": p.window_noise,
         "step_noise": p.step_noise,
     }
-    fleet = Fleet(spec, clients, metadata)
-    fleet.validate()
+    fleet = Fleet(base, clients, metadata)
+    if p.noise_widths:
+        fleet = add_noise_modalities(fleet, p.noise_widths, seed=seed, hidden=p.hidden)  # validates
+    else:
+        fleet.validate()
+    if fleet.spec != spec:
+        raise RuntimeError(f"preset {p.name!r}: generated spec {fleet.spec} is not the preset's {spec}")
+    if p.cover is not None:
+        fleet.metadata.update(_truth_metadata(fleet, class_gain, p.order()))
     return fleet
+
+
+def _truth_metadata(fleet: Fleet, gain: dict[str, np.ndarray], declared: list[str]) -> dict:
+    """The Shapley ground truth of a preset with a cover (see the module docstring), JSON-ready."""
+    md = fleet.metadata
+    noise = list(md.get("noise_modalities", []))
+    gain = {**gain, **{m: np.zeros(NUM_CLASSES) for m in noise}}
+    names = list(fleet.spec.names)
+    per_client, v_all, whole = _shapley_truth(gain, fleet.clients, names)
+    informative = sorted(declared, key=lambda m: (-whole[m], declared.index(m)))
+    inf = md["informativeness"]
+    return {
+        "shapley_truth": per_client,
+        "shapley_truth_value_all": v_all,
+        "shapley_truth_fleet": whole,
+        "class_gain": {m: [float(v) for v in gain[m]] for m in names},
+        "informativeness_order": informative + noise,
+        "score_order": sorted(inf, key=lambda m: (-inf[m], names.index(m))),
+        "encoded_classes": {**md["encoded_classes"], **{m: [] for m in noise}},
+    }
 
 
 def add_noise_modalities(fleet: Fleet, widths: tuple[int, ...] = (3, 16, 64, 256), seed: int = 0,
