@@ -33,6 +33,9 @@ class TrainConfig:
     fusion_steps: int = 200
     fusion_lr: float = 0.01
     shapley_samples: int = 50
+    # background rows (the first of the explained samples, which are in random order) that stand in
+    # for an absent modality; exact Shapley costs samples x background x 2^M fusion evaluations
+    shapley_background: int = 16
     # The validation part: one fixed stratified fold of `folds` of the training windows that the
     # modality models never train on (it exists when score_on is not "train" or patience > 0). Fixed,
     # because a fold that rotated over rounds would have been memorised in earlier rounds.
@@ -64,6 +67,7 @@ class TrainConfig:
         for k in ("min_steps", "patience"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
-        for k in ("epochs", "batch_size", "fusion_hidden", "fusion_steps", "shapley_samples", "threads"):
+        for k in ("epochs", "batch_size", "fusion_hidden", "fusion_steps", "shapley_samples",
+                  "shapley_background", "threads"):
             if getattr(self, k) <= 0 and not (k == "epochs" and getattr(self, k) == 0):
                 raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")

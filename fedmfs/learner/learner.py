@@ -143,11 +143,13 @@ class Learner:
 
     def _shapley(self, f: FusionModel, x: dict[str, np.ndarray], y: np.ndarray, probs: np.ndarray,
                  round_index: int) -> np.ndarray:
-        """Per-modality impact (M,) on a subsample of the scoring rows, background = the same rows."""
+        """Per-modality impact (M,) on a subsample of the scoring rows, against a background of
+        ``shapley_background`` of those rows."""
         cfg = self.config
         rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, 0x5A))
         n = len(y)
         idx = np.sort(rng.choice(n, size=min(cfg.shapley_samples, n), replace=False))
+        bg = np.sort(rng.permutation(idx)[:cfg.shapley_background])
         # "gain": the signed contribution to the true class's log-likelihood, averaged over samples: a
         # modality whose contribution is large but harmful (noise the fusion trusts) scores below 0,
         # where |phi| (the paper's score) would count it as impact
@@ -161,7 +163,7 @@ class Learner:
                 state_to_numpy(f), cfg.fusion_hidden, threads=cfg.threads,
             )
             xs = {m: x[m][idx] for m in self.present}
-            res = rt.shapley(xs, xs, kind=kind, y=y[idx], method="exact")
+            res = rt.shapley(xs, {m: x[m][bg] for m in self.present}, kind=kind, y=y[idx], method="exact")
             if cfg.value_kind in ("gain", "gain_lcb"):
                 return modality_gains(np.asarray(res.phi, dtype=np.float64), lower_bound=cfg.value_kind == "gain_lcb")
             return np.asarray(res.scores, dtype=np.float64)
@@ -172,8 +174,7 @@ class Learner:
                 return f(torch.from_numpy(np.ascontiguousarray(z, np.float32)),
                          torch.from_numpy(np.ascontiguousarray(mask, np.float32))).exp().numpy()
 
-        sub = probs[idx]
-        phi = exact_shapley(fusion_fn, sub, sub, self.mask, kind, y[idx])
+        phi = exact_shapley(fusion_fn, probs[idx], probs[bg], self.mask, kind, y[idx])
         if cfg.value_kind in ("gain", "gain_lcb"):
             return modality_gains(phi, lower_bound=cfg.value_kind == "gain_lcb")
         return modality_scores(phi)
