@@ -27,7 +27,7 @@ def test_simulate_writes_report_plots_and_summary(tmp_path, capsys):
 
 def test_config_file_and_precedence(tmp_path):
     cfg = tmp_path / "sim.toml"
-    cfg.write_text('method = "local"\nrounds = 1\ngamma = 3\n[train]\nepochs = 1\n')
+    cfg.write_text('method = "local"\nrounds = 1\ngamma = 3\n[train]\nepochs = 1\nmin_steps = 0\n')
     out = tmp_path / "o"
     assert main(["simulate", "--config", str(cfg), "--gamma", "1", "--out", str(out), "--quiet", "--no-plots"]) == 0
     rep = json.loads((out / "report.json").read_text())

@@ -60,7 +60,7 @@ def test_actionsense_hdf5_to_fleet_directory_that_simulates(tmp_path, capsys):
         np.testing.assert_array_equal(a.train, b.train)
         np.testing.assert_array_equal(a.y, b.y)
 
-    rep = run_simulation(fleet, SimConfig.build(rounds=1, train=TrainConfig(epochs=1, fusion_steps=10,
+    rep = run_simulation(fleet, SimConfig.build(rounds=1, train=TrainConfig(min_steps=0, epochs=1, fusion_steps=10,
                                                                           shapley_samples=8)),
                          "inproc", workdir=tmp_path / "w")
     assert len(rep["rounds"]) == 1

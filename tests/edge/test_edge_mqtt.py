@@ -24,7 +24,7 @@ from fedmfs.sim.processes import (
 
 pytestmark = pytest.mark.integration
 
-TRAIN = TrainConfig(epochs=1, fusion_steps=20, shapley_samples=10)
+TRAIN = TrainConfig(min_steps=0, epochs=1, fusion_steps=20, shapley_samples=10)
 
 
 @pytest.fixture(scope="module")

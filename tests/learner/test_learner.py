@@ -22,7 +22,7 @@ from fedmfs.learner.models import state_to_numpy
 from fedmfs.learner.store import restore_learner, save_learner
 from fedmfs.learner.training import sgd_epochs
 
-CFG = TrainConfig(epochs=1, fusion_steps=10, shapley_samples=8)
+CFG = TrainConfig(min_steps=0, epochs=1, fusion_steps=10, shapley_samples=8)
 SEED = 11
 INDEX = 5
 
@@ -131,7 +131,7 @@ def test_local_round_starts_from_a_new_global(fleet, client, trained):
     the digest of the global it synced to."""
     _, u = trained
     g = {m: {k: v + 0.25 for k, v in s.items()} for m, s in u.states.items()}
-    lr = new_learner(fleet, client, config=TrainConfig(epochs=0, fusion_steps=10, shapley_samples=8))
+    lr = new_learner(fleet, client, config=TrainConfig(min_steps=0, epochs=0, fusion_steps=10, shapley_samples=8))
     upd = lr.local_round(3, g, "fp32")
     for m in g:
         assert_states_equal(upd.states[m], g[m])
@@ -373,7 +373,7 @@ def test_sgd_epochs_lowers_the_loss_and_leaves_eval_mode():
 
     before = full_loss()
     model.train()   # whatever mode it was in, it ends in eval
-    sgd_epochs(model, lambda b: loss_fn(model(x[b]), y[b]), len(y), TrainConfig(epochs=20, lr=0.05, batch_size=16),
+    sgd_epochs(model, lambda b: loss_fn(model(x[b]), y[b]), len(y), TrainConfig(min_steps=0, epochs=20, lr=0.05, batch_size=16),
                np.random.default_rng(0))
     assert model.training is False
     assert all(not m.training for m in model.modules())
@@ -390,7 +390,7 @@ def test_sgd_epochs_visits_every_row_once_per_epoch_in_batches():
         assert model.training is True      # trains in train mode
         return model(torch.zeros(len(b), 2)).sum()
 
-    sgd_epochs(model, batch_loss, 10, TrainConfig(epochs=3, lr=0.01, batch_size=4), np.random.default_rng(1))
+    sgd_epochs(model, batch_loss, 10, TrainConfig(min_steps=0, epochs=3, lr=0.01, batch_size=4), np.random.default_rng(1))
     assert [len(b) for b in batches] == [4, 4, 2] * 3
     epochs = [sum(batches[i:i + 3], []) for i in (0, 3, 6)]
     for e in epochs:
@@ -403,7 +403,7 @@ def test_sgd_epochs_visits_every_row_once_per_epoch_in_batches():
 
 def test_sgd_epochs_with_zero_lr_or_zero_epochs_changes_nothing():
     x, y = _toy()
-    for cfg in (TrainConfig(epochs=3, lr=0.0, batch_size=8), TrainConfig(epochs=0, lr=0.5)):
+    for cfg in (TrainConfig(min_steps=0, epochs=3, lr=0.0, batch_size=8), TrainConfig(min_steps=0, epochs=0, lr=0.5)):
         model = _toy_model()
         before = state_to_numpy(model)
         model.train()
@@ -420,7 +420,7 @@ def test_sgd_epochs_is_deterministic_in_the_rng():
         model = _toy_model()
         model[1].p = 0.0   # no dropout randomness: only the batch order differs
         sgd_epochs(model, lambda b, model=model: nn.functional.mse_loss(model(x[b]), y[b]), len(y),
-                   TrainConfig(epochs=2, lr=0.05, batch_size=8), np.random.default_rng(seed))
+                   TrainConfig(min_steps=0, epochs=2, lr=0.05, batch_size=8), np.random.default_rng(seed))
         out.append(state_to_numpy(model))
     assert_states_equal(out[0], out[1])
     assert states_differ(out[0], out[2])
@@ -436,7 +436,7 @@ def test_a_late_joiner_starts_a_never_aggregated_modality_from_the_fleets_initia
     f = make_synthetic("small", 0)
     client = f.clients[0]
     fleet_init = initial_globals(f.spec, seed=0)
-    late = Learner(f.spec, client, TrainConfig(epochs=0, fusion_steps=2, shapley_samples=4), seed=0, index=5)
+    late = Learner(f.spec, client, TrainConfig(min_steps=0, epochs=0, fusion_steps=2, shapley_samples=4), seed=0, index=5)
     m = client.modalities[0]
     own = {k: v.detach().numpy().copy() for k, v in late.models[m].state_dict().items()}
     assert any(not np.array_equal(own[k], fleet_init[m][k]) for k in own)   # its own init differs
@@ -470,7 +470,7 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
     start = state_to_numpy(model)
     loss = nn.MSELoss()
     took = sgd_epochs(model, lambda b: loss(model(x[b]), y[b]), len(y),
-                      TrainConfig(epochs=50, lr=0.05, batch_size=8, patience=2), np.random.default_rng(0),
+                      TrainConfig(min_steps=0, epochs=50, lr=0.05, batch_size=8, patience=2), np.random.default_rng(0),
                       val_loss=lambda: float(loss(model(x), -y)))
     per_epoch = math.ceil(len(y) / 8)
     assert took == 2 * per_epoch
@@ -479,7 +479,7 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
     # a validation loss that keeps falling trains the whole budget and keeps the last weights
     model2 = _toy_model()
     took2 = sgd_epochs(model2, lambda b: loss(model2(x[b]), y[b]), len(y),
-                       TrainConfig(epochs=6, lr=0.05, batch_size=8, patience=2), np.random.default_rng(0),
+                       TrainConfig(min_steps=0, epochs=6, lr=0.05, batch_size=8, patience=2), np.random.default_rng(0),
                        val_loss=lambda: float(loss(model2(x), y)))
     assert took2 == 6 * per_epoch
 
@@ -488,7 +488,7 @@ def test_the_validation_part_is_fixed_and_never_trained_on(fleet, client):
     """Issue 8: the held-out fold rotated over rounds, so by round 2 the fold scored on had been trained
     on (a pure-noise model had memorised it and scored as informative). Now one fixed fold of the
     training windows is the validation part: the modality models never see it."""
-    cfg = TrainConfig(epochs=1, fusion_steps=5, shapley_samples=8, score_on="crossfit", patience=1)
+    cfg = TrainConfig(min_steps=0, epochs=1, fusion_steps=5, shapley_samples=8, score_on="crossfit", patience=1)
     lr = new_learner(fleet, client, config=cfg)
     held = set(np.nonzero(lr.fold == 0)[0].tolist())
     assert 0 < len(held) < len(lr.ytr) / 3

@@ -70,7 +70,7 @@ def test_same_seed_same_report(fleet):
 
 def test_onnx_and_numpy_shapley_backends_agree(fleet):
     small = type(fleet)(fleet.spec, fleet.clients[:2], fleet.metadata)
-    reps = [run_simulation(small, SimConfig.build(rounds=1, seed=1, train=TrainConfig(shapley_backend=b)))
+    reps = [run_simulation(small, SimConfig.build(rounds=1, seed=1, train=TrainConfig(min_steps=0, shapley_backend=b)))
             for b in ("onnx", "numpy")]
     for name in reps[0]["rounds"][0]["clients"]:
         a = reps[0]["rounds"][0]["clients"][name]["shapley"]

@@ -12,7 +12,7 @@ from fedmfs.core.settings import TrainConfig
 from fedmfs.sim.config import SimConfig
 from fedmfs.sim.holistic import aggregate_holistic, run_holistic
 
-TRAIN = TrainConfig(epochs=1)
+TRAIN = TrainConfig(min_steps=0, epochs=1)
 
 
 @pytest.fixture(scope="module")

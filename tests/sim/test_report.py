@@ -31,7 +31,7 @@ def run(tmp_path_factory):
     f = make_synthetic("small", 0)
     fleet = Fleet(f.spec, f.clients[:2], f.metadata)
     cfg = SimConfig.build("fedmfs", rounds=2, seed=0,
-                          train=TrainConfig(epochs=1, fusion_steps=10, shapley_samples=8))
+                          train=TrainConfig(min_steps=0, epochs=1, fusion_steps=10, shapley_samples=8))
     work = tmp_path_factory.mktemp("sim") / "w"
     returned = run_simulation(fleet, cfg, "inproc", workdir=work)
     state = work / "coordinator"

@@ -18,7 +18,7 @@ from fedmfs.core.settings import TrainConfig
 from fedmfs.sim.config import SimConfig
 from fedmfs.sim.driver import run_simulation
 
-TRAIN = TrainConfig(epochs=1, fusion_steps=20, shapley_samples=10)
+TRAIN = TrainConfig(min_steps=0, epochs=1, fusion_steps=20, shapley_samples=10)
 
 
 @pytest.fixture(scope="module")
