@@ -54,6 +54,7 @@ __all__ = [
     "format_summary",
     "pareto_front",
     "pareto_plot",
+    "ranking_checks",
 ]
 
 REPORTING_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -222,7 +223,10 @@ def _run_job(job: _Job) -> dict[str, Any]:
              "cumulative_bytes": int(r["cumulative_bytes"])} for r in rep["rounds"]]
     return {"variant": job.variant.name, "method": cfg.method, "family": job.variant.family, "seed": job.seed,
             "split": job.split, "config": cfg.to_dict(), "rounds": rows, "final_accuracy": rep["final_accuracy"],
-            "total_upload_bytes": int(rep["total_upload_bytes"]), "seconds": time.perf_counter() - t0}
+            "total_upload_bytes": int(rep["total_upload_bytes"]), "seconds": time.perf_counter() - t0,
+            # what the scores were after the last round (ranking checks against the preset's truth)
+            "last_shapley": {d: c.get("shapley", {}) for d, c in rep["rounds"][-1].get("clients", {}).items()}
+            if rep["rounds"] else {}}
 
 
 def _init_worker() -> None:
@@ -406,6 +410,40 @@ def format_summary(s: Mapping[str, Any]) -> str:
                 f"{'met' if h['met'] else 'NOT met'} on the mean, "
                 f"{'met' if h['met_ci'] else 'NOT met'} by the CI's lower end")
     return "\n".join(lines)
+
+
+def ranking_checks(runs: Sequence[Mapping[str, Any]], metadata_of: Callable[[int], Mapping[str, Any]],
+                   methods: Sequence[str] = ("fedmfs",)) -> dict[str, dict[str, Any]]:
+    """How each run's scores after its last round rank the modalities against the preset's truth
+    (``metadata_of(seed)``: a fleet's metadata with ``noise_modalities`` and per-client
+    ``shapley_truth``), per variant of ``methods``: ``separated`` (share of clients, over seeds, whose
+    every noise modality scores below every informative one), ``spearman`` (mean per client, all its
+    modalities, the truth's ties averaged) and the clients that miss, with the pair that misses."""
+    from scipy.stats import spearmanr
+
+    out: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        if r["method"] not in methods or not r.get("last_shapley"):
+            continue
+        meta = metadata_of(int(r["seed"]))
+        truth, noise = meta.get("shapley_truth"), set(meta.get("noise_modalities", ()))
+        if not truth or not noise:
+            continue
+        row = out.setdefault(r["variant"], {"separated": [], "spearman": [], "misses": []})
+        for client, scores in r["last_shapley"].items():
+            inf = [m for m in scores if m not in noise]
+            nz = [m for m in scores if m in noise]
+            if not inf or not nz:
+                continue
+            top, low = max(nz, key=scores.__getitem__), min(inf, key=scores.__getitem__)
+            ok = scores[top] < scores[low]
+            row["separated"].append(ok)
+            if not ok:
+                row["misses"].append(f"seed {r['seed']} {client}: {top} {scores[top]:+.3g} >= {low} {scores[low]:+.3g}")
+            ms = list(scores)
+            row["spearman"].append(float(spearmanr([scores[m] for m in ms], [truth[client][m] for m in ms]).statistic))
+    return {v: {"separated": float(np.mean(x["separated"])), "spearman": _est(x["spearman"], 0.95),
+                "clients": len(x["separated"]), "misses": x["misses"]} for v, x in out.items()}
 
 
 # ------------------------------------------------------------------------------------ the plot

@@ -205,3 +205,22 @@ def test_run_grid_plumbing(monkeypatch):
     with pytest.raises(ValueError, match="unique"):
         run_grid(factory, [vs[0], vs[0]], [0], 1)
     assert compare.REPORTING_SEEDS == (0, 1, 2, 3, 4) and not set(compare.TUNING_SEEDS) & set(compare.REPORTING_SEEDS)
+
+
+def test_ranking_checks_count_separation_and_spearman_against_the_truth():
+    from fedmfs.sim.compare import ranking_checks
+
+    meta = {"noise_modalities": ["n1", "n2"],
+            "shapley_truth": {"A": {"a": 0.3, "b": 0.1, "n1": 0.0, "n2": 0.0},
+                              "B": {"a": 0.3, "b": 0.1, "n1": 0.0, "n2": 0.0}}}
+    runs = [{"variant": "fedmfs", "method": "fedmfs", "seed": 0,
+             "last_shapley": {"A": {"a": 2.0, "b": 1.0, "n1": -0.1, "n2": 0.0},     # separated, rho 1
+                              "B": {"a": 2.0, "b": -0.5, "n1": 0.2, "n2": -0.3}}},  # n1 above b
+            {"variant": "all", "method": "all", "seed": 0, "last_shapley": {"A": {"a": 1.0}}}]
+    got = ranking_checks(runs, lambda seed: meta)
+    assert list(got) == ["fedmfs"]
+    r = got["fedmfs"]
+    assert r["separated"] == 0.5 and r["clients"] == 2
+    assert r["misses"] == ["seed 0 B: n1 +0.2 >= b -0.5"]
+    # A: ranks (4,3,1,2) vs truth (4,3,1.5,1.5): rho = 0.9487; B: ranks (4,1,3,2) vs the same truth: 0.3162
+    assert r["spearman"]["mean"] == pytest.approx((0.948683 + 0.316228) / 2, abs=1e-5)
