@@ -34,6 +34,10 @@ RULES = {
     "crossfit, gain_lcb, 100 steps": dict(score_on="crossfit", value_kind="gain_lcb", min_steps=100),
     "crossfit, gain_lcb, 100 steps, es": dict(score_on="crossfit", value_kind="gain_lcb", min_steps=100, patience=3),
     "crossfit, gain, 100 steps, es": dict(score_on="crossfit", value_kind="gain", min_steps=100, patience=3),
+    "crossfit, gain, 100 steps, es, ema": dict(score_on="crossfit", value_kind="gain", min_steps=100, patience=3,
+                                               score_smoothing=0.6),
+    "crossfit, gain_lcb, 100 steps, es, ema": dict(score_on="crossfit", value_kind="gain_lcb", min_steps=100,
+                                                   patience=3, score_smoothing=0.6),
     "paper, 100 steps, es": dict(score_on="train", value_kind="prob", min_steps=100, patience=3),
 }
 

@@ -50,6 +50,8 @@ class TrainConfig:
     # log-likelihood), "gain" (its signed mean: harmful contributions count against a modality) or
     # "gain_lcb" (that mean minus two standard errors: a modality counts as far as its help is sure)
     value_kind: str = "prob"
+    # weight of the past in each modality's score (exponential smoothing over rounds; 0: this round's)
+    score_smoothing: float = 0.0
     hard_labels: bool = False  # the paper feeds one-hot predicted labels to the fusion model
     # "onnx": the ONNX Runtime engine (the device's path); "numpy": the reference. Hard labels use numpy.
     shapley_backend: str = "onnx"
@@ -60,6 +62,8 @@ class TrainConfig:
             raise ConfigError(f"value_kind must be one of {', '.join(map(repr, VALUE_KINDS))}, got {self.value_kind!r}")
         if self.score_on not in ("holdout", "train", "crossfit"):
             raise ConfigError(f"score_on must be 'train', 'holdout' or 'crossfit', got {self.score_on!r}")
+        if not 0.0 <= self.score_smoothing < 1.0:
+            raise ConfigError(f"score_smoothing must be in [0, 1), got {self.score_smoothing}")
         if self.folds < 2:
             raise ConfigError(f"folds must be >= 2, got {self.folds}")
         if self.shapley_backend not in ("onnx", "numpy"):

@@ -60,6 +60,8 @@ class _History:
     last_upload: dict[str, int] = field(default_factory=dict)
     # digest of the global model each local model last started from
     synced: dict[str, str] = field(default_factory=dict)
+    # each modality's smoothed score (TrainConfig.score_smoothing), what selection uses
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 class Learner:
@@ -221,12 +223,22 @@ class Learner:
             states=states,
             # the real payload bytes (header with this round and sample count included)
             sizes={m: len(b) for m, b in payloads.items()},
-            shapley={m: float(scores[self.spec.index(m)]) for m in self.present},
+            shapley=self._smooth({m: float(scores[self.spec.index(m)]) for m in self.present}),
             samples=self.data.n_train,
             stage1_accuracy=self._fusion_accuracy(f1, probs, ys),
             payloads=payloads,
             codec=codec,
         )
+
+    def _smooth(self, scores: dict[str, float]) -> dict[str, float]:
+        """The round's scores blended with the previous ones (exponential smoothing, weight
+        ``score_smoothing`` on the past): the evidence of several rounds, so that a noise modality's
+        chance contribution in one round does not outrank what helps round after round."""
+        b = self.config.score_smoothing
+        out = {m: (b * self.history.scores[m] + (1 - b) * v) if m in self.history.scores else v
+               for m, v in scores.items()}
+        self.history.scores.update(out)
+        return out
 
     # -- selection and upload --------------------------------------------------------------------
     def choose(self, update: LocalUpdate, policy: SelectionPolicy) -> Choice:

@@ -36,6 +36,7 @@ def save_learner(learner: Learner, directory: str | os.PathLike) -> None:
         atomic_write(d / "fusion.safetensors", st_save(state_to_numpy(learner.fusion)))
     atomic_write(d / "client.json", json.dumps({
         "last_upload": learner.history.last_upload, "synced": learner.history.synced,
+        "scores": learner.history.scores,
         "config": asdict(learner.config)}).encode())
 
 
@@ -52,6 +53,7 @@ def restore_learner(learner: Learner, directory: str | os.PathLike,
         saved = json.loads(p.read_text())
         learner.history.last_upload = {k: int(v) for k, v in saved["last_upload"].items()}
         learner.history.synced = {k: str(v) for k, v in saved.get("synced", {}).items()}
+        learner.history.scores = {k: float(v) for k, v in saved.get("scores", {}).items()}
     p = d / "fusion.safetensors"
     if p.exists():
         f = FusionModel(len(learner.spec.names), learner.spec.num_classes, learner.config.fusion_hidden)

@@ -504,3 +504,21 @@ def test_the_validation_part_is_fixed_and_never_trained_on(fleet, client):
     for r in range(3):
         lr.local_round(r, {}, "fp32")
     assert seen and all(not (s & held) and len(s) + len(held) == len(lr.ytr) for s in seen)
+
+
+def test_score_smoothing_blends_the_rounds_and_survives_a_restart(fleet, client, tmp_path):
+    """Issue 8: one round's chance contribution of a noise modality could outrank a modality that helps
+    round after round; with `score_smoothing` the score a device selects by carries past rounds."""
+    cfg = TrainConfig(min_steps=0, epochs=1, fusion_steps=5, shapley_samples=8, score_smoothing=0.5)
+    raw = new_learner(fleet, client, config=dataclasses.replace(cfg, score_smoothing=0.0))
+    smooth = new_learner(fleet, client, config=cfg)
+    r0, s0 = raw.local_round(0, {}, "fp32"), smooth.local_round(0, {}, "fp32")
+    assert s0.shapley == r0.shapley             # nothing to blend with yet
+    save_learner(smooth, tmp_path)
+    again = new_learner(fleet, client, config=cfg)
+    restore_learner(again, tmp_path)
+    r1, s1 = raw.local_round(1, {}, "fp32"), again.local_round(1, {}, "fp32")
+    for m in r1.shapley:
+        assert s1.shapley[m] == pytest.approx(0.5 * r0.shapley[m] + 0.5 * r1.shapley[m])
+    with pytest.raises(Exception, match="score_smoothing"):
+        TrainConfig(score_smoothing=1.0)
