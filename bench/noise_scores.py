@@ -75,6 +75,9 @@ def main(argv=None) -> int:
                     help="'headroom' (noise built in, Spearman against its Shapley truth) or a preset to add noise to")
     ap.add_argument("--widths", type=int, nargs="+", default=[3, 16, 64, 256])
     ap.add_argument("--rules", nargs="*", default=list(RULES), help="which scoring rules (names above)")
+    ap.add_argument("--split", choices=("validation", "test"), default="validation",
+                    help="where the accuracy column is measured: a held-out quarter of the training windows "
+                         "(validation, for choosing defaults) or the test windows")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -88,6 +91,8 @@ def main(argv=None) -> int:
         meta = fleet.metadata
         noise = set(meta["noise_modalities"]) | {m for m, c in meta["encoded_classes"].items() if not c}
         truth = [m for m in meta["informativeness_order"] if m not in noise]
+    if args.split == "validation":
+        fleet = fleet.validation_view(0.25, seed=args.seed)
     out = {}
     for name in args.rules:
         t0 = time.perf_counter()
