@@ -20,10 +20,13 @@ def fleet():
 
 @pytest.fixture(scope="module")
 def fedmfs_report(fleet):
-    # the default run of `fedmfs simulate` (default training and scoring, gamma = 1), 6 of its 10 rounds
-    return run_simulation(fleet, SimConfig.build(method="fedmfs", rounds=6, gamma=1, seed=0))
+    # the default run of `fedmfs simulate` (default scoring, gamma = 1), 6 of its 10 rounds, half the
+    # default step floor (CI time)
+    return run_simulation(fleet, SimConfig.build(method="fedmfs", rounds=6, gamma=1, seed=0,
+                                                 train=TrainConfig(min_steps=50)))
 
 
+@pytest.mark.timeout(900)
 def test_report_bookkeeping(fleet, fedmfs_report):
     rep = fedmfs_report
     assert len(rep["rounds"]) == 6
@@ -90,8 +93,15 @@ def test_shapley_ranks_follow_the_generators_ground_truth(fleet, fedmfs_report):
         mods = list(c["shapley"])
         rhos.append(spearmanr([c["shapley"][m] for m in mods], [-order.index(m) for m in mods]).statistic)
     assert np.mean(rhos) >= 0.8, rhos
-    # and the near-useless modality is the least valued everywhere
-    assert all(min(c["shapley"], key=c["shapley"].get) == "emg_left" for c in last.values())
+    # and the modality that encodes no class scores ~0, below every modality that helps. (Under the
+    # paper's |phi| it was the least valued everywhere; the default's signed held-out gain puts the
+    # weakest informative model, tactile_left with 1 class of 20, at ~0 or just below it: a model that
+    # does not help yet is not told apart from no information, docs/benchmarks.md.)
+    for name, c in last.items():
+        s, best = c["shapley"], max(c["shapley"].values())
+        assert best > 0 and abs(s["emg_left"]) <= 0.02 * best, (name, s)
+        helps = [m for m, v in s.items() if v >= 0.05 * best]
+        assert helps and all(s["emg_left"] < s[m] for m in helps), (name, s)
 
 
 def test_cap_is_never_exceeded(fleet):
