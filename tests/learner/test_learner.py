@@ -373,8 +373,8 @@ def test_sgd_epochs_lowers_the_loss_and_leaves_eval_mode():
 
     before = full_loss()
     model.train()   # whatever mode it was in, it ends in eval
-    sgd_epochs(model, lambda b: loss_fn(model(x[b]), y[b]), len(y), TrainConfig(min_steps=0, epochs=20, lr=0.05, batch_size=16),
-               np.random.default_rng(0))
+    sgd_epochs(model, lambda b: loss_fn(model(x[b]), y[b]), len(y),
+               TrainConfig(min_steps=0, epochs=20, lr=0.05, batch_size=16), np.random.default_rng(0))
     assert model.training is False
     assert all(not m.training for m in model.modules())
     after = full_loss()
