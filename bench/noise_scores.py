@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from fedmfs.core.data.synthetic import add_noise_modalities, make_synthetic
 from fedmfs.core.settings import TrainConfig
+from fedmfs.sim.compare import client_ranking
 from fedmfs.sim.config import SimConfig
 from fedmfs.sim.driver import run_simulation
 
@@ -49,18 +49,13 @@ def evaluate(rep: dict, noise: set[str], truth: dict[str, dict[str, float]] | li
     separated, rhos, misses = [], [], []
     for name, c in last.items():
         s = c["shapley"]
-        inf = [m for m in s if m not in noise]
-        nz = [m for m in s if m in noise]
-        top_noise = max(nz, key=lambda m: s[m])
-        low_inf = min(inf, key=lambda m: s[m])
-        separated.append(s[top_noise] < s[low_inf])
-        if not separated[-1]:
-            misses.append(f"{name}: {top_noise} {s[top_noise]:+.3g} >= {low_inf} {s[low_inf]:+.3g}")
-        ref = ({m: truth[name][m] for m in s} if isinstance(truth, dict)
-               else {m: -truth.index(m) for m in inf})
-        ms = list(ref)
-        if len(ms) > 2:
-            rhos.append(spearmanr([s[m] for m in ms], [ref[m] for m in ms]).statistic)
+        ref = truth[name] if isinstance(truth, dict) else {m: -truth.index(m) for m in s if m not in noise}
+        ok, miss, rho = client_ranking(s, noise, ref)
+        separated.append(bool(ok))
+        if miss:
+            misses.append(f"{name}: {miss}")
+        if rho is not None:
+            rhos.append(rho)
     ups = [u["modality"] for r in rep["rounds"] for u in r["uploads"]]
     return {"separated": float(np.mean(separated)), "spearman": float(np.mean(rhos)),
             "noise_uploads": sum(m in noise for m in ups) / max(1, len(ups)),

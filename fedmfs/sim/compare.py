@@ -55,6 +55,7 @@ __all__ = [
     "pareto_front",
     "pareto_plot",
     "ranking_checks",
+    "client_ranking",
 ]
 
 REPORTING_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -412,6 +413,26 @@ def format_summary(s: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def client_ranking(scores: Mapping[str, float], noise: set[str] | frozenset[str],
+                   truth: Mapping[str, float]) -> tuple[bool | None, str | None, float | None]:
+    """One client's scores against the truth: (every noise modality below every informative one, or
+    None without both kinds; the missing pair as text, or None; Spearman over the modalities the truth
+    lists, its ties averaged, or None for fewer than three)."""
+    from scipy.stats import spearmanr
+
+    inf = [m for m in scores if m not in noise]
+    nz = [m for m in scores if m in noise]
+    ok, miss = None, None
+    if inf and nz:
+        top, low = max(nz, key=scores.__getitem__), min(inf, key=scores.__getitem__)
+        ok = scores[top] < scores[low]
+        if not ok:
+            miss = f"{top} {scores[top]:+.3g} >= {low} {scores[low]:+.3g}"
+    ms = [m for m in truth if m in scores]
+    rho = float(spearmanr([scores[m] for m in ms], [truth[m] for m in ms]).statistic) if len(ms) > 2 else None
+    return ok, miss, rho
+
+
 def ranking_checks(runs: Sequence[Mapping[str, Any]], metadata_of: Callable[[int], Mapping[str, Any]],
                    methods: Sequence[str] = ("fedmfs",)) -> dict[str, dict[str, Any]]:
     """How each run's scores after its last round rank the modalities against the preset's truth
@@ -419,8 +440,6 @@ def ranking_checks(runs: Sequence[Mapping[str, Any]], metadata_of: Callable[[int
     ``shapley_truth``), per variant of ``methods``: ``separated`` (share of clients, over seeds, whose
     every noise modality scores below every informative one), ``spearman`` (mean per client, all its
     modalities, the truth's ties averaged) and the clients that miss, with the pair that misses."""
-    from scipy.stats import spearmanr
-
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
         if r["method"] not in methods or not r.get("last_shapley"):
@@ -431,17 +450,14 @@ def ranking_checks(runs: Sequence[Mapping[str, Any]], metadata_of: Callable[[int
             continue
         row = out.setdefault(r["variant"], {"separated": [], "spearman": [], "misses": []})
         for client, scores in r["last_shapley"].items():
-            inf = [m for m in scores if m not in noise]
-            nz = [m for m in scores if m in noise]
-            if not inf or not nz:
+            ok, miss, rho = client_ranking(scores, noise, truth[client])
+            if ok is None:
                 continue
-            top, low = max(nz, key=scores.__getitem__), min(inf, key=scores.__getitem__)
-            ok = scores[top] < scores[low]
             row["separated"].append(ok)
-            if not ok:
-                row["misses"].append(f"seed {r['seed']} {client}: {top} {scores[top]:+.3g} >= {low} {scores[low]:+.3g}")
-            ms = list(scores)
-            row["spearman"].append(float(spearmanr([scores[m] for m in ms], [truth[client][m] for m in ms]).statistic))
+            if miss:
+                row["misses"].append(f"seed {r['seed']} {client}: {miss}")
+            if rho is not None:
+                row["spearman"].append(rho)
     return {v: {"separated": float(np.mean(x["separated"])), "spearman": _est(x["spearman"], 0.95),
                 "clients": len(x["separated"]), "misses": x["misses"]} for v, x in out.items()}
 
