@@ -32,6 +32,7 @@ from fedmfs.sim.compare import (
     SyntheticFleet,
     default_variants,
     format_summary,
+    load_runs,
     pareto_plot,
     ranking_checks,
     run_grid,
@@ -63,13 +64,17 @@ def main(argv=None) -> int:
                     help="equal-bytes budgets in MB (default: FedMFS's largest total upload over the seeds, and half of it)")
     ap.add_argument("--json", type=Path, help="write the runs and the summary here (rewritten after every run)")
     ap.add_argument("--plot", type=Path, help="write the Pareto plot (accuracy vs cumulative MB) here")
-    ap.add_argument("--load", type=Path, help="summarise the runs of an earlier --json instead of running")
+    ap.add_argument("--load", type=Path, nargs="+", metavar="JSON",
+                    help="summarise the runs of earlier --json files instead of running (several files: their runs "
+                         "together; they must share preset, rounds and split, and a (variant, seed) may appear once)")
     args = ap.parse_args(argv)
 
     meta: dict = {}
     if args.load:
-        saved = json.loads(args.load.read_text())
-        runs, meta = saved["runs"], saved.get("args", {})
+        try:
+            runs, meta = load_runs(args.load)
+        except ValueError as e:
+            ap.error(str(e))
     else:
         chosen = variants
         if args.variants:

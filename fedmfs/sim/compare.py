@@ -24,6 +24,7 @@ The protocol (docs/benchmarks.md):
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,6 +50,7 @@ __all__ = [
     "paired_diff_ci",
     "accuracy_at_bytes",
     "run_grid",
+    "load_runs",
     "summarize",
     "headline_checks",
     "format_summary",
@@ -272,6 +274,35 @@ def run_grid(fleet_factory: Callable[[int], Fleet], variants: Sequence[Variant],
                 if on_run is not None:
                     on_run(out[futures[fut]])
     return [out[i] for i in range(len(jobs))]
+
+
+def load_runs(paths: Sequence[str | Path]) -> tuple[list[dict], dict]:
+    """The runs of several saved grids (``--json`` files of bench/compare.py) as one, and their
+    arguments: the grids must agree on preset, rounds and split, and hold each (variant, seed) once."""
+    runs: list[dict] = []
+    meta: dict = {}
+    seen: dict[tuple[str, int], Path] = {}
+    files = [Path(p) for p in paths]
+    for path in files:
+        saved = json.loads(path.read_text())
+        m = saved.get("args", {})
+        if meta:
+            differ = [k for k in ("preset", "rounds", "split") if m.get(k) != meta.get(k)]
+            if differ:
+                raise ValueError(f"{path}: {', '.join(f'{k} {m.get(k)!r}' for k in differ)} differ from "
+                                 f"{files[0]}'s ({', '.join(f'{k} {meta.get(k)!r}' for k in differ)}): "
+                                 "summarise such grids apart")
+        else:
+            meta = dict(m)
+        for r in saved["runs"]:
+            key = (r["variant"], int(r["seed"]))
+            if key in seen:
+                raise ValueError(f"{path}: {key[0]} seed {key[1]} is also in {seen[key]}: keep one of them")
+            seen[key] = path
+            runs.append(r)
+    meta["seeds"] = sorted({int(r["seed"]) for r in runs})
+    meta["variants"] = list(dict.fromkeys(r["variant"] for r in runs))
+    return runs, meta
 
 
 # ------------------------------------------------------------------------------------ the summary

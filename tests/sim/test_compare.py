@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -224,3 +225,23 @@ def test_ranking_checks_count_separation_and_spearman_against_the_truth():
     assert r["misses"] == ["seed 0 B: n1 +0.2 >= b -0.5"]
     # A: ranks (4,3,1,2) vs truth (4,3,1.5,1.5): rho = 0.9487; B: ranks (4,1,3,2) vs the same truth: 0.3162
     assert r["spearman"]["mean"] == pytest.approx((0.948683 + 0.316228) / 2, abs=1e-5)
+
+
+def test_saved_grids_load_as_one_and_refuse_to_mix(tmp_path):
+    from fedmfs.sim.compare import load_runs
+
+    def grid(name, rounds, variants_seeds):
+        runs = [{"variant": v, "seed": s, "final_accuracy": 0.5, "rounds": []} for v, s in variants_seeds]
+        p = tmp_path / name
+        p.write_text(json.dumps({"args": {"preset": "headroom", "rounds": rounds, "split": "test"}, "runs": runs}))
+        return p
+
+    a = grid("a.json", 8, [("fedmfs", 0), ("all", 0)])
+    b = grid("b.json", 8, [("fedmfs-g3", 0), ("fedmfs-g3", 1)])
+    runs, meta = load_runs([a, b])
+    assert [(r["variant"], r["seed"]) for r in runs] == [("fedmfs", 0), ("all", 0), ("fedmfs-g3", 0), ("fedmfs-g3", 1)]
+    assert meta["seeds"] == [0, 1] and meta["variants"] == ["fedmfs", "all", "fedmfs-g3"]
+    with pytest.raises(ValueError, match="rounds 20"):
+        load_runs([a, grid("c.json", 20, [("random", 0)])])
+    with pytest.raises(ValueError, match="fedmfs seed 0 is also in"):
+        load_runs([a, grid("d.json", 8, [("fedmfs", 0)])])
