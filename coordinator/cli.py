@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ def _status(args) -> int:
             "bytes_this_round": {} if last is None else led.bytes_by_device(last.round),
             "bytes_total": led.bytes_by_device(),
             "uploads_total": len(led.uploads()),
-            "refusals_total": len(led.refusals()),
+            "refusals_total": led.refusal_count(),
             "rounds_closed": sum(1 for r in rounds if r.closed_at is not None),
             "globals": {g["modality"]: {"version": g["version"], "sha256": g["sha256"]} for g in led.latest_globals()},
             "devices": {d["device"]: "online" if d["online"] else "offline" for d in led.devices()},
@@ -70,16 +69,17 @@ def _status(args) -> int:
 
 def _keygen(args) -> int:
     from fedmfs.core.wire import generate_keypair
+    from fedmfs.core.wire.signing import write_private_key
 
     priv, pub = generate_keypair()
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ConfigError(f"{out} exists; pass --force to replace it (devices then need the new public key)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(priv + "\n")
-    Path(str(out) + ".pub").write_text(pub + "\n")
+    try:
+        write_private_key(out, priv)
+        Path(str(out) + ".pub").write_text(pub + "\n")
+    except OSError as e:
+        raise ConfigError(f"cannot write the key to {out}: {e.strerror or e}; choose a writable --out") from e
     print(f"private key: {out} (mode 600); public key for the devices' edge.toml: {pub}")
     return 0
 

@@ -3,6 +3,13 @@ reports, devices and global models. Accepted upload payloads are stored in the l
 in the same transaction as their row: atomic, and one fsync per batch of uploads: group commit);
 global models are files written atomically (temp, fsync, rename) before the row that points at them.
 A restart rebuilds the open round from both.
+
+Refusals are counted, not logged one row each: one row per (round, device, modality, reason) with a
+count, and at most ``max_refusal_rows`` such rows; past the cap a round's refusals of a reason are
+counted in one overflow row with device ``*``. A flood of hostile frames thus costs a bounded ledger.
+
+The ledger is private: the state dir is created 700 and ``ledger.sqlite`` (with its ``-wal`` and
+``-shm``) 600, also when opened by hand outside systemd's ``UMask``.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +32,7 @@ from fedmfs.core.wire import (
     decode_message,
 )
 
-__all__ = ["Ledger", "RoundRow", "atomic_write"]
+__all__ = ["MAX_REFUSAL_ROWS", "OVERFLOW_DEVICE", "Ledger", "RoundRow", "atomic_write"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,8 +44,9 @@ CREATE TABLE IF NOT EXISTS uploads (
   nbytes INTEGER NOT NULL, samples INTEGER NOT NULL, status TEXT NOT NULL, payload BLOB NOT NULL,
   at REAL NOT NULL, PRIMARY KEY (round, device, modality));
 CREATE TABLE IF NOT EXISTS refusals (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, device TEXT NOT NULL, modality TEXT,
-  reason TEXT NOT NULL, nbytes INTEGER NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
+  round INTEGER NOT NULL, device TEXT NOT NULL, modality TEXT NOT NULL, reason TEXT NOT NULL,
+  count INTEGER NOT NULL, nbytes INTEGER NOT NULL, detail TEXT NOT NULL, first_at REAL NOT NULL,
+  at REAL NOT NULL, PRIMARY KEY (round, device, modality, reason));
 CREATE TABLE IF NOT EXISTS reports (
   round INTEGER NOT NULL, device TEXT NOT NULL, body BLOB NOT NULL, at REAL NOT NULL,
   PRIMARY KEY (round, device));
@@ -50,6 +59,28 @@ CREATE TABLE IF NOT EXISTS globals (
   modality TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL, sha256 TEXT NOT NULL,
   path TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (modality, version));
 """
+
+
+# ledgers written before refusals were counted had one row per refusal: fold them into counts
+_MIGRATE_REFUSALS = """
+BEGIN;
+ALTER TABLE refusals RENAME TO refusals_v0;
+CREATE TABLE refusals (
+  round INTEGER NOT NULL, device TEXT NOT NULL, modality TEXT NOT NULL, reason TEXT NOT NULL,
+  count INTEGER NOT NULL, nbytes INTEGER NOT NULL, detail TEXT NOT NULL, first_at REAL NOT NULL,
+  at REAL NOT NULL, PRIMARY KEY (round, device, modality, reason));
+INSERT INTO refusals
+  SELECT g.round, g.device, g.modality, g.reason, g.n, g.nbytes, l.detail, g.first_at, g.at
+  FROM (SELECT round, device, COALESCE(modality, '') AS modality, reason, COUNT(*) AS n, SUM(nbytes) AS nbytes,
+               MIN(at) AS first_at, MAX(at) AS at, MAX(id) AS last
+        FROM refusals_v0 GROUP BY round, device, COALESCE(modality, ''), reason) g
+  JOIN refusals_v0 l ON l.id = g.last;
+DROP TABLE refusals_v0;
+COMMIT;
+"""
+
+MAX_REFUSAL_ROWS = 10_000
+OVERFLOW_DEVICE = "*"    # the device of a round's overflow rows (past the cap); not a valid device name
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,20 +98,55 @@ class RoundRow:
 class Ledger:
     """One coordinator's persistent state under ``state_dir`` (ledger.sqlite + models/)."""
 
-    def __init__(self, state_dir: str | os.PathLike, readonly: bool = False):
+    def __init__(self, state_dir: str | os.PathLike, readonly: bool = False,
+                 max_refusal_rows: int = MAX_REFUSAL_ROWS):
+        if max_refusal_rows < 1:
+            raise ValueError(f"max_refusal_rows must be >= 1, got {max_refusal_rows}")
         self.dir = Path(state_dir)
         self.path = self.dir / "ledger.sqlite"
+        self.max_refusal_rows = max_refusal_rows
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
         else:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self._create_private()
             # One thread at a time: the service's thread at startup, then the ledger writer's thread
             # (coordinator.writer) while the service runs, then the service's thread again to close.
             self.db = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            if "id" in {r[1] for r in self.db.execute("PRAGMA table_info(refusals)")}:
+                try:
+                    self.db.executescript(_MIGRATE_REFUSALS)
+                except sqlite3.Error:
+                    self.db.rollback()
+                    raise
+            self._private_sidecars()
         self._batching = False
+        self._refusals = "refusals"
+        if readonly and "id" in {r[1] for r in self.db.execute("PRAGMA table_info(refusals)")}:
+            # a ledger of an older coordinator that has not restarted since: one row per refusal
+            self._refusals = ("(SELECT round, device, COALESCE(modality, '') AS modality, reason, 1 AS count, "
+                              "nbytes, detail, at AS first_at FROM refusals)")
+        self._refusal_rows = self.db.execute(f"SELECT COUNT(*) FROM {self._refusals}").fetchone()[0]
+
+    def _create_private(self) -> None:
+        """The state dir 700 (if we create it) and the ledger file 600 before SQLite opens it: SQLite
+        gives its -wal and -shm files the database file's mode. An older, looser ledger is tightened."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+    def _private_sidecars(self) -> None:
+        for suffix in ("-wal", "-shm"):
+            p = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_IMODE(p.stat().st_mode) != 0o600:
+                    os.chmod(p, 0o600)
 
     @contextlib.contextmanager
     def batch(self):
@@ -125,10 +191,27 @@ class Ledger:
                                    time.time()))
         return cur.rowcount == 1
 
-    def put_refusal(self, r: int, device: str, modality: str | None, reason: str, nbytes: int, detail: str) -> None:
+    def put_refusal(self, r: int, device: str, modality: str | None, reason: str, nbytes: int, detail: str,
+                    count: int = 1, first_at: float | None = None, at: float | None = None) -> None:
+        """Count ``count`` refusals (``nbytes`` in all, the last one's ``detail``) in their row: one row per
+        (round, device, modality, reason); a new row past ``max_refusal_rows`` goes to the round's
+        overflow row for ``reason`` (device ``*``, no modality) instead."""
+        at = time.time() if at is None else at
+        first_at = at if first_at is None else first_at
+        detail = detail[:500]
         with self._tx():
-            self.db.execute("INSERT INTO refusals (round, device, modality, reason, nbytes, detail, at) "
-                            "VALUES (?,?,?,?,?,?,?)", (r, device, modality, reason, nbytes, detail[:500], time.time()))
+            for dev, mod in ((device, modality or ""), (OVERFLOW_DEVICE, "")):
+                cur = self.db.execute(
+                    "UPDATE refusals SET count = count + ?, nbytes = nbytes + ?, detail = ?, at = MAX(at, ?) "
+                    "WHERE round = ? AND device = ? AND modality = ? AND reason = ?",
+                    (count, nbytes, detail, at, r, dev, mod, reason))
+                if cur.rowcount:
+                    return
+                if dev == OVERFLOW_DEVICE or self._refusal_rows < self.max_refusal_rows:
+                    self.db.execute("INSERT INTO refusals VALUES (?,?,?,?,?,?,?,?,?)",
+                                    (r, dev, mod, reason, count, nbytes, detail, first_at, at))
+                    self._refusal_rows += 1
+                    return
 
     def put_report(self, r: int, device: str, body: bytes) -> None:
         with self._tx():
@@ -183,11 +266,19 @@ class Ledger:
         return bytes(p)
 
     def refusals(self, r: int | None = None) -> list[dict]:
-        q = "SELECT round, device, modality, reason, nbytes, detail FROM refusals"
-        rows = self.db.execute(q + (" WHERE round = ?" if r is not None else "") + " ORDER BY id",
+        """The refusal counts, oldest first: round, device, modality (None for a control message or an
+        overflow row), reason, count, nbytes (of all counted), detail (of the last one counted)."""
+        q = f"SELECT round, device, modality, reason, count, nbytes, detail FROM {self._refusals}"
+        rows = self.db.execute(q + (" WHERE round = ?" if r is not None else "")
+                               + " ORDER BY first_at, round, device, modality, reason",
                                (() if r is None else (r,))).fetchall()
-        keys = ("round", "device", "modality", "reason", "nbytes", "detail")
-        return [dict(zip(keys, x)) for x in rows]
+        keys = ("round", "device", "modality", "reason", "count", "nbytes", "detail")
+        return [{**dict(zip(keys, x)), "modality": x[2] or None} for x in rows]
+
+    def refusal_count(self, r: int | None = None) -> int:
+        """How many refusals were recorded (in ``r``, or in all rounds), overflow included."""
+        q = f"SELECT COALESCE(SUM(count), 0) FROM {self._refusals}" + (" WHERE round = ?" if r is not None else "")
+        return int(self.db.execute(q, (() if r is None else (r,))).fetchone()[0])
 
     def reports(self, r: int | None = None) -> list[Report]:
         q = "SELECT body FROM reports" + (" WHERE round = ?" if r is not None else "") + " ORDER BY round, device"

@@ -18,6 +18,7 @@ from fedmfs.adapters.mqtt import Inbound, MqttLink
 from fedmfs.adapters.sdnotify import Notifier, Watchdog
 from fedmfs.core.errors import ConfigError, PayloadError
 from fedmfs.core.wire import RoundState, Signer, encode_message
+from fedmfs.core.wire.signing import load_private_key
 
 from .config import CoordinatorConfig, load_fleet_file
 from .ledger import Ledger
@@ -38,13 +39,8 @@ log = logging.getLogger("fedmfs.coordinator")
 
 
 def load_signer(path: Path) -> Signer:
-    try:
-        return Signer(Path(path).read_text())
-    except FileNotFoundError as e:
-        raise ConfigError(f"signing key {path} does not exist; create one with "
-                          f"`fedmfs-coordinator keygen --out {path}`") from e
-    except PayloadError as e:
-        raise ConfigError(f"signing key {path}: {e}") from e
+    """The signing key of ``coordinator.toml``; any problem with the file is a ConfigError (exit 2)."""
+    return load_private_key(path)
 
 
 class CoordinatorService:

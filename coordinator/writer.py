@@ -13,6 +13,13 @@ Invariants kept:
 * order: batches are committed and published in the order they were submitted (one FIFO, one thread);
 * a failed commit publishes nothing of its batch nor of any later one and stops the service: the
   machine counted uploads the ledger does not hold, so the restart rebuilds the machine from the ledger.
+
+Refusals are the exception to persist-before-publish, on purpose: a refusal ack promises nothing, and
+every hostile frame would otherwise cost a commit (an fsync) and a row. They are counted in memory per
+(round, device, modality, reason) and their ack goes out at once; the counts ride along with the next
+transaction (a durable write, a :meth:`flush`, :meth:`stop`), or get one of their own once the oldest
+is ``refusal_flush_seconds`` old or ``max_pending_refusals`` keys are waiting. So refusals cost at most
+one fsync per ``refusal_flush_seconds``, whatever their number, and a crash loses at most those counts.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedmfs.core.wire import RoundState, encode_message
 
@@ -60,6 +68,16 @@ class PutDevices:
 
 
 @dataclass(slots=True)
+class _Counted:
+    """Refusals of one (round, device, modality, reason) not yet in the ledger."""
+    count: int
+    nbytes: int
+    detail: str
+    first_at: float
+    at: float
+
+
+@dataclass(slots=True)
 class Batch:
     """The actions of one loop turn of the machine's thread, in order, with the round they belong to."""
     actions: list
@@ -75,16 +93,21 @@ class LedgerWriter:
     """
 
     def __init__(self, ledger: Ledger, metrics: Metrics, publish: PublishFn | None = None,
-                 on_failure: Callable[[], None] | None = None, max_group: int = 64):
+                 on_failure: Callable[[], None] | None = None, max_group: int = 64,
+                 refusal_flush_seconds: float = 5.0, max_pending_refusals: int = 1024):
         self.ledger = ledger
         self.metrics = metrics
         self.publish = publish
         self.on_failure = on_failure
         self.max_group = max_group
+        self.refusal_flush_seconds = refusal_flush_seconds
+        self.max_pending_refusals = max_pending_refusals
+        self._refusals: dict[tuple[int, str, str | None, str], _Counted] = {}
+        self._refusals_since: float | None = None    # monotonic time of the oldest pending refusal
         self.failed = False
         self.seconds: dict[int, float] = {}      # time spent persisting + publishing, per round
         self.closing_seconds: dict[int, float] = {}   # of the batch that closed the round
-        self.commits = 0
+        self.commits = 0     # transactions committed (each one fsync)
         self._q: queue.Queue[Batch | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -108,14 +131,20 @@ class LedgerWriter:
         return done.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread (if it runs) and write the refusals still counted in memory."""
         t = self._thread
-        if t is None:
-            return
-        self._q.put(None)
-        t.join(timeout)
-        if t.is_alive():
-            log.error("ledger writer did not stop within %.0f s", timeout)
-        self._thread = None
+        if t is not None:
+            self._q.put(None)
+            t.join(timeout)
+            if t.is_alive():
+                log.error("ledger writer did not stop within %.0f s", timeout)
+                return
+            self._thread = None
+        if self._refusals and not self.failed:
+            try:
+                self._write_group([Batch([], -1)], force=True)
+            except Exception:   # only refusal counts are lost: say so, let the shutdown go on
+                log.exception("the last %d refusal counts could not be written", len(self._refusals))
 
     @property
     def pending(self) -> int:
@@ -125,7 +154,10 @@ class LedgerWriter:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = self._q.get()
+            try:
+                first = self._q.get(timeout=self._refusals_wait())
+            except queue.Empty:      # refusals have waited long enough: a transaction of their own
+                first = Batch([], -1)
             if first is None:
                 break
             group = [first]
@@ -152,6 +184,16 @@ class LedgerWriter:
                 if self.on_failure is not None:
                     self.on_failure()
 
+    def _refusals_wait(self) -> float | None:
+        """Seconds until the pending refusals are due (None: nothing pending, wait for work)."""
+        if self._refusals_since is None or self.failed:
+            return None
+        return max(0.0, self._refusals_since + self.refusal_flush_seconds - time.monotonic())
+
+    def _refusals_due(self) -> bool:
+        return bool(self._refusals) and (len(self._refusals) >= self.max_pending_refusals
+                                         or self._refusals_wait() == 0.0)
+
     @staticmethod
     def _release(group: list[Batch]) -> None:
         for b in group:
@@ -163,19 +205,33 @@ class LedgerWriter:
         """Persist and publish one batch on the calling thread (raises if the transaction fails)."""
         self._write_group([batch])
 
-    def _write_group(self, group: list[Batch]) -> None:
+    def _write_group(self, group: list[Batch], force: bool = False) -> None:
         t0 = time.perf_counter()
         publishes: list[list[Publish]] = []
-        with self.ledger.batch():
-            for b in group:
-                pubs = []
-                for a in b.actions:
-                    if isinstance(a, Publish):
-                        pubs.append(a)
-                    elif not isinstance(a, threading.Event):
-                        self._persist(a)
-                publishes.append(pubs)
-        self.commits += 1
+        durable: list[Any] = []
+        for b in group:
+            pubs = []
+            for a in b.actions:
+                if isinstance(a, Publish):
+                    pubs.append(a)
+                elif isinstance(a, Refused):
+                    self._count_refusal(a)
+                elif isinstance(a, threading.Event):
+                    force = True         # flush(): everything so far, the refusal counts too
+                else:
+                    durable.append(a)
+            publishes.append(pubs)
+        with_refusals = bool(self._refusals) and (force or bool(durable) or self._refusals_due())
+        if durable or with_refusals:
+            with self.ledger.batch():
+                for a in durable:
+                    self._persist(a)
+                if with_refusals:
+                    self._persist_refusals()
+            self.commits += 1
+            if with_refusals:
+                self._refusals.clear()
+                self._refusals_since = None
         t1 = time.perf_counter()
         share = (t1 - t0) / len(group)
         for b, pubs in zip(group, publishes):
@@ -192,15 +248,30 @@ class LedgerWriter:
                 if isinstance(a, threading.Event):
                     a.set()
 
+    def _count_refusal(self, a: Refused) -> None:
+        now = time.time()
+        key = (a.round, a.device, a.modality, a.reason.value)
+        c = self._refusals.get(key)
+        if c is None:
+            self._refusals[key] = _Counted(1, a.nbytes, a.detail, now, now)
+            if self._refusals_since is None:
+                self._refusals_since = time.monotonic()
+        else:
+            c.count += 1
+            c.nbytes += a.nbytes
+            c.detail, c.at = a.detail, now
+        self.metrics.refused.labels(a.reason.value).inc()
+
+    def _persist_refusals(self) -> None:
+        for (r, device, modality, reason), c in self._refusals.items():
+            self.ledger.put_refusal(r, device, modality, reason, c.nbytes, c.detail, c.count, c.first_at, c.at)
+
     def _persist(self, a) -> None:
         led, m = self.ledger, self.metrics
         if isinstance(a, PersistUpload):
             if led.put_upload(a.round, a.device, a.modality, a.payload, a.sha256, a.samples):
                 m.accepted.labels(a.modality).inc()
                 m.bytes.labels(a.device, a.modality).inc(len(a.payload))
-        elif isinstance(a, Refused):
-            led.put_refusal(a.round, a.device, a.modality, a.reason.value, a.nbytes, a.detail)
-            m.refused.labels(a.reason.value).inc()
         elif isinstance(a, PersistReport):
             led.put_report(a.round, a.device, encode_message(a.report))
             m.reports.inc()

@@ -56,7 +56,9 @@ def _simulate_parser(sub) -> None:
                    help="mqtt: the real coordinator and one edge daemon process per client over a broker "
                    "(the bytes in the report are the ones that crossed it); inproc: every client in this "
                    "process, for fast sweeps; both give the same models for the same seed [mqtt; inproc for holistic]")
-    p.add_argument("--broker", default=None, help="mqtt://HOST:PORT of an external broker (with --transport mqtt); "
+    p.add_argument("--broker", default=None, help="mqtt://[USER[:PASSWORD]@]HOST:PORT of an external broker (with "
+                   "--transport mqtt; it beats FEDMFS_BROKER). A password goes to a mode-600 file in the work "
+                   "directory, never into the configs, the command lines or report.json (shown as ***); "
                    "default: an in-process amqtt broker on 127.0.0.1")
     p.add_argument("--out", type=Path, default=None, help="output directory [runs/<method>]")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

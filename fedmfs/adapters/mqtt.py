@@ -17,9 +17,9 @@ import random
 import ssl
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -36,6 +36,8 @@ __all__ = [
     "MqttLink",
     "broker_from_table",
     "parse_broker_url",
+    "redact_url",
+    "strip_password",
 ]
 
 log = logging.getLogger("fedmfs.adapters.mqtt")
@@ -52,7 +54,7 @@ class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 1883
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)    # never in a log line or a traceback
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -66,15 +68,41 @@ class BrokerConfig:
             raise ConfigError(f"broker port must be in 1..65535, got {self.port}")
 
 
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``: what may go into a report, a log or an error."""
+    try:
+        u = urlsplit(url)
+        if u.password is None:
+            return url
+        host = u.netloc.rpartition("@")[2]
+        return urlunsplit(u._replace(netloc=f"{u.username or ''}:***@{host}"))
+    except ValueError:   # unparseable: keep nothing that might be a secret
+        return "<unparseable broker URL>"
+
+
+def strip_password(url: str) -> str:
+    """``url`` without its password (the user name stays): what a config file may hold when the
+    password goes to a ``password_file``."""
+    u = urlsplit(url)
+    if u.password is None:
+        return url
+    host = u.netloc.rpartition("@")[2]
+    return urlunsplit(u._replace(netloc=f"{u.username}@{host}" if u.username else host))
+
+
 def parse_broker_url(url: str) -> BrokerConfig:
-    """``mqtt://HOST:PORT`` (or ``mqtts://`` for TLS with the system CAs)."""
-    u = urlparse(url)
+    """``mqtt://[USER[:PASSWORD]@]HOST:PORT`` (or ``mqtts://`` for TLS with the system CAs)."""
+    shown = redact_url(url)
+    try:
+        u = urlparse(url)
+    except ValueError as e:
+        raise ConfigError(f"broker URL {shown!r} must look like mqtt://HOST:PORT ({e})") from e
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        raise ConfigError(f"broker URL {url!r} must look like mqtt://HOST:PORT")
+        raise ConfigError(f"broker URL {shown!r} must look like mqtt://HOST:PORT")
     try:
         port = u.port
-    except ValueError as e:   # not a number, or outside 0..65535
-        raise ConfigError(f"broker URL {url!r}: the port must be a number in 1..65535 ({e})") from e
+    except ValueError as e:   # not a number, or outside 0..65535 (urllib's message shows the port only)
+        raise ConfigError(f"broker URL {shown!r}: the port must be a number in 1..65535 ({e})") from e
     if port is None:
         port = 8883 if u.scheme == "mqtts" else 1883
     return BrokerConfig(host=u.hostname, port=port,
@@ -297,20 +325,33 @@ def _rel(base: Path, p: str) -> Path:
     return q if q.is_absolute() else (base / q)
 
 
-def broker_from_table(t: dict, where: str, base: Path) -> BrokerConfig:
+def broker_from_table(t: dict, where: str, base: Path, url: str | None = None) -> BrokerConfig:
+    """The broker settings of a config's ``[broker]`` table, with a broker URL laid over them.
+
+    The URL is the first of ``url`` (the command line), ``FEDMFS_BROKER`` (the environment) and the
+    table's ``url`` key: command line > environment > file > defaults. It sets the host and port, and
+    the user name and password only if it has them; the table's ``password_file``, TLS files,
+    ``keepalive`` and ``protocol`` still apply. ``mqtts://`` turns TLS on with the system CAs unless the
+    table names a ``tls_ca``.
+    """
     check_keys(t, BROKER_KEYS, where)
-    url = os.environ.get("FEDMFS_BROKER") or t.get("url")
-    if url:
-        return replace(parse_broker_url(url), protocol=t.get("protocol", "auto"))
     password = None
     if "password_file" in t:
         try:
             password = _rel(base, t["password_file"]).read_text().strip()
         except OSError as e:
             raise ConfigError(f"{where}: password_file {t['password_file']!r} unreadable: {e}") from e
-    return BrokerConfig(host=t.get("host", "127.0.0.1"), port=t.get("port", 1883), username=t.get("username"),
-                        password=password,
-                        tls_ca=str(_rel(base, t["tls_ca"])) if "tls_ca" in t else None,
-                        tls_cert=str(_rel(base, t["tls_cert"])) if "tls_cert" in t else None,
-                        tls_key=str(_rel(base, t["tls_key"])) if "tls_key" in t else None,
-                        protocol=t.get("protocol", "auto"), keepalive=t.get("keepalive", 30))
+    cfg = BrokerConfig(host=t.get("host", "127.0.0.1"), port=t.get("port", 1883), username=t.get("username"),
+                       password=password,
+                       tls_ca=str(_rel(base, t["tls_ca"])) if "tls_ca" in t else None,
+                       tls_cert=str(_rel(base, t["tls_cert"])) if "tls_cert" in t else None,
+                       tls_key=str(_rel(base, t["tls_key"])) if "tls_key" in t else None,
+                       protocol=t.get("protocol", "auto"), keepalive=t.get("keepalive", 30))
+    url = url or os.environ.get("FEDMFS_BROKER") or t.get("url")
+    if not url:
+        return cfg
+    u = parse_broker_url(url)
+    return replace(cfg, host=u.host, port=u.port,
+                   username=u.username if u.username is not None else cfg.username,
+                   password=u.password if u.password is not None else cfg.password,
+                   tls_ca=cfg.tls_ca or u.tls_ca)

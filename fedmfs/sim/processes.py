@@ -21,9 +21,11 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+from fedmfs.adapters.mqtt import parse_broker_url, redact_url, strip_password
 from fedmfs.core.data.format import Fleet, save_fleet
 from fedmfs.core.errors import FedMFSError
 from fedmfs.core.wire import Topics, generate_keypair
+from fedmfs.core.wire.signing import write_private_key
 from fedmfs.sim.config import SimConfig
 from fedmfs.sim.report import build_report
 
@@ -89,9 +91,14 @@ def write_fleet_configs(fleet: Fleet, cfg: SimConfig, work: Path, broker_url: st
     fleet both transports run (the selection policy in the fleet file, as an operator would write it)."""
     data = save_fleet(fleet, work / "data")
     priv, pub = generate_keypair()
-    (work / "coordinator.key").write_text(priv + "\n")
-    os.chmod(work / "coordinator.key", 0o600)
+    write_private_key(work / "coordinator.key", priv)
     tq = lambda s: json.dumps(str(s))   # a TOML basic string
+    # a password in the URL goes to a file only the owner reads, never into a config or a command line
+    password = parse_broker_url(broker_url).password
+    broker = f"[broker]\nurl = {tq(strip_password(broker_url))}\nprotocol = {tq(protocol)}\n"
+    if password is not None:
+        _write_private_text(work / "broker.password", password + "\n")
+        broker += f"password_file = {tq('broker.password')}\n"
     lines = ["[defaults]"] + [f"{k} = {json.dumps(v)}" for k, v in cfg.policy.to_dict().items() if v is not None]
     for c in fleet.clients:
         lines += ["", "[[device]]", f"id = {tq(c.name)}"]
@@ -100,8 +107,7 @@ def write_fleet_configs(fleet: Fleet, cfg: SimConfig, work: Path, broker_url: st
         f"fleet = {tq(fleet_name)}\nstate_dir = \"coordinator\"\nspec = {tq(data / 'fleet.json')}\n"
         f"fleet_file = \"fleet.toml\"\nsigning_key = \"coordinator.key\"\nseed = {cfg.seed}\n"
         f"[rounds]\ntotal = {cfg.rounds}\nseconds = {round_seconds}\nquorum = {len(fleet.clients)}\n"
-        f"chunk_bytes = {chunk_bytes}\naggregation = {tq(cfg.aggregation)}\n"
-        f"[broker]\nurl = {tq(broker_url)}\nprotocol = {tq(protocol)}\n")
+        f"chunk_bytes = {chunk_bytes}\naggregation = {tq(cfg.aggregation)}\n" + broker)
     train = "\n".join(f"{k} = {json.dumps(v)}" for k, v in asdict(cfg.train).items())
     edges = {}
     for i, c in enumerate(fleet.clients):
@@ -109,15 +115,24 @@ def write_fleet_configs(fleet: Fleet, cfg: SimConfig, work: Path, broker_url: st
         p.write_text(f"device = {tq(c.name)}\nfleet = {tq(fleet_name)}\ndata = {tq(data / (c.name + '.npz'))}\n"
                      f"spec = {tq(data / 'fleet.json')}\nstate_dir = {tq(work / 'edge' / c.name)}\n"
                      f"coordinator_key = {tq(pub)}\nseed = {cfg.seed}\nindex = {i}\nack_timeout = 10.0\n"
-                     f"[broker]\nurl = {tq(broker_url)}\nprotocol = {tq(protocol)}\n[train]\n{train}\n")
+                     + broker + f"[train]\n{train}\n")
         edges[c.name] = p
     return {"coordinator": work / "coordinator.toml", "edges": edges, "public_key": pub}
+
+
+def _write_private_text(path: Path, text: str) -> None:
+    """``text`` into ``path`` with mode 600 from the start (also over an existing, looser file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
 
 
 def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     f = open(log_path, "ab")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("NOTIFY_SOCKET", None)
+    env.pop("FEDMFS_BROKER", None)    # the configs name the run's broker; the environment must not override it
     return subprocess.Popen([sys.executable, "-m", *args], stdout=f, stderr=f, env=env)
 
 
@@ -200,7 +215,7 @@ def run_mqtt_simulation(fleet: Fleet, config: SimConfig, broker_url: str | None 
     report = build_report(fleet, config, work / "coordinator", "mqtt")
     report["wall_seconds"] = time.monotonic() - t0
     report["workdir"] = str(work)
-    report["broker"] = "embedded amqtt" if broker is not None else broker_url
+    report["broker"] = "embedded amqtt" if broker is not None else redact_url(broker_url)
     return report
 
 
@@ -209,8 +224,6 @@ def _clear_retained(broker_url: str, fleet_name: str, fleet: Fleet) -> None:
     try:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
-
-        from fedmfs.adapters.mqtt import parse_broker_url
 
         b = parse_broker_url(broker_url)
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{fleet_name}-cleanup", protocol=mqtt.MQTTv311)

@@ -100,11 +100,16 @@ def build_report(fleet, cfg, state_dir: str | os.PathLike, transport: str, **ext
 
 def write_report(report: dict, out: str | os.PathLike, plots: bool = True) -> Path:
     """Write ``DIR/report.json`` (with the names of the plots), the PNG plots and ``summary.md``."""
+    from fedmfs.adapters.mqtt import redact_url
+
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     if plots:
         report["plots"] = plot_report(report, d)
-    atomic_write(d / "report.json", json.dumps(report, indent=1, sort_keys=False).encode())
+    on_disk = report
+    if isinstance(report.get("broker"), str):     # a broker URL is shown, its password never
+        on_disk = {**report, "broker": redact_url(report["broker"])}
+    atomic_write(d / "report.json", json.dumps(on_disk, indent=1, sort_keys=False).encode())
     atomic_write(d / "summary.md", summary_markdown(report).encode())
     return d / "report.json"
 

@@ -250,3 +250,77 @@ def test_a_round_without_evaluations_has_no_accuracy(unevaluated_round, report):
 def test_write_report_accepts_a_round_without_accuracy(unevaluated_round, tmp_path, plots):
     write_report(unevaluated_round, tmp_path, plots=plots)
     assert (tmp_path / "summary.md").exists()
+
+
+# ------------------------------------------------------------------- broker passwords stay out of files
+
+SECRET = "s3cret-pw"
+
+
+def test_write_report_redacts_a_broker_password(report, tmp_path):
+    rep = {**copy.deepcopy(report), "broker": f"mqtt://alice:{SECRET}@broker.lan:1884"}
+    write_report(rep, tmp_path, plots=False)
+    assert json.loads((tmp_path / "report.json").read_text())["broker"] == "mqtt://alice:***@broker.lan:1884"
+    for p in tmp_path.iterdir():
+        assert SECRET.encode() not in p.read_bytes(), p
+
+
+class _Exited:
+    """A service process that has already exited 0 (the run itself is not what this test is about)."""
+
+    returncode = 0
+
+    def poll(self):
+        return 0
+
+    def kill(self):
+        pass
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def test_mqtt_simulation_keeps_the_broker_password_out_of_report_and_workdir(run, tmp_path, monkeypatch):
+    from fedmfs.coordinator.config import load_coordinator_config
+    from fedmfs.edge.config import load_edge_config
+    from fedmfs.sim import processes
+
+    monkeypatch.setenv("FEDMFS_BROKER", "mqtt://elsewhere:1")    # --broker beats the environment
+    spawned, cleared = [], []
+
+    def popen(args, stdout=None, stderr=None, env=None):
+        spawned.append((args, env))
+        return _Exited()
+
+    monkeypatch.setattr(processes.subprocess, "Popen", popen)
+    monkeypatch.setattr(processes, "build_report", lambda *a, **kw: {})
+    monkeypatch.setattr(processes, "_clear_retained", lambda url, *a: cleared.append(url))
+    url = f"mqtt://alice:{SECRET}@127.0.0.1:1884"
+    work = tmp_path / "work"
+    rep = processes.run_mqtt_simulation(run["fleet"], run["cfg"], url, workdir=work)
+    assert rep["broker"] == "mqtt://alice:***@127.0.0.1:1884"
+    assert cleared == [url]                      # the cleanup still logs in with the password
+    assert spawned and SECRET not in json.dumps([a for a, _ in spawned])   # nor on a command line (ps)
+    assert all("FEDMFS_BROKER" not in env for _, env in spawned)         # the services use the URL given
+    monkeypatch.delenv("FEDMFS_BROKER")
+    holders = [p for p in work.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert [p.name for p in holders] == ["broker.password"]
+    assert holders[0].stat().st_mode & 0o777 == 0o600
+    # and the services still get it: the URL gives host, port and user, the password file the rest
+    coord = load_coordinator_config(work / "coordinator.toml").broker
+    assert (coord.host, coord.port, coord.username, coord.password) == ("127.0.0.1", 1884, "alice", SECRET)
+    for edge_toml in work.glob("edge-*.toml"):
+        b = load_edge_config(edge_toml).broker
+        assert (b.username, b.password) == ("alice", SECRET)
+
+
+def test_mqtt_simulation_without_a_password_writes_no_password_file(run, tmp_path, monkeypatch):
+    from fedmfs.sim import processes
+
+    monkeypatch.setattr(processes, "_spawn", lambda args, log: _Exited())
+    monkeypatch.setattr(processes, "build_report", lambda *a, **kw: {})
+    monkeypatch.setattr(processes, "_clear_retained", lambda url, *a: None)
+    rep = processes.run_mqtt_simulation(run["fleet"], run["cfg"], "mqtt://127.0.0.1:1884", workdir=tmp_path)
+    assert rep["broker"] == "mqtt://127.0.0.1:1884"
+    assert not (tmp_path / "broker.password").exists()
+    assert "password_file" not in (tmp_path / "coordinator.toml").read_text()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import json
+import os
+import pwd
 import re
+import stat
 import struct
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from fedmfs.core.errors import PayloadError
+from fedmfs.core.errors import ConfigError, PayloadError
 from fedmfs.core.fields import (
     HEX64,
     get_field,
@@ -26,6 +32,8 @@ __all__ = [
     "encode_global",
     "generate_keypair",
     "global_signing_bytes",
+    "load_private_key",
+    "write_private_key",
 ]
 
 _GLOBAL_MAGIC = b"FMG" + bytes([PROTOCOL_VERSION])
@@ -130,3 +138,85 @@ def generate_keypair() -> tuple[str, str]:
     priv = k.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                            serialization.NoEncryption()).hex()
     return priv, Signer(priv).public_hex()
+
+
+def _describe(path: Path) -> str:
+    """``mode 640, owner uid 0 (root), group gid 0 (root)`` of ``path``, for an error message."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"not accessible: {e.strerror}"
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = "?"
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = "?"
+    return f"mode {stat.S_IMODE(st.st_mode):03o}, owner uid {st.st_uid} ({user}), group gid {st.st_gid} ({group})"
+
+
+def _running_as() -> str:
+    uid = os.geteuid()
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def load_private_key(path: str | os.PathLike) -> Signer:
+    """The coordinator's signing key from ``path`` (64 hex digits, as ``fedmfs-coordinator keygen``
+    writes it). A missing, unreadable or malformed file is a :class:`ConfigError` that names the file,
+    its mode and owner, who we run as, and the fix."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except FileNotFoundError as e:
+        raise ConfigError(f"signing key {p} does not exist; create one with "
+                          f"`fedmfs-coordinator keygen --out {p}`") from e
+    except PermissionError as e:
+        raise ConfigError(
+            f"signing key {p} is not readable by the coordinator (running as {_running_as()}; the file has "
+            f"{_describe(p)}); give it to the service user: `chown fedmfs: {p} && chmod 600 {p}`") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"signing key {p} is a directory; point signing_key at the file "
+                          f"`fedmfs-coordinator keygen --out FILE` wrote") from e
+    except OSError as e:
+        raise ConfigError(f"signing key {p} unreadable ({_describe(p)}): {e.strerror or e}") from e
+    try:
+        return Signer(raw.decode("ascii"))
+    except (UnicodeDecodeError, PayloadError) as e:
+        raise ConfigError(f"signing key {p} is not an Ed25519 private key (64 hex digits expected); write a "
+                          f"new one with `fedmfs-coordinator keygen --out {p} --force` and give the devices "
+                          "its public key") from e
+
+
+def write_private_key(path: str | os.PathLike, private_hex: str) -> None:
+    """Write a private key readable by its owner only (mode 600, whatever the umask or the mode of a
+    file it replaces): an existing file is made 600 first, the new key goes to a 600 temp file in the
+    same directory, is fsynced and renamed over ``path``, and the directory is fsynced."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.exists():
+        os.chmod(p, 0o600)   # the old key stops being readable by others now, not after the rename
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(private_hex.strip() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(p.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
