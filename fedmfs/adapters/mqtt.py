@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import random
+import re
 import ssl
 import threading
 import time
@@ -35,6 +36,7 @@ __all__ = [
     "Inbound",
     "MqttLink",
     "broker_from_table",
+    "check_tls_files",
     "parse_broker_url",
     "redact_url",
     "strip_password",
@@ -142,6 +144,113 @@ class Backoff:
 _PERMANENT = {"Bad user name or password", "Not authorized", "Client identifier not valid", "Banned"}
 
 
+def _pem_certs(path: str, what: str, fix: str) -> list:
+    from cryptography import x509
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError as e:
+        raise ConfigError(f"{what} {path} does not exist; {fix}") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{what} {path} is a directory; {fix}") from e
+    except OSError as e:
+        raise ConfigError(f"{what} {path} is not readable ({e.strerror or e}); make it readable by the "
+                          "service user: chown fedmfs: FILE or chmod 644 FILE") from e
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise ConfigError(f"{what} {path} holds no PEM certificate ({e}); {fix}") from e
+
+
+def check_tls_files(cfg: BrokerConfig, now: float | None = None) -> None:
+    """Refuse unusable TLS settings before connecting, with one line naming the file and the fix: a
+    missing or unreadable CA, client certificate or key; a key that is not the certificate's; a client
+    certificate (or CA) that has expired or is not valid yet. ``now``: seconds since the epoch."""
+    import datetime
+
+    from cryptography.hazmat.primitives import serialization
+
+    if not cfg.tls_ca:
+        if cfg.tls_cert or cfg.tls_key:
+            raise ConfigError("[broker] tls_cert/tls_key without tls_ca: set tls_ca to the CA that signed the "
+                              "broker's certificate (TLS is on only with it)")
+        return
+    t = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.timezone.utc)
+    fix_ca = "set [broker] tls_ca to the CA certificate that signed the broker's certificate (ca.crt from enrol)"
+    if cfg.tls_ca != "system":
+        cas = _pem_certs(cfg.tls_ca, "broker CA file (tls_ca)", fix_ca)
+        if all(c.not_valid_after_utc < t for c in cas):   # a bundle may keep an old CA beside the new one
+            ca = cas[0]
+            raise ConfigError(f"broker CA file (tls_ca) {cfg.tls_ca}: the CA certificate "
+                              f"{ca.subject.rfc4514_string()!r} expired on {ca.not_valid_after_utc:%Y-%m-%d %H:%M} "
+                              "UTC; install the fleet's current CA certificate")
+    if cfg.tls_key and not cfg.tls_cert:
+        raise ConfigError(f"[broker] tls_key {cfg.tls_key} without tls_cert: set tls_cert to its client certificate")
+    if not cfg.tls_cert:
+        return
+    fix = "set [broker] tls_cert to the client certificate from `fedmfs-coordinator enrol DEVICE --cert`"
+    cert = _pem_certs(cfg.tls_cert, "client certificate (tls_cert)", fix)[0]
+    if cert.not_valid_after_utc < t:
+        raise ConfigError(f"client certificate (tls_cert) {cfg.tls_cert} expired on "
+                          f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; issue a new one "
+                          "(`fedmfs-coordinator enrol DEVICE --cert` on the gateway) and install it with its key")
+    if cert.not_valid_before_utc > t:
+        raise ConfigError(f"client certificate (tls_cert) {cfg.tls_cert} is not valid before "
+                          f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC; check this machine's clock")
+    key_path = cfg.tls_key or cfg.tls_cert    # without tls_key the key is in the certificate's file
+    fix_key = "set [broker] tls_key to the key written with this certificate (client.key from enrol --cert)"
+    try:
+        key_pem = Path(key_path).read_bytes()
+    except FileNotFoundError as e:
+        raise ConfigError(f"client key (tls_key) {key_path} does not exist; {fix_key}") from e
+    except OSError as e:
+        raise ConfigError(f"client key (tls_key) {key_path} is not readable ({e.strerror or e}); give it to the "
+                          f"service user: chown fedmfs: {key_path} && chmod 600 {key_path}") from e
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError as e:
+        raise ConfigError(f"client key (tls_key) {key_path} is encrypted; the daemons need it unencrypted "
+                          "(mode 600): openssl pkey -in KEY -out KEY.plain") from e
+    except ValueError as e:
+        raise ConfigError(f"client key (tls_key) {key_path} holds no PEM private key; {fix_key}") from e
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
+            cert.public_key().public_bytes(serialization.Encoding.DER, pub):
+        raise ConfigError(f"client key (tls_key) {key_path} does not match client certificate (tls_cert) "
+                          f"{cfg.tls_cert} (their public keys differ); install the key written with this "
+                          "certificate, or both from a new `fedmfs-coordinator enrol DEVICE --cert`")
+
+
+def _tls_failure(cfg: BrokerConfig, e: ssl.SSLError) -> str:
+    """One line for a failed TLS handshake: what went wrong, which files and host, and the fix."""
+    where = f"{cfg.host}:{cfg.port}"
+    ca = "the system CAs" if cfg.tls_ca == "system" else f"tls_ca {cfg.tls_ca}"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        msg = e.verify_message or str(e)
+        if "hostname" in msg.lower() or "ip address mismatch" in msg.lower():
+            return (f"the broker's certificate at {where} is not for the name {cfg.host!r} ({msg}); connect with "
+                    f"a name in its certificate ([broker] host) or reissue it with {cfg.host} as a subject "
+                    "alternative name")
+        if "expired" in msg.lower():
+            return f"the broker's certificate at {where} has expired ({msg}); renew it on the broker"
+        return (f"the broker's certificate at {where} does not verify with {ca} ({msg}): tls_ca must be the CA "
+                f"that signed the broker's certificate (check: openssl s_client -connect {where} -CAfile "
+                f"{cfg.tls_ca})")
+    reason = str(getattr(e, "reason", None) or e)
+    if "ALERT" in reason.upper():
+        return _tls_alert(cfg, reason)
+    return f"TLS handshake with {where} failed ({reason}) using {ca}"
+
+
+def _tls_alert(cfg: BrokerConfig, reason: str) -> str:
+    """The broker closed the TLS session with an alert (TLS 1.2 in the handshake, TLS 1.3 at the first
+    read): it did not accept our client certificate, or we sent none."""
+    cert = f"client certificate {cfg.tls_cert}" if cfg.tls_cert else "no client certificate"
+    return (f"the broker at {cfg.host}:{cfg.port} refused the TLS handshake ({reason}) with {cert}: it needs a "
+            "client certificate signed by its cafile, valid and not revoked ([broker] tls_cert and tls_key; "
+            "`fedmfs-coordinator enrol DEVICE --cert`)")
+
+
 class MqttLink:
     """One MQTT connection. Inbound messages go to ``inbox`` (a queue the owner drains)."""
 
@@ -161,6 +270,7 @@ class MqttLink:
         self.connects = 0
         self._client: mqtt.Client | None = None
         self._refused_protocol = False
+        self._last_error: str | None = None   # paho's last error log line (a TLS alert at the first read)
 
     # -- construction ------------------------------------------------------------------------------
     def _make(self, v5: bool) -> mqtt.Client:
@@ -180,13 +290,15 @@ class MqttLink:
                     c.tls_set(ca_certs=self.cfg.tls_ca, certfile=self.cfg.tls_cert, keyfile=self.cfg.tls_key,
                               tls_version=ssl.PROTOCOL_TLS_CLIENT)
             except (OSError, ssl.SSLError, ValueError) as e:
-                raise ConfigError(f"broker TLS files unusable ({self.cfg.tls_ca}, {self.cfg.tls_cert}): {e}") from e
+                raise ConfigError(f"broker TLS files unusable (tls_ca {self.cfg.tls_ca}, tls_cert "
+                                  f"{self.cfg.tls_cert}, tls_key {self.cfg.tls_key}): {e}") from e
         if self.will:
             t, p, q, r = self.will
             c.will_set(t, p, q, r)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_log = self._on_log
         return c
 
     def _connect_args(self, v5: bool) -> dict:
@@ -227,6 +339,13 @@ class MqttLink:
         except Exception:
             log.exception("error in on_disconnect")
 
+    def _on_log(self, client, userdata, level, buf) -> None:
+        try:
+            if level == mqtt.MQTT_LOG_ERR:
+                self._last_error = str(buf)
+        except Exception:
+            log.exception("error in on_log")
+
     def _on_message(self, client, userdata, msg) -> None:
         try:
             self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -237,12 +356,13 @@ class MqttLink:
     def _try(self, v5: bool, timeout: float) -> mqtt.Client | None:
         c = self._make(v5)
         self._refused_protocol = False
+        self._last_error = None
         self.protocol_used = "5" if v5 else "3.1.1"
         try:
             c.connect(self.cfg.host, self.cfg.port, self.cfg.keepalive, **self._connect_args(v5))
         except (OSError, ssl.SSLError) as e:
-            if isinstance(e, ssl.SSLError):
-                self.fatal = f"TLS handshake with {self.cfg.host}:{self.cfg.port} failed: {e}"
+            if isinstance(e, ssl.SSLError):     # bad certificates do not get better by retrying
+                self.fatal = _tls_failure(self.cfg, e)
             log.info("cannot reach the broker at %s:%d: %s", self.cfg.host, self.cfg.port, e)
             return None
         end = time.monotonic() + timeout
@@ -252,6 +372,10 @@ class MqttLink:
                 break
         if self.connected.is_set():
             return c
+        if self.cfg.tls_ca and self._last_error and "alert" in self._last_error.lower():
+            # "failed to receive on socket: [SSL: X] tlsv13 alert certificate required (_ssl.c:2580)"
+            m = re.search(r"\] (.+?)(?: \(_ssl\.c:\d+\))?$", self._last_error)
+            self.fatal = _tls_alert(self.cfg, m.group(1) if m else self._last_error)
         try:
             c.disconnect()
         except Exception:  # best effort on a half-open connection
@@ -261,7 +385,9 @@ class MqttLink:
         return None
 
     def start(self, timeout: float = 30.0) -> None:
-        """Connect (blocking, bounded by ``timeout``) and start the network thread."""
+        """Connect (blocking, bounded by ``timeout``) and start the network thread. Unusable TLS files
+        are a :class:`ConfigError` before any attempt (:func:`check_tls_files`)."""
+        check_tls_files(self.cfg)
         backoff = Backoff()
         end = time.monotonic() + timeout
         order = {"auto": [True, False], "5": [True], "3.1.1": [False]}[self.cfg.protocol]
@@ -311,9 +437,9 @@ class MqttLink:
 
     def disconnect_abruptly(self) -> None:
         """Drop the TCP connection without DISCONNECT (tests: the broker then sends the last will)."""
-        c = self._client
-        if c is not None and c.socket() is not None:
-            c.socket().close()
+        sock = self._client.socket() if self._client is not None else None
+        if sock is not None:
+            sock.close()
 
 
 BROKER_KEYS = {"host": str, "port": int, "username": str, "password_file": str, "tls_ca": str, "tls_cert": str,
