@@ -1,4 +1,5 @@
-"""``fedmfs-coordinator``: ``run`` the service, show ``status`` from the ledger, ``keygen`` a signing key."""
+"""``fedmfs-coordinator``: ``run`` the service, show ``status`` from the ledger, ``keygen`` a signing key,
+``enrol`` / ``revoke`` a device (broker credentials, ACL, fleet file: :mod:`.provision`)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,41 @@ def _keygen(args) -> int:
     return 0
 
 
+def _enrol(args) -> int:
+    from .config import load_provision_config
+    from .provision import RELOAD, enrol
+
+    cfg = load_provision_config(args.config)
+    out = args.out if args.out is not None else Path(f"enrol-{args.device}")
+    res = enrol(cfg, args.device, out, cert=args.cert)
+    for line in res.changed:
+        print(f"  {line}")
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"device files in {out}/: {', '.join(p.name for p in res.files)} (secrets mode 600)")
+    print(f"copy them to /etc/fedmfs/ on {args.device}, keeping the modes, readable by the service user, e.g.\n"
+          f"  scp -p {' '.join(str(p) for p in res.files)} root@{args.device}:/etc/fedmfs/\n"
+          "and set data, spec and state_dir in its edge.toml")
+    print(RELOAD)
+    return 0
+
+
+def _revoke(args) -> int:
+    from .config import load_provision_config
+    from .provision import RELOAD, revoke
+
+    res = revoke(load_provision_config(args.config), args.device)
+    for line in res.changed:
+        print(f"  {line}")
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if not res.changed:
+        print(f"{args.device}: nothing to revoke (already revoked or never enrolled)")
+        return 0
+    print(RELOAD)
+    return 0
+
+
 def _run(args) -> int:
     from .config import load_coordinator_config
     from .service import CoordinatorService
@@ -109,12 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("keygen", help="create the Ed25519 key that signs global models")
     k.add_argument("--out", required=True, type=Path)
     k.add_argument("--force", action="store_true")
+    e = sub.add_parser("enrol", help="give a device broker credentials, its ACL block and a ready edge.toml")
+    e.add_argument("device", help="the device id (its broker user name and edge.toml `device`)")
+    e.add_argument("--config", required=True, type=Path, help="coordinator.toml, with a [provision] table")
+    e.add_argument("--out", type=Path, default=None, help="directory for the device's files (./enrol-DEVICE)")
+    e.add_argument("--cert", action="store_true", help="also a client certificate from the fleet CA "
+                   "([provision] ca_key, ca_cert, crl_file)")
+    v = sub.add_parser("revoke", help="remove a device's broker credentials, ACL block and fleet-file table")
+    v.add_argument("device")
+    v.add_argument("--config", required=True, type=Path)
     args = p.parse_args(argv)
     # journald adds its own timestamps; keep lines short
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": _run, "status": _status, "keygen": _keygen}[args.cmd](args)
+        return {"run": _run, "status": _status, "keygen": _keygen, "enrol": _enrol,
+                "revoke": _revoke}[args.cmd](args)
     except FedMFSError as e:
         print(f"fedmfs-coordinator: {e}", file=sys.stderr)
         return e.exit_code

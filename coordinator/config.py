@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmfs.adapters.mqtt import BrokerConfig, broker_from_table
+from fedmfs.adapters.mqtt import BROKER_KEYS, BrokerConfig, broker_from_table
 from fedmfs.core.config import check_keys, load_toml
 from fedmfs.core.errors import ConfigError, PayloadError
 from fedmfs.core.modality import DatasetSpec, load_spec
@@ -18,12 +18,15 @@ from fedmfs.core.wire import DeviceConfig, validate_name
 
 from .machine import RoundPolicy
 
-__all__ = ["CoordinatorConfig", "load_coordinator_config", "load_fleet_file"]
+__all__ = ["CoordinatorConfig", "ProvisionConfig", "load_coordinator_config", "load_fleet_file",
+           "load_provision_config"]
 
 _TOP = {"fleet": str, "state_dir": str, "spec": str, "fleet_file": str, "signing_key": str, "seed": int,
-        "rounds": dict, "broker": dict, "metrics": dict, "log_level": str}
+        "rounds": dict, "broker": dict, "metrics": dict, "log_level": str, "provision": dict}
 _ROUNDS = {"total": int, "seconds": float, "quorum": int, "chunk_bytes": int, "aggregation": str}
 _METRICS = {"port": int, "host": str}
+_PROVISION = {"password_file": str, "acl_file": str, "host": str, "port": int, "tls_ca": str, "ca_cert": str,
+              "ca_key": str, "crl_file": str, "issued_dir": str, "cert_days": int}
 _DEVICE = {"id": str, **POLICY_KEYS}
 
 
@@ -46,6 +49,72 @@ class CoordinatorConfig:
 def _rel(base: Path, p: str) -> Path:
     q = Path(p).expanduser()
     return q if q.is_absolute() else (base / q)
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisionConfig:
+    """What ``fedmfs-coordinator enrol`` / ``revoke`` need: coordinator.toml's fleet, fleet file, signing
+    key and coordinator broker user, and its ``[provision]`` table (the broker's password and ACL
+    files, what devices connect to, the fleet CA). Read without the spec or the fleet's devices, so
+    the first device can be enrolled before either exists."""
+
+    config: Path
+    fleet: str
+    fleet_file: Path
+    signing_key: Path
+    coordinator_user: str | None     # [broker] username: no device may take it
+    password_file: Path | None       # the broker's password_file (mosquitto.conf)
+    acl_file: Path | None            # the broker's acl_file; enrol manages a section between markers
+    host: str                        # what devices connect to ([broker] host unless set)
+    port: int
+    tls_ca: Path | None              # the CA devices verify the broker with ([broker] tls_ca unless set)
+    ca_cert: Path | None = None      # the fleet CA that signs client certificates (--cert); tls_ca unless set
+    ca_key: Path | None = None
+    crl_file: Path | None = None     # the broker's crlfile: revoke adds a revoked device's certificate
+    issued_dir: Path | None = None   # a copy of each issued certificate (revoke finds its serial there)
+    cert_days: int = 365
+
+
+def _provision_from(raw: dict, p: Path) -> ProvisionConfig:
+    base = p.parent
+    t = raw.get("provision", {})
+    check_keys(t, _PROVISION, f"{p} [provision]")
+    broker = raw.get("broker", {})
+    check_keys(broker, BROKER_KEYS, f"{p} [broker]")
+    if "cert_days" in t and not 0 < t["cert_days"] <= 3650:
+        raise ConfigError(f"{p} [provision]: cert_days must be in 1..3650, got {t['cert_days']}")
+    port = t.get("port", broker.get("port", 8883))
+    if not 0 < port < 65536:
+        raise ConfigError(f"{p} [provision]: port must be in 1..65535, got {port}")
+
+    def opt(key: str, fallback: Path | None = None) -> Path | None:
+        return _rel(base, t[key]) if key in t else fallback
+
+    tls_ca = opt("tls_ca", _rel(base, broker["tls_ca"]) if "tls_ca" in broker else None)
+    ca_key = opt("ca_key")
+    return ProvisionConfig(
+        config=p, fleet=raw["fleet"], fleet_file=_rel(base, raw["fleet_file"]),
+        signing_key=_rel(base, raw["signing_key"]), coordinator_user=broker.get("username"),
+        password_file=opt("password_file"), acl_file=opt("acl_file"),
+        host=t.get("host", broker.get("host", "127.0.0.1")), port=port, tls_ca=tls_ca,
+        ca_cert=opt("ca_cert", tls_ca), ca_key=ca_key, crl_file=opt("crl_file"),
+        issued_dir=opt("issued_dir", ca_key.parent / "issued" if ca_key is not None else None),
+        cert_days=t.get("cert_days", 365))
+
+
+def load_provision_config(path: str | os.PathLike) -> ProvisionConfig:
+    """coordinator.toml's provisioning settings (see :class:`ProvisionConfig`)."""
+    p = Path(path)
+    raw = load_toml(p)
+    check_keys(raw, _TOP, str(p))
+    for key in ("fleet", "fleet_file", "signing_key"):
+        if key not in raw:
+            raise ConfigError(f"{p}: missing key {key!r}; see examples/coordinator.toml")
+    try:
+        validate_name("fleet", raw["fleet"])
+    except PayloadError as e:
+        raise ConfigError(f"{p}: key 'fleet': {e}") from e
+    return _provision_from(raw, p)
 
 
 def load_fleet_file(path: Path) -> tuple[DeviceConfig, ...]:
@@ -99,6 +168,7 @@ def load_coordinator_config(path: str | os.PathLike) -> CoordinatorConfig:
         raise ConfigError(f"{p} [rounds]: {e}") from e
     metrics = raw.get("metrics", {})
     check_keys(metrics, _METRICS, f"{p} [metrics]")
+    _provision_from(raw, p)      # the service does not use it; a typo there is still an error
     fleet_file = _rel(base, raw["fleet_file"])
     return CoordinatorConfig(
         fleet=raw["fleet"], state_dir=_rel(base, raw["state_dir"]), spec=load_spec(_rel(base, raw["spec"])),
