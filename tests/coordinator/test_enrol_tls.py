@@ -184,12 +184,15 @@ def test_enrolled_devices_run_a_round_and_nothing_else(tmp_path):
         assert coord.connected.is_set() and not coord.disconnects, coord.disconnects
         assert coord.publish(f"{BASE}/device/{a}/config") == "Success"       # still the coordinator
 
-        # revoke b; after the broker reloads, b cannot connect and a still can
+        # revoke b; after the broker reloads, b is disconnected and cannot connect, and a still can
+        live_b = connect(broker, b, pw[b])
+        clients.append(live_b)
         out = _cli("revoke", b, "--config", str(conf)).stdout
         assert f"password of {b} removed" in out and f"ACL block of {b} removed" in out, out
         assert f"user {b}\n" not in acl.read_text() and f"id = \"{b}\"" not in (gw / "fleet.toml").read_text()
         reloads = broker.log.read_text().count("Reloading config")
         _reload(broker, reloads)
+        _wait(lambda: live_b.disconnects, "the broker to drop b's open connection")
         refused = connect(broker, b, pw[b], expect=False)
         assert refused.connack and refused.connack[0] in ("Bad user name or password", "Not authorized"), \
             refused.connack

@@ -205,3 +205,52 @@ def test_the_cli(gw, capsys):
     assert main(["revoke", "s07", "--config", str(d / "coordinator.toml")]) == 0
     assert "nothing to revoke" in capsys.readouterr().out
     assert main(["enrol", "coordinator", "--config", str(d / "coordinator.toml")]) == 2
+
+
+@pytest.mark.integration
+def test_a_revoked_certificate_is_refused_after_a_broker_reload(tmp_path):
+    """With ``require_certificate true`` and ``crlfile``: enrol --cert connects; after revoke (its
+    password put back, so that only the CRL refuses it) and SIGHUP, the same certificate is refused."""
+    import re
+    import signal
+
+    from test_broker_config import _wait, connect, start_broker
+
+    from fedmfs.coordinator.provision import _crl_add
+
+    b = tmp_path / "broker"
+    b.mkdir()
+    priv, _ = generate_keypair()
+    write_private_key(tmp_path / "coordinator.key", priv)
+    (tmp_path / "coordinator.toml").write_text(
+        'fleet = "kitchen"\nstate_dir = "state"\nspec = "fleet.json"\nfleet_file = "fleet.toml"\n'
+        'signing_key = "coordinator.key"\n[broker]\nusername = "coordinator"\ntls_ca = "broker/ca.crt"\n'
+        '[provision]\npassword_file = "broker/fedmfs.passwd"\nacl_file = "broker/fedmfs.acl"\n'
+        'ca_key = "broker/ca.key"\ncrl_file = "broker/fedmfs.crl"\n')
+
+    def edit(text: str) -> str:
+        _crl_add(load_provision_config(tmp_path / "coordinator.toml"), [])     # the broker needs the file
+        return re.sub(r"(?m)^require_certificate false$", f"require_certificate true\ncrlfile {b / 'fedmfs.crl'}",
+                      text)
+
+    broker = start_broker(b, edit)
+    try:
+        cfg = load_provision_config(tmp_path / "coordinator.toml")
+        enrol(cfg, "s07", tmp_path / "out", cert=True)
+        password = (tmp_path / "out" / "edge.password").read_text().strip()
+        broker.pki["s07-client.crt"] = tmp_path / "out" / "client.crt"
+        broker.pki["s07-client.key"] = tmp_path / "out" / "client.key"
+        broker.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: broker.log.read_text().count("Reloading config") == 1, "the reload")
+        ok = connect(broker, "s07", password, cert="s07")
+        ok.stop()
+        line = next(ln for ln in (b / "fedmfs.passwd").read_text().splitlines() if ln.startswith("s07:"))
+        revoke(cfg, "s07")
+        with (b / "fedmfs.passwd").open("a") as f:
+            f.write(line + "\n")
+        broker.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: broker.log.read_text().count("Reloading config") == 2, "the reload")
+        refused = connect(broker, "s07", password, cert="s07", expect=False)
+        assert not refused.connected.is_set() and not refused.connack, refused.connack   # refused in TLS
+    finally:
+        broker.stop()
