@@ -14,7 +14,7 @@ from fedmfs.core.config import check_keys, load_toml
 from fedmfs.core.errors import ConfigError, PayloadError
 from fedmfs.core.modality import DatasetSpec, load_spec
 from fedmfs.core.selection import POLICY_KEYS, SelectionPolicy
-from fedmfs.core.wire import DeviceConfig, validate_name
+from fedmfs.core.wire import DEFAULT_MAX_SAMPLES, DeviceConfig, validate_name
 
 from .machine import RoundPolicy
 
@@ -23,11 +23,12 @@ __all__ = ["CoordinatorConfig", "ProvisionConfig", "load_coordinator_config", "l
 
 _TOP = {"fleet": str, "state_dir": str, "spec": str, "fleet_file": str, "signing_key": str, "seed": int,
         "rounds": dict, "broker": dict, "metrics": dict, "log_level": str, "provision": dict}
-_ROUNDS = {"total": int, "seconds": float, "quorum": int, "chunk_bytes": int, "aggregation": str}
+_ROUNDS = {"total": int, "seconds": float, "quorum": int, "chunk_bytes": int, "aggregation": str,
+           "max_update_ratio": float, "min_update_rms": float}
 _METRICS = {"port": int, "host": str}
 _PROVISION = {"password_file": str, "acl_file": str, "host": str, "port": int, "tls_ca": str, "ca_cert": str,
               "ca_key": str, "crl_file": str, "issued_dir": str, "cert_days": int}
-_DEVICE = {"id": str, **POLICY_KEYS}
+_DEVICE = {"id": str, **POLICY_KEYS, "max_samples": int}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +119,10 @@ def load_provision_config(path: str | os.PathLike) -> ProvisionConfig:
 
 
 def load_fleet_file(path: Path) -> tuple[DeviceConfig, ...]:
-    """Devices with their selection policy (method, gamma, alphas, cap, codec); ``[defaults]`` fills
-    what a device omits, :class:`~fedmfs.core.selection.SelectionPolicy` what both omit."""
+    """Devices with their selection policy (method, gamma, alphas, cap, codec) and ``max_samples`` (the
+    largest aggregation weight taken from the device); ``[defaults]`` fills what a device omits,
+    :class:`~fedmfs.core.selection.SelectionPolicy` and :data:`~fedmfs.core.wire.DEFAULT_MAX_SAMPLES`
+    what both omit."""
     raw = load_toml(path)
     check_keys(raw, {"defaults": dict, "device": list}, str(path))
     defaults = raw.get("defaults", {})
@@ -134,7 +137,8 @@ def load_fleet_file(path: Path) -> tuple[DeviceConfig, ...]:
             raise ConfigError(f"{where}: missing key 'id'; add id = \"device-name\"")
         m = {**defaults, **d}
         try:
-            out.append(DeviceConfig(m["id"], SelectionPolicy.from_dict(m)))
+            out.append(DeviceConfig(m["id"], SelectionPolicy.from_dict(m),
+                                    m.get("max_samples", DEFAULT_MAX_SAMPLES)))
         except (PayloadError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from e
     if not out:
@@ -162,8 +166,10 @@ def load_coordinator_config(path: str | os.PathLike) -> CoordinatorConfig:
     try:
         # what the file omits takes RoundPolicy's defaults (declared there, once)
         names = {"total": "rounds_total", "seconds": "round_seconds", "quorum": "quorum",
-                 "chunk_bytes": "chunk_bytes", "aggregation": "aggregation"}
-        policy = RoundPolicy(**{names[k]: (float(v) if k == "seconds" else v) for k, v in rounds.items()})
+                 "chunk_bytes": "chunk_bytes", "aggregation": "aggregation",
+                 "max_update_ratio": "max_update_ratio", "min_update_rms": "min_update_rms"}
+        floats = ("seconds", "max_update_ratio", "min_update_rms")
+        policy = RoundPolicy(**{names[k]: (float(v) if k in floats else v) for k, v in rounds.items()})
     except ValueError as e:
         raise ConfigError(f"{p} [rounds]: {e}") from e
     metrics = raw.get("metrics", {})

@@ -10,6 +10,12 @@ Invariants the tests check by replaying event orders:
 * an upload is counted at most once per (round, device, modality); an identical re-send is answered
   ``accepted`` again; a different second upload is refused ``duplicate``;
 * bytes accepted for a device in a round never exceed the cap it had when the round opened;
+* bounded influence: an upload counts with at most its device's ``max_samples`` as weight (a larger
+  claim is refused ``too_many_samples``) and with its update (upload - current global) clipped to
+  :func:`~fedmfs.core.aggregation.clip_bound`; so under the weighted mean a new global is at most C from
+  the old one, and one device of weight w displaces it from what the honest uploads (weight W_h, mean
+  update D_h) alone give by at most ``w / (w + W_h) * (C + ||D_h||)`` (docs/protocol.md "Bounded influence");
+* only devices of the fleet file are recorded online or offline;
 * nothing a peer sends raises out of :meth:`CoordinatorMachine.handle`: it becomes an ack with a reason.
 """
 
@@ -23,10 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedmfs.core.aggregation import DEFAULT_RULE, Aggregator, make_aggregator
+from fedmfs.core.aggregation import DEFAULT_RULE, Aggregator, clip_bound, clip_update, make_aggregator, update_norm
 from fedmfs.core.errors import PayloadError
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
-from fedmfs.core.payload import Codec, ModelHeader, decode_model, encode_model
+from fedmfs.core.payload import MAX_SAMPLES, Codec, ModelHeader, decode_model, encode_model
 from fedmfs.core.wire import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
@@ -62,6 +68,7 @@ __all__ = [
     "PersistGlobal",
     "PersistReport",
     "PersistRound",
+    "PersistStatus",
     "PersistUpload",
     "Publish",
     "Refused",
@@ -92,13 +99,18 @@ def modality_shapes(spec: ModalitySpec, num_classes: int) -> dict[str, tuple[int
 @dataclass(frozen=True, slots=True)
 class RoundPolicy:
     """How rounds run. ``quorum``: reports needed to aggregate at the deadline; ``aggregation``: the
-    per-modality rule (weighted_mean, trimmed_mean or median, :func:`fedmfs.core.aggregation.make_aggregator`)."""
+    per-modality rule (weighted_mean, trimmed_mean or median, :func:`fedmfs.core.aggregation.make_aggregator`);
+    ``max_update_ratio`` and ``min_update_rms``: the update-norm bound C = max(ratio * ||global||,
+    rms * sqrt(parameters)) each upload is clipped to (:func:`fedmfs.core.aggregation.clip_bound`;
+    ``inf`` turns clipping off)."""
 
     rounds_total: int = 10
     round_seconds: float = 600.0
     quorum: int = 1
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     aggregation: str = DEFAULT_RULE
+    max_update_ratio: float = 1.0     # 3.7 x the largest honest update measured (docs/protocol.md)
+    min_update_rms: float = 0.01
 
     def __post_init__(self) -> None:
         if self.rounds_total < 1:
@@ -110,6 +122,13 @@ class RoundPolicy:
         if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in [1, {MAX_CHUNK_BYTES}], got {self.chunk_bytes}")
         make_aggregator(self.aggregation)   # names the allowed rules when this one is unknown
+        for k in ("max_update_ratio", "min_update_rms"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
+                raise ValueError(f"{k} must be a number >= 0 (inf: no clipping), got {v!r}")
+        if not self.max_update_ratio and not self.min_update_rms:
+            raise ValueError("max_update_ratio and min_update_rms are both 0: every update would be clipped to "
+                             "nothing; set max_update_ratio > 0")
 
 
 # --------------------------------------------------------------------------------------------- events
@@ -201,6 +220,13 @@ class PersistGlobal:
 
 
 @dataclass(frozen=True, slots=True)
+class PersistStatus:
+    """A fleet device said it is online or offline (its status message, decoded and checked)."""
+    device: str
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Refused:
     round: int
     device: str
@@ -219,8 +245,8 @@ class RoundClosed:
     reported: tuple[str, ...]
 
 
-Action = (Publish | PersistUpload | PersistReport | PersistEvaluation | PersistRound | PersistGlobal | Refused
-          | RoundClosed)
+Action = (Publish | PersistUpload | PersistReport | PersistEvaluation | PersistRound | PersistGlobal | PersistStatus
+          | Refused | RoundClosed)
 
 
 @dataclass(slots=True)
@@ -261,6 +287,8 @@ class CoordinatorMachine:
         self.caps: dict[str, int | None] = {}
         self.online: dict[str, bool] = {}
         self.evaluations: dict[tuple[int, str], float] = {}   # (round, device) -> Stage #2 accuracy
+        self.max_samples: dict[str, int] = {d: c.max_samples for d, c in self.devices.items()}
+        self._strangers = _RateLimitedNote(60.0)
         self._reset_round()
 
     # -- setup -------------------------------------------------------------------------------------
@@ -295,14 +323,20 @@ class CoordinatorMachine:
 
     def restore_round(self, round_index: int, state: RoundState, deadline: float, opened_at: float,
                       expected: tuple[str, ...], caps: Mapping[str, int | None]) -> None:
+        """The open round after a restart: its caps from the ledger, its sample bounds from the fleet
+        file as it is now (the ledger does not keep them)."""
         self.round, self.state, self.deadline, self.opened_at = round_index, state, deadline, opened_at
         self.expected, self.caps = tuple(expected), dict(caps)
+        self.max_samples = {d: c.max_samples for d, c in self.devices.items()}
         self._reset_round()
 
     def restore_upload(self, device: str, modality: str, payload: bytes) -> None:
-        """Re-add an upload the ledger says was accepted in the open round (after a restart)."""
+        """Re-add an upload the ledger says was accepted in the open round (after a restart), bounded
+        as when it was accepted: the same global clips it; its weight at most the device's bound now."""
         header, st = decode_model(payload)
-        self._count(device, modality, header.samples, st, hashlib.sha256(payload).hexdigest(), len(payload))
+        st, _, _ = self._clip(modality, st)
+        samples = min(header.samples, self.max_samples.get(device, header.samples))
+        self._count(device, modality, samples, st, hashlib.sha256(payload).hexdigest(), len(payload))
 
     def restore_report(self, report: Report) -> None:
         self.reported[report.device] = report
@@ -318,8 +352,9 @@ class CoordinatorMachine:
             raise ValueError("wrong shapes (name, got, want): " + ", ".join(map(str, bad)))
 
     def _install_global(self, m: str, st: State, version: int, round_index: int, samples: int) -> list[Action]:
-        payload = encode_model(st, ModelHeader(round=round_index, modality=m, samples=max(1, int(samples)),
-                                               codec=Codec.FP32))
+        # the header's samples: the round's total weight, within what a payload header may claim
+        payload = encode_model(st, ModelHeader(round=round_index, modality=m,
+                                               samples=min(MAX_SAMPLES, max(1, int(samples))), codec=Codec.FP32))
         frame = encode_global(self.fleet, round_index, m, payload, self.signer)
         _, decoded = decode_model(payload)
         sha = hashlib.sha256(payload).hexdigest()
@@ -354,6 +389,24 @@ class CoordinatorMachine:
         return [Refused(r, device, modality, reason, nbytes, detail),
                 self._ack(device, reason, modality, sha, (), detail, r)]
 
+    def update_bound(self, modality: str) -> float | None:
+        """C, the largest update norm of ``modality`` counted in full this round (None: no global to
+        measure an update against, which only a coordinator without initial models has before that
+        modality's first aggregation)."""
+        g = self.globals.get(modality)
+        if g is None:
+            return None
+        return clip_bound(g.state, self.policy.max_update_ratio, self.policy.min_update_rms)
+
+    def _clip(self, modality: str, st: State) -> tuple[State, float, float]:
+        """The upload with its update clipped to C; the update's norm and C (both 0: not measured)."""
+        bound = self.update_bound(modality)
+        if bound is None or math.isinf(bound):
+            return st, 0.0, 0.0
+        ref = self.globals[modality].state
+        norm = update_norm(st, ref)
+        return (clip_update(st, ref, bound) if norm > bound else st), norm, bound
+
     def _count(self, device: str, modality: str, samples: int, st: State, sha: str, nbytes: int) -> None:
         if modality not in self.aggs:
             self.aggs[modality] = make_aggregator(self.policy.aggregation)
@@ -368,6 +421,7 @@ class CoordinatorMachine:
         self.deadline = now + self.policy.round_seconds
         self.expected = tuple(sorted(self.devices))
         self.caps = {d: c.policy.cap_bytes for d, c in self.devices.items()}
+        self.max_samples = {d: c.max_samples for d, c in self.devices.items()}
         self._reset_round()
         return [PersistRound(self.round, self.state, self.deadline, now, self.expected, dict(self.caps)),
                 self._announce()]
@@ -412,20 +466,30 @@ class CoordinatorMachine:
                 return self._close(event.now)
             return []
         if isinstance(event, StatusArrived):
-            try:
-                st = decode_message(event.data, DeviceStatus)
-            except PayloadError as e:
-                log.info("bad status from %s: %s", event.device, e)
-                return []
-            if st.device == event.device:
-                self.online[st.device] = st.state is DeviceState.ONLINE
-            return []
+            return self._on_status(event)
         if isinstance(event, Start):
             return self._on_start(event.now)
         if isinstance(event, FleetChanged):
             self._set_devices(event.devices)
             return [Publish(self.topics.config(d), encode_message(c), 1, True) for d, c in sorted(self.devices.items())]
         raise TypeError(f"unknown event {event!r}")
+
+    def _on_status(self, ev: StatusArrived) -> list[Action]:
+        """Only a fleet device's own, well-formed status is recorded; the rest is noted (rate-limited)."""
+        if ev.device not in self.devices:
+            self._strangers.note(ev.now, "status from %r ignored: not in the fleet file", ev.device)
+            return []
+        try:
+            st = decode_message(ev.data, DeviceStatus)
+        except PayloadError as e:
+            log.info("bad status from %s: %s", ev.device, e)
+            return []
+        if st.device != ev.device:
+            log.info("status naming device %r on %r's topic ignored", st.device, ev.device)
+            return []
+        online = st.state is DeviceState.ONLINE
+        self.online[ev.device] = online
+        return [PersistStatus(ev.device, online)]
 
     def _on_start(self, now: float) -> list[Action]:
         out: list[Action] = [Publish(self.topics.config(d), encode_message(c), 1, True)
@@ -523,9 +587,19 @@ class CoordinatorMachine:
         if cap is not None and self.used.get(dev, 0) + len(payload) > cap:
             self.refused[key] = AckReason.OVER_CAP
             return self._refuse(dev, mod, AckReason.OVER_CAP, len(payload), f"cap {cap} exceeded", sha)
+        bound = self.max_samples.get(dev, self.devices[dev].max_samples)
+        if header.samples > bound:
+            self.refused[key] = AckReason.TOO_MANY_SAMPLES
+            return self._refuse(dev, mod, AckReason.TOO_MANY_SAMPLES, len(payload),
+                                f"{header.samples} samples > this device's max_samples {bound} (fleet file)", sha)
+        st, norm, c = self._clip(mod, st)
         self._count(dev, mod, header.samples, st, sha, len(payload))
+        detail = f"{len(payload)} bytes, {header.samples} samples"
+        if norm > c:
+            log.warning("%s/%s round %d: update norm %.4g clipped to %.4g", dev, mod, self.round, norm, c)
+            detail += f"; update norm {norm:.4g} clipped to {c:.4g}"
         return [PersistUpload(self.round, dev, mod, payload, sha, header.samples),
-                self._ack(dev, AckReason.ACCEPTED, mod, sha, (), f"{len(payload)} bytes, {header.samples} samples")]
+                self._ack(dev, AckReason.ACCEPTED, mod, sha, (), detail)]
 
     def _on_report(self, ev: ReportArrived) -> list[Action]:
         dev = ev.device
@@ -589,6 +663,23 @@ class CoordinatorMachine:
         """The run is over and every expected device evaluated its model after the last round."""
         last = self.policy.rounds_total - 1
         return self.state is RoundState.DONE and all((last, d) in self.evaluations for d in self.expected)
+
+
+class _RateLimitedNote:
+    """Logs a recurring note at most once per ``every`` seconds (event time), with how many it held back."""
+
+    def __init__(self, every: float):
+        self.every = every
+        self.last = -math.inf
+        self.held = 0
+
+    def note(self, now: float, msg: str, *args: object) -> None:
+        if now - self.last < self.every:
+            self.held += 1
+            return
+        extra = f" ({self.held} more like it held back)" if self.held else ""
+        log.warning(msg + extra, *args)
+        self.last, self.held = now, 0
 
 
 def event_for(fleet: str, topic: str, payload: bytes, now: float) -> Event | None:

@@ -4,6 +4,11 @@ The paper's rule is a weighted mean over the clients that uploaded the modality,
 sample counts. :class:`WeightedMean` streams: it keeps one float64 accumulator per tensor, so its
 memory is O(model size) whatever the number of uploads, and partial sums combine (several workers).
 Robust rules (trimmed mean, median) must see every upload and keep them: O(uploads) memory.
+
+Bounded influence (docs/protocol.md): before any rule sees an upload, the coordinator clips its update
+against the current global, :func:`clip_update` to :func:`clip_bound`; under the weighted mean the
+weight is also bounded (the fleet's ``max_samples``), so one device of weight w displaces a global
+from the honest-only one by at most ``w / (w + W_honest) * (C + ||mean honest update||)`` per round.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["DEFAULT_RULE", "RULES", "Aggregator", "Median", "TrimmedMean", "WeightedMean", "clip_update", "make_aggregator"]
+__all__ = ["DEFAULT_RULE", "RULES", "Aggregator", "Median", "TrimmedMean", "WeightedMean", "clip_bound", "clip_update",
+           "make_aggregator", "state_norm", "update_norm"]
 
 State = dict[str, np.ndarray]
 
@@ -131,10 +137,29 @@ class Median(_Collect):
                 for k in self.states[0]}
 
 
+def state_norm(state: State) -> float:
+    """The L2 norm of a model's parameters taken as one vector (float64)."""
+    return float(np.sqrt(sum(float(np.square(np.asarray(v, np.float64)).sum()) for v in state.values())))
+
+
+def update_norm(state: State, reference: State) -> float:
+    """||state - reference||, the L2 norm of an update over all tensors as one vector (float64)."""
+    return state_norm({k: np.asarray(state[k], np.float64) - reference[k] for k in state})
+
+
+def clip_bound(reference: State, max_ratio: float, min_rms: float) -> float:
+    """C = max(max_ratio * ||reference||, min_rms * sqrt(P)), P the number of parameters: the largest
+    update norm counted in full. Relative to the global so it scales with the model's weights; the floor
+    (an RMS per parameter, so it scales with the model's size) keeps a near-zero global from freezing."""
+    params = sum(int(np.size(v)) for v in reference.values())
+    return max(max_ratio * state_norm(reference), min_rms * float(np.sqrt(params)))
+
+
 def clip_update(state: State, reference: State, max_norm: float) -> State:
-    """Scale ``state - reference`` down to L2 norm ``max_norm`` (norm clipping against a bad client)."""
+    """Scale ``state - reference`` down to L2 norm ``max_norm`` (norm clipping against a bad client):
+    reference + d * min(1, max_norm / ||d||). Within the bound ``state`` is returned as it is."""
     d = {k: np.asarray(state[k], np.float64) - reference[k] for k in state}
-    norm = float(np.sqrt(sum((v**2).sum() for v in d.values())))
+    norm = state_norm(d)
     if norm <= max_norm or norm == 0:
         return state
     f = max_norm / norm

@@ -6,12 +6,18 @@ tensor ``w`` travels as float32 tensor ``w.__scale__``). The header (all strings
 metadata must be) holds: ``format`` (=``fedmfs-model``), ``version``, ``round``, ``modality``,
 ``samples``, ``codec`` and ``sha256`` of the decoded float32 tensors (names sorted, raw bytes), so the
 receiver verifies what it will aggregate. Never pickle: safetensors cannot execute code.
+
+Every header value is checked before any work: a string (safetensors' own rule), integers as plain
+decimal digits in range (``samples`` in [1, :data:`MAX_SAMPLES`], so a claim of 2^64 samples never
+reaches the coordinator's SQLite ledger), the JSON header at most :data:`MAX_HEADER_BYTES` and
+:data:`fedmfs.core.safejson.MAX_JSON_DEPTH` levels deep.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 from enum import Enum
@@ -21,9 +27,13 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from fedmfs.core.errors import PayloadError
+from fedmfs.core.safejson import loads as json_loads
 
 __all__ = [
+    "MAX_HEADER_BYTES",
     "MAX_PAYLOAD_BYTES",
+    "MAX_ROUND",
+    "MAX_SAMPLES",
     "PAYLOAD_VERSION",
     "Codec",
     "ModelHeader",
@@ -35,7 +45,15 @@ __all__ = [
 
 PAYLOAD_VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024      # the safetensors JSON header (ours: about 100 bytes per tensor)
+# The largest sample count a header may claim: far above any device's training windows, far below
+# SQLite's INTEGER (2^63 - 1) and exact in float64 sums of many devices. A fleet bounds each device
+# much lower (the fleet file's max_samples, fedmfs.core.wire.limits.DEFAULT_MAX_SAMPLES).
+MAX_SAMPLES = 2**31 - 1
+MAX_ROUND = 2**31 - 1
 _SCALE = ".__scale__"
+_META_VALUE_CHARS = 256
+_DECIMAL = re.compile(r"(0|[1-9][0-9]{0,18})")
 
 
 class Codec(str, Enum):
@@ -97,6 +115,9 @@ def dequantise(tensors: dict[str, np.ndarray], codec: Codec) -> dict[str, np.nda
 def encode_model(state: dict[str, np.ndarray], header: ModelHeader) -> bytes:
     """Encode a model's tensors with the header's codec; the sha256 is computed here."""
     codec = Codec(header.codec)
+    if not 1 <= int(header.samples) <= MAX_SAMPLES or not 0 <= int(header.round) <= MAX_ROUND:
+        raise PayloadError(f"header: samples must be in [1, {MAX_SAMPLES}] and round in [0, {MAX_ROUND}], "
+                           f"got {header.samples} and {header.round}")
     if not state:
         raise PayloadError("cannot encode an empty model")
     for k in state:
@@ -122,41 +143,51 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"payload of {len(data)} bytes exceeds the limit of {MAX_PAYLOAD_BYTES}")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n > 16 * 1024 * 1024:
-        raise PayloadError(f"safetensors header length {n} exceeds the payload")
-    try:
-        head = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PayloadError(f"safetensors header is not JSON: {e}") from e
+    if n > len(data) - 8 or n > MAX_HEADER_BYTES:
+        raise PayloadError(f"safetensors header length {n} exceeds the payload or the limit of {MAX_HEADER_BYTES}")
+    head = json_loads(data[8:8 + n], "safetensors header")
     if not isinstance(head, dict):
         raise PayloadError("safetensors header is not an object")
     meta = head.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != "fedmfs-model":
         raise PayloadError("not a fedmfs model payload (metadata 'format' != 'fedmfs-model')")
+    bad = sorted(k for k, v in meta.items() if not isinstance(v, str) or len(v) > _META_VALUE_CHARS)
+    if bad:
+        raise PayloadError(f"payload header values must be strings of at most {_META_VALUE_CHARS} characters: "
+                           f"{', '.join(map(repr, bad))} are not")
     return meta
+
+
+def _header_int(meta: dict[str, str], key: str, lo: int, hi: int) -> int:
+    """A header integer: plain decimal digits (no sign, space, '_' or leading zero) in [lo, hi]."""
+    text = meta[key]
+    if not _DECIMAL.fullmatch(text):
+        raise PayloadError(f"payload header {key!r} must be a decimal integer in [{lo}, {hi}], got {text[:40]!r}")
+    v = int(text)
+    if not lo <= v <= hi:
+        raise PayloadError(f"payload header {key!r} must be in [{lo}, {hi}], got {v}")
+    return v
 
 
 def decode_model(data: bytes) -> tuple[ModelHeader, dict[str, np.ndarray]]:
     """Decode and verify a payload: header fields, codec, tensor dtypes, finiteness and sha256."""
     meta = _read_metadata(bytes(data))
     try:
-        version = int(meta["version"])
+        version = _header_int(meta, "version", 0, MAX_ROUND)
+        if version != PAYLOAD_VERSION:
+            raise PayloadError(f"payload version {version} not supported (this fedmfs speaks {PAYLOAD_VERSION})")
         header = ModelHeader(
-            round=int(meta["round"]),
-            modality=str(meta["modality"]),
-            samples=int(meta["samples"]),
+            round=_header_int(meta, "round", 0, MAX_ROUND),
+            modality=meta["modality"],
+            samples=_header_int(meta, "samples", 1, MAX_SAMPLES),
             codec=Codec(meta["codec"]),
-            sha256=str(meta["sha256"]),
+            sha256=meta["sha256"],
             version=version,
         )
     except KeyError as e:
         raise PayloadError(f"payload header lacks {e.args[0]!r}") from e
     except ValueError as e:
         raise PayloadError(f"payload header has a bad value: {e}") from e
-    if version != PAYLOAD_VERSION:
-        raise PayloadError(f"payload version {version} not supported (this fedmfs speaks {PAYLOAD_VERSION})")
-    if header.round < 0 or header.samples <= 0:
-        raise PayloadError(f"payload header: round must be >= 0 and samples > 0, got {header.round}, {header.samples}")
     try:
         tensors = st_load(bytes(data))
     except Exception as e:  # safetensors raises its own SafetensorError on any malformed body

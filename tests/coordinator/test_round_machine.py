@@ -41,6 +41,7 @@ from fedmfs.core.wire import (
     split_payload,
 )
 
+INF = float("inf")
 SPEC = DatasetSpec((ModalitySpec("eye", (2,), hidden=3), ModalitySpec("emg", (4,), hidden=2)), 3, 5)
 PRIV, PUB = generate_keypair()
 
@@ -57,7 +58,10 @@ def payload(mod, seed, round_index=0, samples=10, codec=Codec.FP32):
 def machine(devices=("a", "b", "c"), caps=None, rounds=2, quorum=1, chunk=200):
     caps = caps or {}
     devs = tuple(DeviceConfig(d, SelectionPolicy(gamma=1, cap_bytes=caps.get(d))) for d in devices)
-    m = CoordinatorMachine("lab", SPEC, devs, RoundPolicy(rounds, 60.0, quorum, chunk), Signer(PRIV))
+    # these uploads are arbitrary random states (updates ~1.4 x the global): exact means, no clipping
+    # (tests/coordinator/test_poisoning.py tests the bounds)
+    m = CoordinatorMachine("lab", SPEC, devs, RoundPolicy(rounds, 60.0, quorum, chunk, max_update_ratio=INF),
+                           Signer(PRIV))
     m.seed_globals({n: state(n, 100 + i) for i, n in enumerate(SPEC.names)})
     m.handle(Start(now=1000.0))
     return m
@@ -343,7 +347,7 @@ def test_the_fleets_aggregation_rule_is_used_and_unsent_modalities_keep_their_gl
     mean of 1 (10 samples) and 3 (30 samples) is 2.5, their median 2.0; emg, which nobody sent, keeps
     its version-0 global."""
     devs = tuple(DeviceConfig(d, SelectionPolicy()) for d in ("a", "b"))
-    m = CoordinatorMachine("lab", SPEC, devs, RoundPolicy(2, 60.0, 1, 200, rule), Signer(PRIV))
+    m = CoordinatorMachine("lab", SPEC, devs, RoundPolicy(2, 60.0, 1, 200, rule, max_update_ratio=INF), Signer(PRIV))
     m.seed_globals({n: state(n, 100 + i) for i, n in enumerate(SPEC.names)})
     m.handle(Start(now=1000.0))
     emg_before = m.globals["emg"].sha256

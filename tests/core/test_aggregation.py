@@ -7,8 +7,11 @@ from fedmfs.core.aggregation import (
     Median,
     TrimmedMean,
     WeightedMean,
+    clip_bound,
     clip_update,
     make_aggregator,
+    state_norm,
+    update_norm,
 )
 
 
@@ -61,3 +64,17 @@ def test_robust_rules():
     np.testing.assert_allclose(clipped["w"], [0.6, 0.8], rtol=1e-6)
     with pytest.raises(ValueError):
         make_aggregator("mode")
+
+
+def test_norms_and_the_clip_bound_by_hand():
+    g = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[0.0], [4.0]], np.float32)}   # ||g|| = 5, P = 4
+    up = {"a": np.array([3.0, 6.0], np.float32), "b": np.array([[8.0], [4.0]], np.float32)}   # update (0,6,8,0)
+    assert state_norm(g) == 5.0 and update_norm(up, g) == 10.0
+    assert clip_bound(g, 1.0, 0.0) == 5.0            # ratio * ||g||
+    assert clip_bound(g, 1.0, 3.0) == 6.0            # the floor: 3 * sqrt(4)
+    assert clip_bound({"a": np.zeros(4, np.float32)}, 1.0, 0.5) == 1.0
+    clipped = clip_update(up, g, 5.0)                # the update halved: (0,3,4,0)
+    np.testing.assert_allclose(clipped["a"], [3.0, 3.0])
+    np.testing.assert_allclose(clipped["b"], [[4.0], [4.0]])
+    assert update_norm(clipped, g) == pytest.approx(5.0)
+    assert clip_update(up, g, 10.0) is up            # within the bound: untouched

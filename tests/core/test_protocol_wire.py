@@ -71,6 +71,7 @@ MESSAGES = [
     RoundAnnouncement("lab", 2, RoundState.OPEN, 1700000000.5, 5, ("a", "b"), {"eye": "0" * 64}, 4096),
     DeviceConfig("a", SelectionPolicy("fedmfs", 2, Alphas(0.2, 0.8, 0.0), 100000, "fp16")),
     DeviceConfig("b", SelectionPolicy(gamma=1)),
+    DeviceConfig("c", SelectionPolicy(gamma=1), max_samples=500),
     Report(RoundRecord("a", 2, 40, {"eye": 0.5, "emg": 0.1}, {"eye": 900, "emg": 1200}, {"eye": 1.0, "emg": 0.0},
                        ("eye",), 0.5), ("eye",), 900, 950),
     Evaluation("a", 2, 0.75, 80),
@@ -88,7 +89,7 @@ def test_message_roundtrip(msg):
 
 
 def test_message_validation_names_the_field():
-    good = json.loads(encode_message(MESSAGES[3]))
+    good = json.loads(encode_message(MESSAGES[4]))
     for key, value, words in [("round", -1, "round"), ("shapley", {"eye": "x"}, "shapley"),
                               ("samples", True, "samples"), ("chosen", ["Eye"], "modality")]:
         bad = dict(good, record=dict(good["record"], **{key: value}))
@@ -110,9 +111,46 @@ def test_message_validation_names_the_field():
             decode_message(json.dumps(dict(cfg, **{key: value})).encode())
 
 
+@pytest.mark.parametrize("body", [
+    b'{"v":1,"type":"report","record":' + b"9" * 5000 + b"}",       # ValueError: int max str digits
+    b'{"v":1,"type":"status","device":"a","state":"online","x":' + b"1" * 40 + b"}",
+    b'{"v":1,"type":"report","record":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    b"[" * 20 + b"]" * 20,
+])
+def test_hostile_json_is_a_payload_error(body):
+    """Issue 9 point 4: a JSON integer of thousands of digits raised ValueError out of decode_message."""
+    with pytest.raises(PayloadError):
+        decode_message(body)
+
+
+def test_json_depth_ignores_brackets_in_strings():
+    from fedmfs.core.safejson import json_depth
+
+    cases = {b"1": 0, b"[]": 1, b'{"a":[1,[2]]}': 3, b'{"a":"[[[["}': 1, rb'["\\",[[]]]': 3, rb'["\"[",[]]': 2,
+             rb'{"a":"\\\\","b":{"c":[]}}': 3}
+    for text, depth in cases.items():
+        json.loads(text)   # each is valid JSON
+        assert json_depth(text) == depth, text
+    ack = Ack("a", 1, AckReason.BAD_MESSAGE, detail="[" * 100 + "{")   # deep only inside a string
+    assert decode_message(encode_message(ack)) == ack
+
+
+def test_config_max_samples_is_optional_on_the_wire_and_checked():
+    """A config from a coordinator before max_samples decodes with the default; a bad bound is refused."""
+    from fedmfs.core.wire import DEFAULT_MAX_SAMPLES
+
+    cfg = json.loads(encode_message(MESSAGES[3]))
+    assert cfg["max_samples"] == 500
+    old = {k: v for k, v in cfg.items() if k != "max_samples"}
+    assert decode_message(json.dumps(old).encode(), DeviceConfig).max_samples == DEFAULT_MAX_SAMPLES == 10_000
+    for value in (0, 2**31, True, 1.5, "7"):
+        with pytest.raises(PayloadError, match="max_samples"):
+            decode_message(json.dumps(dict(cfg, max_samples=value)).encode())
+
+
 def test_decode_message_is_typed():
     """A caller that names the type gets that type (and mypy knows it)."""
-    rep: Report = decode_message(encode_message(MESSAGES[3]), Report)
+    rep: Report = decode_message(encode_message(MESSAGES[4]), Report)
     assert rep.record.shapley == {"eye": 0.5, "emg": 0.1} and rep.device == "a" and rep.round == 2
 
 

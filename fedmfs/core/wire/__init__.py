@@ -22,6 +22,7 @@ from fedmfs.core.wire.chunks import (
 )
 from fedmfs.core.wire.limits import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_SAMPLES,
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
     MAX_CONTROL_BYTES,
@@ -58,6 +59,7 @@ from fedmfs.core.wire.topics import ParsedTopic, TopicKind, Topics, parse_topic
 __all__ = [
     "CHUNK_HEADER_BYTES",
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_MAX_SAMPLES",
     "MAX_CHUNKS",
     "MAX_CHUNK_BYTES",
     "MAX_CONTROL_BYTES",

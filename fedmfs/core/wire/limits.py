@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
            "DEFAULT_CHUNK_BYTES",
+           "DEFAULT_MAX_SAMPLES",
            "MAX_CHUNKS",
            "MAX_CHUNK_BYTES",
            "MAX_CONTROL_BYTES",
@@ -21,3 +22,8 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024       # largest chunk a receiver accepts
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024     # largest model payload (= fedmfs.core.payload.MAX_PAYLOAD_BYTES)
 MAX_CHUNKS = 65536
 MAX_MISSING_LISTED = 1024               # an ack lists at most this many missing chunk indices
+
+# The largest sample count (aggregation weight) the coordinator takes from a device that the fleet file
+# gives no max_samples (docs/protocol.md "Bounded influence"); the protocol's own ceiling on any
+# header's count is fedmfs.core.payload.MAX_SAMPLES (2^31 - 1).
+DEFAULT_MAX_SAMPLES = 10_000

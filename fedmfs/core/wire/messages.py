@@ -18,10 +18,13 @@ from fedmfs.core.fields import (
     validate_modality,
     validate_name,
 )
+from fedmfs.core.payload import MAX_SAMPLES
 from fedmfs.core.records import RoundRecord
+from fedmfs.core.safejson import loads as json_loads
 from fedmfs.core.selection import SelectionPolicy
 from fedmfs.core.wire.limits import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_SAMPLES,
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
     MAX_CONTROL_BYTES,
@@ -62,6 +65,7 @@ class AckReason(str, Enum):
     BAD_PAYLOAD = "bad_payload"            # the reassembled payload does not decode or verify
     BAD_CHUNK = "bad_chunk"                # a chunk frame is malformed or inconsistent
     DUPLICATE = "duplicate"                # a different payload was already accepted for this modality
+    TOO_MANY_SAMPLES = "too_many_samples"  # the payload claims more samples than the device's max_samples
     UNKNOWN_DEVICE = "unknown_device"      # the device is not in the fleet file
     TOO_LARGE = "too_large"                # the upload exceeds the protocol's size limit
     BAD_MESSAGE = "bad_message"            # a report or other control message was malformed
@@ -127,17 +131,23 @@ class RoundAnnouncement:
 @dataclass(frozen=True, slots=True)
 class DeviceConfig:
     """Retained on ``device/<id>/config``: the selection policy the device uploads with, exactly as
-    it must apply it (method, gamma, alphas, byte cap per round, codec)."""
+    it must apply it (method, gamma, alphas, byte cap per round, codec), and ``max_samples``, the
+    largest sample count (aggregation weight) the coordinator accepts from it: an upload claiming
+    more is refused ``too_many_samples``. Optional on the wire (absent: the default)."""
 
     device: str
     policy: SelectionPolicy = field(default_factory=SelectionPolicy)
+    max_samples: int = DEFAULT_MAX_SAMPLES
     type = "config"
 
     def __post_init__(self) -> None:
         validate_name("device", self.device)
+        m = self.max_samples
+        if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= MAX_SAMPLES:
+            raise PayloadError(f"max_samples must be an integer in [1, {MAX_SAMPLES}], got {m!r}")
 
     def to_dict(self) -> dict:
-        return {"device": self.device, **self.policy.to_dict()}
+        return {"device": self.device, **self.policy.to_dict(), "max_samples": self.max_samples}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> DeviceConfig:
@@ -152,7 +162,8 @@ class DeviceConfig:
             policy = SelectionPolicy.from_dict(d)
         except ValueError as e:
             raise PayloadError(f"config: {e}") from e
-        return cls(device=get_field(d, "device", str), policy=policy)
+        return cls(device=get_field(d, "device", str), policy=policy,
+                   max_samples=get_field(d, "max_samples", int, optional=True, default=DEFAULT_MAX_SAMPLES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,10 +304,7 @@ def decode_message(data: bytes, expect: type | None = None) -> Message:
         raise PayloadError("message is not bytes")
     if len(data) > MAX_CONTROL_BYTES:
         raise PayloadError(f"message of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
-    try:
-        d = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise PayloadError(f"message is not UTF-8 JSON: {e}") from e
+    d = json_loads(data, "message")      # bounded: nesting, integer digits; every failure a PayloadError
     if not isinstance(d, dict):
         raise PayloadError("message is not a JSON object")
     v = d.get("v")
