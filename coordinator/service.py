@@ -26,12 +26,11 @@ from .machine import (
     CoordinatorMachine,
     FleetChanged,
     Start,
-    StatusArrived,
     Tick,
     event_for,
 )
 from .metrics import Metrics
-from .writer import Batch, LedgerWriter, PutDevices, SetOnline
+from .writer import Batch, LedgerWriter, PutDevices
 
 __all__ = ["CoordinatorService", "load_signer"]
 
@@ -144,8 +143,6 @@ class CoordinatorService:
         r = self.machine.round
         actions = []
         for ev in events:
-            if isinstance(ev, StatusArrived) and ev.data:
-                actions.append(SetOnline(ev.device, b'"online"' in ev.data))
             actions += self.handle(ev)
         if actions:
             self.execute(actions, r)

@@ -40,6 +40,7 @@ from .machine import (
     PersistGlobal,
     PersistReport,
     PersistRound,
+    PersistStatus,
     PersistUpload,
     Publish,
     Refused,
@@ -47,18 +48,11 @@ from .machine import (
 )
 from .metrics import Metrics
 
-__all__ = ["Batch", "LedgerWriter", "PutDevices", "SetOnline"]
+__all__ = ["Batch", "LedgerWriter", "PutDevices"]
 
 log = logging.getLogger("fedmfs.coordinator")
 
 PublishFn = Callable[[str, bytes, int, bool], object]
-
-
-@dataclass(frozen=True, slots=True)
-class SetOnline:
-    """A device's status message: recorded in the devices table (the service's own action)."""
-    device: str
-    online: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +287,7 @@ class LedgerWriter:
             m.duration.observe(a.duration)
             log.info("round %d closed after %.1f s: %d reports, aggregated %s", a.round, a.duration,
                      len(a.reported), a.aggregated or "nothing")
-        elif isinstance(a, SetOnline):
+        elif isinstance(a, PersistStatus):
             led.set_online(a.device, a.online)
         elif isinstance(a, PutDevices):
             led.put_devices(a.devices)

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from fedmfs.coordinator.ledger import Ledger
-from fedmfs.coordinator.machine import PersistUpload, Publish, Refused
+from fedmfs.coordinator.machine import PersistStatus, PersistUpload, Publish, Refused
 from fedmfs.coordinator.metrics import Metrics
-from fedmfs.coordinator.writer import Batch, LedgerWriter, SetOnline
+from fedmfs.coordinator.writer import Batch, LedgerWriter
 from fedmfs.core.wire import AckReason
 
 
@@ -33,7 +33,7 @@ def test_each_ack_goes_out_after_its_upload_committed_and_in_order(tmp_path):
     w.start()
     for i in range(30):
         dev = f"d{i:02d}"
-        w.submit(Batch([PersistUpload(0, dev, "eye", b"x" * (i + 1), f"{i:064x}", 1), SetOnline(dev, True),
+        w.submit(Batch([PersistUpload(0, dev, "eye", b"x" * (i + 1), f"{i:064x}", 1), PersistStatus(dev, True),
                         Publish(dev, b"ack")], 0))
     assert w.flush(10)
     w.stop()
