@@ -16,6 +16,8 @@ Invariants the tests check by replaying event orders:
   the old one, and one device of weight w displaces it from what the honest uploads (weight W_h, mean
   update D_h) alone give by at most ``w / (w + W_h) * (C + ||D_h||)`` (docs/protocol.md "Bounded influence");
 * only devices of the fleet file are recorded online or offline;
+* every ``round``, ``config`` and global it publishes is signed with the fleet epoch (docs/protocol.md
+  "Signed fleet state"), so devices can refuse forged and replayed fleet state;
 * nothing a peer sends raises out of :meth:`CoordinatorMachine.handle`: it becomes an ack with a reason.
 """
 
@@ -57,6 +59,7 @@ from fedmfs.core.wire import (
     encode_global,
     encode_message,
     parse_topic,
+    sign_message,
 )
 
 __all__ = [
@@ -269,9 +272,12 @@ class CoordinatorMachine:
     events to :meth:`handle` and execute the returned actions in order."""
 
     def __init__(self, fleet: str, spec: DatasetSpec, devices: tuple[DeviceConfig, ...], policy: RoundPolicy,
-                 signer: Signer):
+                 signer: Signer, epoch: int = 0):
         self.topics = Topics(fleet)
         self.fleet = fleet
+        # the fleet epoch: set once when the fleet's ledger is created (coordinator.service), signed into
+        # every round, config and global, so a device tells this fleet's life from an earlier one's
+        self.epoch = int(epoch)
         self.spec = spec
         self.policy = policy
         self.signer = signer
@@ -317,8 +323,11 @@ class CoordinatorMachine:
         return out
 
     def restore_global(self, modality: str, version: int, round_index: int, frame: bytes) -> None:
+        """A global from the ledger, signed again with this epoch and protocol (Ed25519 is deterministic:
+        a frame that is already current comes out byte for byte the same)."""
         h, payload = decode_global(frame, None)
         _, st = decode_model(payload)
+        frame = encode_global(self.fleet, round_index, modality, payload, self.signer, self.epoch)
         self.globals[modality] = GlobalModel(st, version, frame, h.sha256, round_index)
 
     def restore_round(self, round_index: int, state: RoundState, deadline: float, opened_at: float,
@@ -355,7 +364,7 @@ class CoordinatorMachine:
         # the header's samples: the round's total weight, within what a payload header may claim
         payload = encode_model(st, ModelHeader(round=round_index, modality=m,
                                                samples=min(MAX_SAMPLES, max(1, int(samples))), codec=Codec.FP32))
-        frame = encode_global(self.fleet, round_index, m, payload, self.signer)
+        frame = encode_global(self.fleet, round_index, m, payload, self.signer, self.epoch)
         _, decoded = decode_model(payload)
         sha = hashlib.sha256(payload).hexdigest()
         self.globals[m] = GlobalModel(decoded, version, frame, sha, round_index)
@@ -373,8 +382,17 @@ class CoordinatorMachine:
         return RoundAnnouncement(self.fleet, self.round, self.state, self.deadline, self.policy.rounds_total,
                                  self.expected, self.training_globals(), self.policy.chunk_bytes)
 
+    def round_message(self) -> bytes:
+        """The signed ``round`` frame of the current announcement."""
+        return sign_message(self.announcement(), self.fleet, self.epoch, self.round, self.signer)
+
     def _announce(self) -> Publish:
-        return Publish(self.topics.round(), encode_message(self.announcement()), 1, True)
+        return Publish(self.topics.round(), self.round_message(), 1, True)
+
+    def _configs(self) -> list[Action]:
+        """Every device's signed config (retained), stamped with the round it is published in."""
+        return [Publish(self.topics.config(d), sign_message(c, self.fleet, self.epoch, self.round, self.signer), 1,
+                        True) for d, c in sorted(self.devices.items())]
 
     def _ack(self, device: str, reason: AckReason, modality: str | None = None, sha: str = "",
              missing: tuple[int, ...] = (), detail: str = "", round_index: int | None = None) -> Publish:
@@ -471,7 +489,7 @@ class CoordinatorMachine:
             return self._on_start(event.now)
         if isinstance(event, FleetChanged):
             self._set_devices(event.devices)
-            return [Publish(self.topics.config(d), encode_message(c), 1, True) for d, c in sorted(self.devices.items())]
+            return self._configs()
         raise TypeError(f"unknown event {event!r}")
 
     def _on_status(self, ev: StatusArrived) -> list[Action]:
@@ -492,8 +510,7 @@ class CoordinatorMachine:
         return [PersistStatus(ev.device, online)]
 
     def _on_start(self, now: float) -> list[Action]:
-        out: list[Action] = [Publish(self.topics.config(d), encode_message(c), 1, True)
-                             for d, c in sorted(self.devices.items())]
+        out: list[Action] = self._configs()
         out += [Publish(self.topics.global_model(m), g.frame, 1, True) for m, g in sorted(self.globals.items())]
         if self.state is RoundState.CLOSED and not self.opened_at:
             out += self._open(0, now)       # a fresh fleet

@@ -17,7 +17,7 @@ from pathlib import Path
 from fedmfs.adapters.mqtt import Inbound, MqttLink
 from fedmfs.adapters.sdnotify import Notifier, Watchdog
 from fedmfs.core.errors import ConfigError, PayloadError
-from fedmfs.core.wire import RoundState, Signer, encode_message
+from fedmfs.core.wire import RoundState, Signer
 from fedmfs.core.wire.signing import load_private_key
 
 from .config import CoordinatorConfig, load_fleet_file
@@ -77,9 +77,9 @@ class CoordinatorService:
         if fleet is not None and fleet != cfg.fleet:
             raise ConfigError(f"state_dir {cfg.state_dir} belongs to fleet {fleet!r}, not {cfg.fleet!r}; "
                               "use another state_dir")
-        m = CoordinatorMachine(cfg.fleet, cfg.spec, cfg.devices, cfg.policy, self.signer)
-        led.put_devices(cfg.devices)
         last = led.last_round()
+        m = CoordinatorMachine(cfg.fleet, cfg.spec, cfg.devices, cfg.policy, self.signer, self._epoch(last is None))
+        led.put_devices(cfg.devices)
         if last is None:
             led.put_meta("fleet", cfg.fleet)
             self.execute(m.seed_globals(self._initial_globals()), 0)
@@ -101,6 +101,25 @@ class CoordinatorService:
         else:
             log.info("resumed after round %d (%s)", last.round, last.state.value)
         return m
+
+    def _epoch(self, fresh: bool) -> int:
+        """The fleet epoch from the ledger's meta; made once, when the ledger has none: the time in
+        milliseconds, so a fleet re-created later (a new state_dir) has a larger one and devices take
+        it as a new fleet (docs/protocol.md "Signed fleet state")."""
+        led = self.ledger
+        raw = led.get_meta("epoch")
+        if raw is not None:
+            if not raw.isdigit() or len(raw) > 15:
+                raise ConfigError(f"the ledger in {self.cfg.state_dir} has a malformed fleet epoch {raw[:20]!r}; "
+                                  "restore the ledger from a backup or start a new fleet in a new state_dir")
+            return int(raw)
+        epoch = int(time.time() * 1000)
+        led.put_meta("epoch", str(epoch))
+        if fresh:
+            log.info("new fleet %s: epoch %d", self.cfg.fleet, epoch)
+        else:
+            log.warning("the ledger had no fleet epoch (fedmfs before protocol 2): epoch %d from now on", epoch)
+        return epoch
 
     def _initial_globals(self) -> dict:
         try:
@@ -234,7 +253,7 @@ class CoordinatorService:
     def _drain_publishes(self, timeout: float = 10.0) -> None:
         """Before exiting: make sure the final round message and globals reached the broker."""
         m = self.machine
-        self.link.publish(m.topics.round(), encode_message(m.announcement()), 1, True, timeout=timeout)
+        self.link.publish(m.topics.round(), m.round_message(), 1, True, timeout=timeout)
 
     def _reload(self) -> None:
         try:

@@ -134,19 +134,21 @@ class EdgeDaemon:
     def _load_globals(self) -> None:
         for p in sorted((self.dir / "globals").glob("*.fmg")):
             try:
-                self.machine.handle(verify_global(p.read_bytes(), self.verifier, self.cfg.fleet, stored=True))
+                self.machine.handle(verify_global(p.read_bytes(), self.verifier, self.cfg.fleet, stored=True,
+                                                  now=time.time()))
             except (PayloadError, OSError) as e:
                 log.warning("ignoring stored global %s: %s", p, e)
 
     # -- feeding the machine and carrying out its actions -------------------------------------------
     def _dispatch(self, item) -> None:
         if isinstance(item, Inbound):
+            now = time.time()
             try:
-                ev = decode_inbound(item.topic, item.payload, self.cfg.device, time.time())
+                ev = decode_inbound(item.topic, item.payload, self.cfg.device, now, self.verifier)
                 if isinstance(ev, GlobalFrame):
-                    ev = verify_global(ev.frame, self.verifier, self.cfg.fleet)
-            except PayloadError as e:   # refused, logged, and life goes on
-                log.warning("refused a message on %s: %s", item.topic, e)
+                    ev = verify_global(ev.frame, self.verifier, self.cfg.fleet, now=now)
+            except PayloadError as e:   # refused, logged (once a minute per topic), and life goes on
+                self.machine.refusals.refuse(f"bad:{item.topic}", now, "refused a message on %s: %s", item.topic, e)
                 return
             if ev is None:
                 return

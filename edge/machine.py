@@ -18,7 +18,12 @@ Invariants (checked by tests/edge/test_edge_machine.py):
   restart; the progress snapshot is the JSON document ``state.json``;
 * a round is finished once (report acknowledged, round closed, or the report unanswered after
   ``max_attempts``), and an ack for another round, modality or payload changes nothing;
-* nothing a peer sends raises out of :meth:`EdgeMachine.handle`.
+* nothing a peer sends raises out of :meth:`EdgeMachine.handle`;
+* fresh, signed fleet state (docs/protocol.md "Signed fleet state"): a ``round``, ``config`` or global
+  counts only signed by the coordinator (checked by :func:`decode_inbound` and :func:`verify_global`),
+  of this fleet and of the device's fleet epoch or a later one, and never older than what the device
+  holds: announcements never go back in (round, state), a modality's global never back in round. What
+  is refused leaves the state as it was and is logged with the reason (rate-limited per kind).
 
 After each Stage #2 the device sends its :class:`~fedmfs.core.wire.Evaluation` (test accuracy of the
 personalised model) until the coordinator records it; the run is finished once the evaluation after the
@@ -28,6 +33,8 @@ Progress (``state.json``)::
 
     {"reported": <last finished round or -1>, "stage2": <last round Stage #2 ran on or -1>,
      "evaluated": <last round whose evaluation the coordinator recorded or -1>,
+     "epoch": <the fleet epoch of the announcements taken, or -1: none yet>,
+     "announced": <the latest round announced (signed) or -1>, "announced_state": "open" | "closed" | "done",
      "pending": null | {"round": r, "chosen": [modality, ...], "status": {modality: final reason},
                         "chunk_bytes": n, "started": {modality: true}}}
 """
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -62,6 +70,7 @@ from fedmfs.core.wire import (
     decode_message,
     encode_message,
     parse_topic,
+    verify_message,
 )
 
 from .uploads import UploadStatus, UploadTracker, publish_packet_bytes
@@ -70,12 +79,34 @@ __all__ = [
     "JobKind", "Connected", "Announced", "ConfigArrived", "AckArrived", "GlobalArrived", "GlobalFrame",
     "Trained", "Stage2Done", "JobFailed", "Tick", "Publish", "SaveProgress", "SaveHistory", "SaveGlobal",
     "DropPending", "StartTraining", "RunStage2", "Finished", "Fatal", "EdgeMachine", "decode_inbound",
-    "verify_global", "check_progress", "FRESH_PROGRESS",
+    "verify_global", "check_progress", "FRESH_PROGRESS", "RefusalLog",
 ]
 
 log = logging.getLogger("fedmfs.edge")
 
-FRESH_PROGRESS: Mapping[str, Any] = {"reported": -1, "stage2": -1, "evaluated": -1, "pending": None}
+FRESH_PROGRESS: Mapping[str, Any] = {"reported": -1, "stage2": -1, "evaluated": -1, "pending": None,
+                                     "epoch": -1, "announced": -1, "announced_state": RoundState.OPEN.value}
+
+# announcements of one round are ordered too: a round opens, closes, and the last one ends the run
+_STATE_ORDER = {RoundState.OPEN: 0, RoundState.CLOSED: 1, RoundState.DONE: 2}
+
+
+class RefusalLog:
+    """Refusals logged at WARNING, each kind at most once per ``every`` seconds (event time), with a
+    count of those held back: a hostile client repeating a forged message cannot flood the journal."""
+
+    def __init__(self, every: float = 60.0):
+        self.every = every
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def refuse(self, kind: str, now: float, msg: str, *args: object) -> None:
+        if now - self.last.get(kind, -math.inf) < self.every:
+            self.held[kind] = self.held.get(kind, 0) + 1
+            return
+        held = self.held.pop(kind, 0)
+        log.warning(msg + (f" ({held} more like it held back)" if held else ""), *args)
+        self.last[kind] = now
 
 
 class JobKind(str, Enum):
@@ -94,14 +125,21 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class Announced:
+    """A ``round`` message whose signature was verified (:func:`decode_inbound`); ``epoch`` is the fleet
+    epoch of its signed header."""
     announcement: RoundAnnouncement
     now: float = 0.0
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class ConfigArrived:
+    """A ``config`` message whose signature was verified; ``epoch`` and ``round`` from its signed header
+    (``round``: the coordinator's round when it published it)."""
     config: DeviceConfig
     now: float = 0.0
+    epoch: int = 0
+    round: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +153,16 @@ class GlobalArrived:
     """A global model whose signature and payload were verified (:func:`verify_global`).
 
     ``state`` is opaque here (the numpy tensors the worker trains from); ``stored`` says the frame
-    came from the state directory, so there is nothing to persist."""
+    came from the state directory, so there is nothing to persist; ``round`` and ``epoch`` are from the
+    signed header (the round the global is trained in, the fleet epoch)."""
     modality: str
     sha256: str
     state: Any
     frame: bytes
     stored: bool = False
+    round: int = 0
+    epoch: int = 0
+    now: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,25 +264,31 @@ Action = Publish | SaveProgress | SaveHistory | SaveGlobal | DropPending | Start
 
 # ------------------------------------------------------------------------------------------- decoding
 
-def decode_inbound(topic: str, payload: bytes, device: str, now: float) -> Event | GlobalFrame | None:
+def decode_inbound(topic: str, payload: bytes, device: str, now: float,
+                   verifier: Verifier) -> Event | GlobalFrame | None:
     """The event a broker message means for ``device``; None for what it ignores (other devices'
-    topics, cleared retained messages). Malformed topics or messages raise PayloadError."""
+    topics, cleared retained messages). Malformed topics or messages raise PayloadError, and so do a
+    ``round`` or ``config`` not signed with ``verifier``'s key for the topic's fleet."""
     t = parse_topic(topic)
     if not payload:
         return None
     if t.kind is TopicKind.GLOBAL:
         return GlobalFrame(payload)
     if t.kind is TopicKind.ROUND:
-        return Announced(decode_message(payload, RoundAnnouncement), now)
+        head, ann = verify_message(payload, verifier, t.fleet, RoundAnnouncement)
+        return Announced(ann, now, head.epoch)
     if t.kind is TopicKind.CONFIG and t.device == device:
-        return ConfigArrived(decode_message(payload, DeviceConfig), now)
+        head, cfg = verify_message(payload, verifier, t.fleet, DeviceConfig)
+        return ConfigArrived(cfg, now, head.epoch, head.round)
     if t.kind is TopicKind.ACK and t.device == device:
         return AckArrived(decode_message(payload, Ack), now)
     return None
 
 
-def verify_global(frame: bytes, verifier: Verifier, fleet: str, stored: bool = False) -> GlobalArrived:
-    """Check a signed global frame (signature, fleet, payload) and decode its tensors."""
+def verify_global(frame: bytes, verifier: Verifier, fleet: str, stored: bool = False,
+                  now: float = 0.0) -> GlobalArrived:
+    """Check a signed global frame (signature, fleet, payload) and decode its tensors. Whether it is
+    fresh (epoch, round) is the machine's to judge."""
     from fedmfs.core.payload import decode_model  # numpy; imported here so the protocol half stays light
 
     h, payload = decode_global(frame, verifier)
@@ -249,7 +297,7 @@ def verify_global(frame: bytes, verifier: Verifier, fleet: str, stored: bool = F
     header, st = decode_model(payload)
     if header.modality != h.modality:
         raise PayloadError("global model: payload modality differs from the signed header")
-    return GlobalArrived(h.modality, h.sha256, st, frame, stored)
+    return GlobalArrived(h.modality, h.sha256, st, frame, stored, h.round, h.epoch, now)
 
 
 def check_progress(obj: Any, where: str = "state.json") -> dict:
@@ -262,6 +310,12 @@ def check_progress(obj: Any, where: str = "state.json") -> dict:
     evaluated = obj.get("evaluated", obj["stage2"])   # files of earlier versions had no evaluations
     if not isinstance(evaluated, int):
         raise bad("'evaluated' must be an integer")
+    # files before protocol 2 had no fleet state: no epoch seen, no announcement recorded
+    fleet_state = {k: obj.get(k, FRESH_PROGRESS[k]) for k in ("epoch", "announced", "announced_state")}
+    if not all(isinstance(fleet_state[k], int) and not isinstance(fleet_state[k], bool) for k in ("epoch", "announced")):
+        raise bad("'epoch' and 'announced' must be integers")
+    if fleet_state["announced_state"] not in {s.value for s in RoundState}:
+        raise bad("'announced_state' must be open, closed or done")
     p = obj.get("pending")
     if p is not None:
         if not (isinstance(p, dict) and isinstance(p.get("round"), int) and isinstance(p.get("chosen"), list)
@@ -270,7 +324,8 @@ def check_progress(obj: Any, where: str = "state.json") -> dict:
                 and isinstance(p.get("started", {}), dict)):
             raise bad("'pending' is malformed")
         p.setdefault("status", {})
-    return {"reported": obj["reported"], "stage2": obj["stage2"], "evaluated": evaluated, "pending": p}
+    return {"reported": obj["reported"], "stage2": obj["stage2"], "evaluated": evaluated, "pending": p,
+            **fleet_state}
 
 
 # ------------------------------------------------------------------------------------------- machine
@@ -280,6 +335,7 @@ class _Job:
     kind: JobKind
     round: int
     chunk_bytes: int = 0
+    stale: bool = False      # started in an earlier fleet epoch: its result is dropped
 
 
 @dataclass(slots=True)
@@ -300,7 +356,10 @@ class EdgeMachine:
     payloads: dict = field(default_factory=dict)
     topics: Topics = field(init=False)
     globals: dict = field(init=False, default_factory=dict)     # modality -> (sha256, state)
+    global_keys: dict = field(init=False, default_factory=dict)  # modality -> (epoch, round) of the held global
     config: DeviceConfig | None = field(init=False, default=None)
+    config_key: tuple[int, int] = field(init=False, default=(-1, -1))   # (epoch, round) of the held config
+    refusals: RefusalLog = field(init=False, default_factory=RefusalLog)
     announcement: RoundAnnouncement | None = field(init=False, default=None)
     uploads: dict = field(init=False, default_factory=dict)     # modality -> UploadTracker
     job: _Job | None = field(init=False, default=None)
@@ -324,14 +383,11 @@ class EdgeMachine:
         if isinstance(ev, AckArrived):
             return self._on_ack(ev.ack, ev.now)
         if isinstance(ev, Announced):
-            self.announcement = ev.announcement
-            return []
+            return self._on_announced(ev)
         if isinstance(ev, ConfigArrived):
-            self.config = ev.config
-            return []
+            return self._on_config(ev)
         if isinstance(ev, GlobalArrived):
-            self.globals[ev.modality] = (ev.sha256, ev.state)
-            return [] if ev.stored else [SaveGlobal(ev.modality, ev.frame)]
+            return self._on_global(ev)
         if isinstance(ev, Connected):
             self.mqtt5 = ev.mqtt5
             return [Publish(self.topics.status(self.device),
@@ -369,6 +425,85 @@ class EdgeMachine:
             self.wire_bytes += publish_packet_bytes(topic, len(f), 1, self.mqtt5)
         return [Publish(topic, f, 1, False, chunk=True) for f in frames]
 
+    # -- fleet state: signed, of this fleet, fresh -------------------------------------------------
+    def _older_epoch(self, epoch: int) -> bool:
+        return 0 <= epoch < self.progress["epoch"]
+
+    def _on_announced(self, ev: Announced) -> list[Action]:
+        ann, p = ev.announcement, self.progress
+        if ann.fleet != self.fleet:
+            self.refusals.refuse("round-fleet", ev.now, "refused a round message of fleet %r (this device is in %r)",
+                                 ann.fleet, self.fleet)
+            return []
+        if self._older_epoch(ev.epoch):
+            self.refusals.refuse("round-epoch", ev.now, "refused round %d (%s): fleet epoch %d is older than this "
+                                 "device's %d, a replay from an earlier fleet", ann.round, ann.state.value, ev.epoch,
+                                 p["epoch"])
+            return []
+        out: list[Action] = []
+        if 0 <= p["epoch"] < ev.epoch:
+            out += self._new_epoch(ev.epoch)
+        elif p["epoch"] == ev.epoch:
+            held = (p["announced"], _STATE_ORDER[RoundState(p["announced_state"])])
+            if (ann.round, _STATE_ORDER[ann.state]) < held:
+                self.refusals.refuse("round-replay", ev.now, "refused round %d (%s): older than round %d (%s) "
+                                     "this device has seen, a replay", ann.round, ann.state.value, p["announced"],
+                                     p["announced_state"])
+                return []
+        self.announcement = ann
+        new = {"epoch": ev.epoch, "announced": ann.round, "announced_state": ann.state.value}
+        if any(p[k] != v for k, v in new.items()):
+            p.update(new)
+            out += self._snapshot()
+        return out
+
+    def _new_epoch(self, epoch: int) -> list[Action]:
+        """The coordinator signs a later fleet epoch: the operator re-created the fleet. The round
+        bookkeeping of the old fleet ends here (its pending upload too); local models stay."""
+        p = self.progress
+        log.warning("fleet epoch %d follows this device's %d: the fleet was re-created; round bookkeeping "
+                    "starts afresh (reported round %d forgotten)", epoch, p["epoch"], p["reported"])
+        p.update(reported=-1, stage2=-1, evaluated=-1, pending=None, epoch=epoch, announced=-1,
+                 announced_state=RoundState.OPEN.value)
+        if self.job is not None:
+            self.job.stale = True
+        self.uploads.clear()
+        self.payloads = {}
+        self.report_sent_at, self.report_attempts = None, 0
+        self.evaluation_sent_at, self.evaluation_attempts = None, 0
+        self.wire_bytes = 0
+        self.finished = False
+        return [DropPending()]
+
+    def _on_config(self, ev: ConfigArrived) -> list[Action]:
+        if ev.config.device != self.device:
+            self.refusals.refuse("config-device", ev.now, "refused a config naming device %r (this is %r)",
+                                 ev.config.device, self.device)
+            return []
+        key = (ev.epoch, ev.round)
+        if self._older_epoch(ev.epoch) or key < self.config_key:
+            self.refusals.refuse("config-replay", ev.now, "refused a config of epoch %d round %d: older than "
+                                 "the config held (epoch %d round %d) or this device's epoch %d, a replay",
+                                 ev.epoch, ev.round, *self.config_key, self.progress["epoch"])
+            return []
+        self.config, self.config_key = ev.config, key
+        return []
+
+    def _on_global(self, ev: GlobalArrived) -> list[Action]:
+        # No upper bound is needed on the round: a frame signed with this epoch was made by the
+        # coordinator, so it cannot be from a round that has not happened.
+        key = (ev.epoch, ev.round)
+        held = self.global_keys.get(ev.modality)
+        if self._older_epoch(ev.epoch) or (held is not None and key < held):
+            what = "stored global" if ev.stored else "global"
+            self.refusals.refuse(f"global-replay-{ev.modality}", ev.now, "refused %s %s of epoch %d round %d: older "
+                                 "than the one held (epoch %s round %s) or this device's epoch %d, a replay", what,
+                                 ev.modality, ev.epoch, ev.round, *(held or ("-", "-")), self.progress["epoch"])
+            return []
+        self.globals[ev.modality] = (ev.sha256, ev.state)
+        self.global_keys[ev.modality] = key
+        return [] if ev.stored else [SaveGlobal(ev.modality, ev.frame)]
+
     # -- events ----------------------------------------------------------------------------------
     def _on_ack(self, ack: Ack, now: float) -> list[Action]:
         if ack.reason is AckReason.EVALUATION_ACCEPTED:
@@ -398,6 +533,9 @@ class EdgeMachine:
             log.error("a training result for round %d that nobody asked for; ignored", ev.round)
             return []
         self.job = None
+        if job.stale:
+            log.info("a training result for round %d of an earlier fleet epoch; dropped", ev.round)
+            return []
         self.history.setdefault(str(ev.round), {})["record"] = ev.record.to_dict()
         self.payloads = {m: ev.payloads[m] for m in ev.chosen}
         self.progress["pending"] = {"round": ev.round, "chosen": list(ev.chosen), "status": {},
@@ -411,6 +549,9 @@ class EdgeMachine:
             log.error("a Stage #2 result for round %d that nobody asked for; ignored", ev.round)
             return []
         self.job = None
+        if job.stale:
+            log.info("a Stage #2 result for round %d of an earlier fleet epoch; dropped", ev.round)
+            return []
         h = self.history.setdefault(str(ev.round), {})
         h["accuracy"], h["windows"] = ev.accuracy, ev.windows
         self.progress["stage2"] = ev.round

@@ -368,3 +368,35 @@ def test_the_fleets_aggregation_rule_is_used_and_unsent_modalities_keep_their_gl
 def test_an_unknown_aggregation_rule_is_refused_by_name():
     with pytest.raises(ValueError, match="median"):
         RoundPolicy(2, aggregation="mode")
+
+
+def test_round_config_and_globals_are_signed_with_the_fleet_epoch():
+    """Issue 9, point 3: what the coordinator publishes for the devices to trust carries its signature
+    and the fleet epoch; a device verifies it with the key it holds for globals."""
+    from fedmfs.core.wire import verify_message
+    devs = (DeviceConfig("a", SelectionPolicy(gamma=1)),)
+    m = CoordinatorMachine("lab", SPEC, devs, RoundPolicy(2), Signer(PRIV), epoch=1700000000123)
+    acts = m.seed_globals({n: state(n, 1) for n in SPEC.names}) + m.handle(Start(now=10.0))
+    pubs = {a.topic: a.payload for a in acts if isinstance(a, Publish)}
+    head, ann = verify_message(pubs["fedmfs/v1/lab/round"], Verifier(PUB), "lab", type(m.announcement()))
+    assert (head.epoch, head.round, ann.round) == (1700000000123, 0, 0)
+    head, cfg = verify_message(pubs["fedmfs/v1/lab/device/a/config"], Verifier(PUB), "lab", DeviceConfig)
+    assert (head.epoch, head.round, cfg) == (1700000000123, 0, devs[0])
+    h, _ = decode_global(pubs["fedmfs/v1/lab/global/eye"], Verifier(PUB))
+    assert (h.epoch, h.round) == (1700000000123, 0)
+    # a config published after a fleet change carries the round it was published in
+    m.round = 1
+    [c] = m.handle(FleetChanged(devs, 20.0))
+    assert verify_message(c.payload, Verifier(PUB), "lab", DeviceConfig)[0].round == 1
+
+
+def test_a_restored_global_is_signed_again_with_this_epoch():
+    m = machine()
+    frame = m.globals["eye"].frame
+    m2 = CoordinatorMachine("lab", SPEC, tuple(m.devices.values()), m.policy, Signer(PRIV), epoch=42)
+    m2.restore_global("eye", 0, 0, frame)
+    h, _ = decode_global(m2.globals["eye"].frame, Verifier(PUB))
+    assert h.epoch == 42 and m2.globals["eye"].sha256 == m.globals["eye"].sha256
+    m3 = CoordinatorMachine("lab", SPEC, tuple(m.devices.values()), m.policy, Signer(PRIV), epoch=0)
+    m3.restore_global("eye", 0, 0, frame)
+    assert m3.globals["eye"].frame == frame          # already current: byte for byte the same

@@ -12,6 +12,7 @@ from fedmfs.core.records import RoundRecord
 from fedmfs.core.selection import Alphas, SelectionPolicy
 from fedmfs.core.wire import (
     CHUNK_HEADER_BYTES,
+    PROTOCOL_VERSION,
     Ack,
     AckReason,
     ChunkHeader,
@@ -28,14 +29,18 @@ from fedmfs.core.wire import (
     Topics,
     Verifier,
     decode_chunk,
+    decode_control,
     decode_global,
     decode_message,
     encode_chunk,
+    encode_control,
     encode_global,
     encode_message,
     generate_keypair,
     parse_topic,
+    sign_message,
     split_payload,
+    verify_message,
 )
 
 
@@ -206,10 +211,75 @@ def test_signed_global_roundtrip_and_forgery():
         decode_global(tampered, Verifier(pub))
 
 
+def test_the_epoch_is_signed_into_a_global():
+    priv, pub = generate_keypair()
+    frame = encode_global("lab", 3, "eye", b"payload-bytes", Signer(priv), epoch=1700000000123)
+    h, _ = decode_global(frame, Verifier(pub))
+    assert (h.epoch, h.round) == (1700000000123, 3) and frame[:4] == b"FMG" + bytes([PROTOCOL_VERSION])
+    with pytest.raises(PayloadError, match="signature"):      # a global of another fleet life
+        decode_global(frame.replace(b'"epoch":1700000000123', b'"epoch":1700000000124'), Verifier(pub))
+
+
+def test_a_protocol_1_global_is_read_only_from_the_coordinators_own_files():
+    priv, pub = generate_keypair()
+    head = json.dumps({"fleet": "lab", "round": 2, "modality": "eye", "sha256": hashlib.sha256(b"p").hexdigest(),
+                       "signature": "ab" * 64}).encode()
+    old = b"FMG\x01" + len(head).to_bytes(2, "big") + head + b"p"
+    h, p = decode_global(old, None)
+    assert (h.round, h.epoch, p) == (2, 0, b"p")
+    with pytest.raises(PayloadError, match="magic"):
+        decode_global(old, Verifier(pub))
+
+
+def test_decode_global_refuses_a_huge_integer_with_a_payload_error():
+    priv, _ = generate_keypair()
+    frame = encode_global("lab", 3, "eye", b"x", Signer(priv))
+    n = int.from_bytes(frame[4:6], "big")
+    head = frame[6:6 + n].replace(b'"round":3', b'"round":' + b"9" * 5000)
+    with pytest.raises(PayloadError, match="digits"):      # ValueError (int max str digits) before
+        decode_global(frame[:4] + len(head).to_bytes(2, "big") + head + frame[6 + n:], None)
+
+
+def test_signed_control_frames():
+    priv, pub = generate_keypair()
+    ann = MESSAGES[0]
+    frame = sign_message(ann, "lab", 7, ann.round, Signer(priv))
+    assert frame[:4] == b"FMS" + bytes([PROTOCOL_VERSION])
+    head, got = verify_message(frame, Verifier(pub), "lab", RoundAnnouncement)
+    assert got == ann and (head.fleet, head.kind, head.epoch, head.round) == ("lab", "round", 7, 2)
+    assert decode_message(frame) == ann                       # observers read it without the key
+    cfg = DeviceConfig("a", SelectionPolicy(gamma=1))
+    cframe = sign_message(cfg, "lab", 7, 5, Signer(priv))
+    assert verify_message(cframe, Verifier(pub), "lab", DeviceConfig)[1] == cfg
+    refusals = {
+        "not signed": (encode_message(ann), "lab", RoundAnnouncement),
+        "signature does not verify": (sign_message(ann, "lab", 7, 2, Signer(generate_keypair()[0])), "lab",
+                                      RoundAnnouncement),
+        "fleet 'lab'": (frame, "other", RoundAnnouncement),
+        "belongs": (cframe, "lab", RoundAnnouncement),         # a config frame on the round topic
+        "sha256": (frame[:-2] + b"9}", "lab", RoundAnnouncement),
+        "protocol version 1": (b"FMS\x01" + frame[4:], "lab", RoundAnnouncement),
+    }
+    for why, (data, fleet, kind) in refusals.items():
+        with pytest.raises(PayloadError, match=why):
+            verify_message(data, Verifier(pub), fleet, kind)
+    # the header's epoch and round are signed; the round inside must be the header's
+    for a, b in ((b'"epoch":7', b'"epoch":8'), (b'"round":2', b'"round":3')):
+        with pytest.raises(PayloadError, match="signature"):
+            verify_message(frame.replace(a, b, 1), Verifier(pub), "lab", RoundAnnouncement)
+    lying = encode_control("lab", "round", 7, 9, encode_message(ann), Signer(priv))
+    with pytest.raises(PayloadError, match="round 9"):
+        verify_message(lying, Verifier(pub), "lab", RoundAnnouncement)
+    with pytest.raises(ValueError):
+        encode_control("lab", "ack", 7, 0, b"{}", Signer(priv))
+    assert decode_control(frame, None)[1] == encode_message(ann)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_fuzz_parsers_raise_only_payload_error(data):
-    for fn in (decode_message, decode_chunk, lambda d: decode_global(d, None)):
+    for fn in (decode_message, decode_chunk, lambda d: decode_global(d, None), lambda d: decode_control(d, None),
+               lambda d: decode_control(b"FMS" + bytes([PROTOCOL_VERSION]) + d, None)):
         try:
             fn(data)
         except PayloadError:
@@ -222,7 +292,7 @@ def test_fuzz_parsers_raise_only_payload_error(data):
                     max_leaves=12),
        st.sampled_from(["round", "config", "report", "ack", "status"]))
 def test_fuzz_json_messages(obj, kind):
-    d = {"v": 1, "type": kind}
+    d = {"v": PROTOCOL_VERSION, "type": kind}
     if isinstance(obj, dict):
         d.update(obj)
     try:

@@ -29,6 +29,7 @@ from fedmfs.core.wire import (
     encode_global,
     encode_message,
     generate_keypair,
+    sign_message,
 )
 from fedmfs.edge.machine import (
     AckArrived,
@@ -63,6 +64,8 @@ T = Topics(FLEET)
 PAYLOADS = {"a": b"A" * 10, "b": b"B" * 7}          # 3 and 2 chunks of 4 bytes
 SHA = {m: hashlib.sha256(p).hexdigest() for m, p in PAYLOADS.items()}
 G = {"a": "1" * 64, "b": "2" * 64}                  # sha256 of the globals a round starts from
+SEEN0 = {"epoch": 0, "announced": 0, "announced_state": "open"}   # what the device saw of the fleet
+PRIV, PUB = generate_keypair()
 RECORD = RoundRecord(DEV, 0, 40, {"a": 0.5, "b": 0.25}, {"a": 10, "b": 7}, {"a": 1.0, "b": 0.5}, ("a", "b"), 0.5)
 
 
@@ -127,7 +130,8 @@ def test_a_full_round_then_stage2_then_the_next_round():
     assert report.accepted == ("a", "b") and report.bytes_sent == 17 and report.record == RECORD
     done = m.handle(AckArrived(ack(0, AckReason.REPORT_ACCEPTED), 2.0))
     assert of(done, DropPending) and of(done, SaveProgress)[-1].progress == {"reported": 0, "stage2": -1,
-                                                                             "evaluated": -1, "pending": None}
+                                                                             "evaluated": -1, "pending": None,
+                                                                             **SEEN0}
     h = of(done, SaveHistory)[-1].history["0"]
     assert h["acks"] == {"a": "accepted", "b": "accepted"}
     frames = [a for a in first if isinstance(a, Publish) and a.chunk]
@@ -187,7 +191,7 @@ def test_every_order_of_acks_finishes_the_round_exactly_once():
             now += 0.1
         acts += m.handle(Tick(now + 100))
         assert len(of(acts, DropPending)) == 1, order
-        assert m.progress == {"reported": 0, "stage2": -1, "evaluated": -1, "pending": None}
+        assert m.progress == {"reported": 0, "stage2": -1, "evaluated": -1, "pending": None, **SEEN0}
         assert not of(acts, StartTraining) and not m.uploads
         # a report went out only once both uploads had final answers, and it names the accepted ones
         for p in of(acts, Publish):
@@ -346,17 +350,25 @@ def test_other_fleets_and_missing_config_hold_the_machine():
 # ------------------------------------------------------------------------------- decoding, verification
 
 def test_decode_inbound_routes_this_devices_messages_only():
+    v = Verifier(PUB)
     cfg = DeviceConfig(DEV, SelectionPolicy(gamma=1))
-    assert decode_inbound(T.config(DEV), encode_message(cfg), DEV, 1.0) == ConfigArrived(cfg, 1.0)
-    assert decode_inbound(T.config("other"), encode_message(cfg), DEV, 1.0) is None
-    assert decode_inbound(T.round(), b"", DEV, 1.0) is None                    # cleared retained
+    signed = sign_message(cfg, FLEET, 5, 2, Signer(PRIV))
+    assert decode_inbound(T.config(DEV), signed, DEV, 1.0, v) == ConfigArrived(cfg, 1.0, 5, 2)
+    assert decode_inbound(T.config("other"), signed, DEV, 1.0, v) is None
+    assert decode_inbound(T.round(), b"", DEV, 1.0, v) is None                    # cleared retained
     a = Ack(DEV, 0, AckReason.ACCEPTED, "a", SHA["a"])
-    assert decode_inbound(T.ack(DEV), encode_message(a), DEV, 2.0) == AckArrived(a, 2.0)
-    assert decode_inbound(T.global_model("a"), b"xyz", DEV, 0.0) == GlobalFrame(b"xyz")
+    assert decode_inbound(T.ack(DEV), encode_message(a), DEV, 2.0, v) == AckArrived(a, 2.0)
+    assert decode_inbound(T.global_model("a"), b"xyz", DEV, 0.0, v) == GlobalFrame(b"xyz")
+    r = ann(3).announcement
+    assert decode_inbound(T.round(), sign_message(r, FLEET, 5, 3, Signer(PRIV)), DEV, 1.0, v) == Announced(r, 1.0, 5)
+    with pytest.raises(PayloadError, match="not signed"):
+        decode_inbound(T.round(), encode_message(r), DEV, 0.0, v)
+    with pytest.raises(PayloadError, match="not signed"):
+        decode_inbound(T.config(DEV), encode_message(cfg), DEV, 0.0, v)
     with pytest.raises(PayloadError):
-        decode_inbound(T.round(), b"{not json", DEV, 0.0)
+        decode_inbound(T.round(), b"{not json", DEV, 0.0, v)
     with pytest.raises(PayloadError):
-        decode_inbound("elsewhere/x/y/z", b"{}", DEV, 0.0)
+        decode_inbound("elsewhere/x/y/z", b"{}", DEV, 0.0, v)
 
 
 @settings(max_examples=300, deadline=None)
@@ -364,7 +376,7 @@ def test_decode_inbound_routes_this_devices_messages_only():
 def test_decode_inbound_only_ever_raises_payload_error(kind, data):
     topic = {"round": T.round(), "config": T.config(DEV), "ack": T.ack(DEV), "global": T.global_model("a")}[kind]
     try:
-        ev = decode_inbound(topic, data, DEV, 0.0)
+        ev = decode_inbound(topic, data, DEV, 0.0, Verifier(PUB))
     except PayloadError:
         return
     m = machine()

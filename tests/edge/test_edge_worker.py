@@ -21,15 +21,19 @@ from fedmfs.core.wire import (
     DeviceConfig,
     RoundAnnouncement,
     RoundState,
+    Signer,
     Topics,
     decode_chunk,
     encode_message,
     generate_keypair,
+    sign_message,
 )
 from fedmfs.edge.config import EdgeConfig
 from fedmfs.edge.daemon import EdgeDaemon
 from fedmfs.edge.machine import JobFailed, JobKind, RunStage2, StartTraining, Trained
 from fedmfs.edge.worker import Worker
+
+PRIV, PUB = generate_keypair()
 
 
 def _wait(pred, timeout=10.0, what="condition"):
@@ -108,7 +112,7 @@ def _drain(s) -> list[str]:
 
 def _config(tmp_path, port=1883, **kw) -> EdgeConfig:
     return EdgeConfig(device="d1", fleet="f", data=tmp_path / "none.npz", spec=tmp_path / "none.json",
-                      state_dir=tmp_path / "state", coordinator_key=generate_keypair()[1],
+                      state_dir=tmp_path / "state", coordinator_key=PUB,
                       broker=BrokerConfig(port=port, protocol="5"), ack_timeout=5.0, **kw)
 
 
@@ -164,14 +168,17 @@ def test_acks_and_configs_flow_while_the_round_trains(tmp_path, mosquitto, notif
     c.loop_start()
     runner = threading.Thread(target=lambda: d.run(connect_timeout=10))
     try:
-        c.publish(t.config("d1"), encode_message(DeviceConfig("d1", SelectionPolicy(gamma=1))), 1, True).wait_for_publish(5)
+        # the coordinator's messages, signed with the key the device holds (fleet epoch 1)
+        c.publish(t.config("d1"), sign_message(DeviceConfig("d1", SelectionPolicy(gamma=1)), "f", 1, 0, Signer(PRIV)),
+                  1, True).wait_for_publish(5)
         ann = RoundAnnouncement("f", 0, RoundState.OPEN, time.time() + 600, 1, ("d1",), {}, 4)
-        c.publish(t.round(), encode_message(ann), 1, True).wait_for_publish(5)
+        c.publish(t.round(), sign_message(ann, "f", 1, 0, Signer(PRIV)), 1, True).wait_for_publish(5)
         runner.start()
         assert started.wait(20)
         _drain(sock)
         # while the job blocks: a new config reaches the machine, the watchdog keeps being pinged
-        c.publish(t.config("d1"), encode_message(DeviceConfig("d1", SelectionPolicy(gamma=1, cap_bytes=99))), 1, True)
+        c.publish(t.config("d1"), sign_message(DeviceConfig("d1", SelectionPolicy(gamma=1, cap_bytes=99)), "f", 1, 0,
+                                               Signer(PRIV)), 1, True)
         _wait(lambda: d.machine.config is not None and d.machine.config.policy.cap_bytes == 99, what="config applied")
         _wait(lambda: "WATCHDOG=1" in _drain(sock), what="a watchdog ping during training")
         assert d.machine.busy
@@ -185,7 +192,8 @@ def test_acks_and_configs_flow_while_the_round_trains(tmp_path, mosquitto, notif
         c.publish(t.ack("d1"), encode_message(Ack("d1", 0, AckReason.REPORT_ACCEPTED)), 1)
         state = tmp_path / "state" / "state.json"
         _wait(lambda: json.loads(state.read_text())["pending"] is None, what="round finished on disk")
-        assert json.loads(state.read_text()) == {"reported": 0, "stage2": -1, "evaluated": -1, "pending": None}
+        assert json.loads(state.read_text()) == {"reported": 0, "stage2": -1, "evaluated": -1, "pending": None,
+                                                 "epoch": 1, "announced": 0, "announced_state": "open"}
         assert json.loads((tmp_path / "state" / "history.json").read_text())["0"]["acks"] == {"a": "accepted"}
     finally:
         release.set()

@@ -3,7 +3,7 @@
 One module per concept: :mod:`~fedmfs.core.wire.limits` (version and size limits),
 :mod:`~fedmfs.core.wire.topics` (topic names), :mod:`~fedmfs.core.wire.messages` (JSON control
 messages and their codes), :mod:`~fedmfs.core.wire.chunks` (upload chunk frames and reassembly),
-:mod:`~fedmfs.core.wire.signing` (Ed25519 keys and signed global-model frames) and
+:mod:`~fedmfs.core.wire.signing` (Ed25519 keys, signed global-model and control frames) and
 :mod:`~fedmfs.core.wire.actions` (what the round machines ask their adapters to do). Every decoder
 validates strictly and raises :class:`fedmfs.core.errors.PayloadError` with a reason; none of them
 can crash on hostile bytes (they are fuzzed).
@@ -44,20 +44,29 @@ from fedmfs.core.wire.messages import (
     RoundState,
     decode_message,
     encode_message,
+    sign_message,
+    verify_message,
 )
 from fedmfs.core.wire.signing import (
+    CONTROL_KINDS,
+    ControlHeader,
     GlobalHeader,
     Signer,
     Verifier,
+    control_signing_bytes,
+    decode_control,
     decode_global,
+    encode_control,
     encode_global,
     generate_keypair,
     global_signing_bytes,
+    is_control_frame,
 )
 from fedmfs.core.wire.topics import ParsedTopic, TopicKind, Topics, parse_topic
 
 __all__ = [
     "CHUNK_HEADER_BYTES",
+    "CONTROL_KINDS",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_MAX_SAMPLES",
     "MAX_CHUNKS",
@@ -71,6 +80,7 @@ __all__ = [
     "AckReason",
     "ChunkHeader",
     "ChunkResult",
+    "ControlHeader",
     "DeviceConfig",
     "DeviceState",
     "DeviceStatus",
@@ -88,16 +98,22 @@ __all__ = [
     "TopicKind",
     "Topics",
     "Verifier",
+    "control_signing_bytes",
     "decode_chunk",
+    "decode_control",
     "decode_global",
     "decode_message",
     "encode_chunk",
+    "encode_control",
     "encode_global",
     "encode_message",
     "generate_keypair",
     "global_signing_bytes",
+    "is_control_frame",
     "parse_topic",
+    "sign_message",
     "split_payload",
     "validate_modality",
     "validate_name",
+    "verify_message",
 ]

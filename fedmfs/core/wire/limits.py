@@ -14,8 +14,8 @@ __all__ = [
            "TOPIC_ROOT",
 ]
 
-PROTOCOL_VERSION = 1
-TOPIC_ROOT = "fedmfs/v1"
+PROTOCOL_VERSION = 2      # 2: signed round and config frames, the fleet epoch (docs/protocol.md)
+TOPIC_ROOT = "fedmfs/v1"          # unchanged by protocol 2: the broker ACLs and enrol name it
 MAX_CONTROL_BYTES = 256 * 1024          # a JSON control message (report, config, ack, round)
 DEFAULT_CHUNK_BYTES = 64 * 1024         # payload bytes per chunk frame
 MAX_CHUNK_BYTES = 4 * 1024 * 1024       # largest chunk a receiver accepts

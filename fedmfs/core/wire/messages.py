@@ -31,6 +31,14 @@ from fedmfs.core.wire.limits import (
     MAX_MISSING_LISTED,
     PROTOCOL_VERSION,
 )
+from fedmfs.core.wire.signing import (
+    ControlHeader,
+    Signer,
+    Verifier,
+    decode_control,
+    encode_control,
+    is_control_frame,
+)
 
 __all__ = [
     "Ack",
@@ -45,6 +53,8 @@ __all__ = [
     "RoundState",
     "decode_message",
     "encode_message",
+    "sign_message",
+    "verify_message",
 ]
 
 class RoundState(str, Enum):
@@ -299,9 +309,15 @@ def decode_message(data: bytes, expect: None = None) -> Message: ...
 
 
 def decode_message(data: bytes, expect: type | None = None) -> Message:
-    """Decode and validate a control message; ``expect`` restricts the accepted type."""
+    """Decode and validate a control message; ``expect`` restricts the accepted type.
+
+    A signed control frame (:func:`sign_message`) is unwrapped *without* checking its signature: this is
+    for readers that only observe (tests, benchmarks, tools). A device takes a ``round`` or ``config``
+    only through :func:`verify_message`."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError("message is not bytes")
+    if is_control_frame(data):
+        data = decode_control(data, None)[1]
     if len(data) > MAX_CONTROL_BYTES:
         raise PayloadError(f"message of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
     d = json_loads(data, "message")      # bounded: nesting, integer digits; every failure a PayloadError
@@ -322,3 +338,48 @@ def decode_message(data: bytes, expect: type | None = None) -> Message:
         raise
     except (TypeError, ValueError, AttributeError, RecursionError, OverflowError) as e:
         raise PayloadError(f"malformed {cls.type} message: {e}") from e
+
+
+def sign_message(msg: RoundAnnouncement | DeviceConfig, fleet: str, epoch: int, round_index: int,
+                 signer: Signer) -> bytes:
+    """The coordinator's signed frame of a ``round`` or ``config`` message (docs/protocol.md "Signed
+    fleet state"): ``epoch`` is the fleet epoch, ``round_index`` the announced round (for a config,
+    the round the coordinator was in when it published it)."""
+    if isinstance(msg, RoundAnnouncement) and (msg.round != round_index or msg.fleet != fleet):
+        raise ValueError("a round announcement is signed with its own fleet and round")
+    return encode_control(fleet, msg.type, epoch, round_index, encode_message(msg), signer)
+
+
+@overload
+def verify_message(data: bytes, verifier: Verifier, fleet: str,
+                   expect: type[RoundAnnouncement]) -> tuple[ControlHeader, RoundAnnouncement]: ...
+
+
+@overload
+def verify_message(data: bytes, verifier: Verifier, fleet: str,
+                   expect: type[DeviceConfig]) -> tuple[ControlHeader, DeviceConfig]: ...
+
+
+def verify_message(data: bytes, verifier: Verifier, fleet: str, expect: type) -> tuple[ControlHeader, Any]:
+    """A ``round`` or ``config`` message the coordinator signed for ``fleet``, and its signed header.
+
+    Refused (PayloadError, with the reason): a plain, unsigned message; a frame of another protocol
+    version; a bad signature (tampered, or another key); a frame of another fleet; a header whose kind,
+    fleet or round disagrees with the message inside. Freshness (epoch, round) is the device's to judge
+    against what it holds (:class:`fedmfs.edge.machine.EdgeMachine`)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError("message is not bytes")
+    kind = getattr(expect, "type", "?")
+    if not is_control_frame(data):
+        raise PayloadError(f"{kind} message not signed (a device takes only the coordinator's signed "
+                           f"{kind} frames)")
+    head, body = decode_control(data, verifier)
+    if head.fleet != fleet:
+        raise PayloadError(f"signed {head.kind} message of fleet {head.fleet!r}, this device is in {fleet!r}")
+    if head.kind != kind:
+        raise PayloadError(f"a signed {head.kind} frame where a {kind} message belongs")
+    msg = decode_message(body, expect)
+    if isinstance(msg, RoundAnnouncement) and (msg.round != head.round or msg.fleet != head.fleet):
+        raise PayloadError(f"round message says fleet {msg.fleet!r} round {msg.round}, its signed header "
+                           f"{head.fleet!r} round {head.round}")
+    return head, msg
