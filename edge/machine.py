@@ -481,10 +481,13 @@ class EdgeMachine:
                                  ev.config.device, self.device)
             return []
         key = (ev.epoch, ev.round)
-        if self._older_epoch(ev.epoch) or key < self.config_key:
-            self.refusals.refuse("config-replay", ev.now, "refused a config of epoch %d round %d: older than "
-                                 "the config held (epoch %d round %d) or this device's epoch %d, a replay",
-                                 ev.epoch, ev.round, *self.config_key, self.progress["epoch"])
+        if self._older_epoch(ev.epoch):
+            self.refusals.refuse("config-epoch", ev.now, "refused a config of fleet epoch %d: older than this "
+                                 "device's %d, a replay from an earlier fleet", ev.epoch, self.progress["epoch"])
+            return []
+        if key < self.config_key:
+            self.refusals.refuse("config-replay", ev.now, "refused a config of epoch %d round %d: older than the "
+                                 "one held (epoch %d round %d), a replay", *key, *self.config_key)
             return []
         self.config, self.config_key = ev.config, key
         return []
@@ -494,11 +497,16 @@ class EdgeMachine:
         # coordinator, so it cannot be from a round that has not happened.
         key = (ev.epoch, ev.round)
         held = self.global_keys.get(ev.modality)
-        if self._older_epoch(ev.epoch) or (held is not None and key < held):
-            what = "stored global" if ev.stored else "global"
-            self.refusals.refuse(f"global-replay-{ev.modality}", ev.now, "refused %s %s of epoch %d round %d: older "
-                                 "than the one held (epoch %s round %s) or this device's epoch %d, a replay", what,
-                                 ev.modality, ev.epoch, ev.round, *(held or ("-", "-")), self.progress["epoch"])
+        what = "stored global" if ev.stored else "global"
+        if self._older_epoch(ev.epoch):
+            self.refusals.refuse(f"global-epoch-{ev.modality}", ev.now, "refused %s %s of fleet epoch %d: older "
+                                 "than this device's %d, a replay from an earlier fleet", what, ev.modality, ev.epoch,
+                                 self.progress["epoch"])
+            return []
+        if held is not None and key < held:
+            self.refusals.refuse(f"global-replay-{ev.modality}", ev.now, "refused %s %s of round %d (epoch %d): "
+                                 "older than the one held, of round %d (epoch %d), a replay", what, ev.modality,
+                                 ev.round, ev.epoch, held[1], held[0])
             return []
         self.globals[ev.modality] = (ev.sha256, ev.state)
         self.global_keys[ev.modality] = key

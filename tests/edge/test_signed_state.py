@@ -349,3 +349,98 @@ def test_repeated_refusals_are_logged_once_a_minute_with_a_count(tmp_path, caplo
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 2 and "49 more like it held back" in lines[1]
     assert d.machine.announcement is None
+
+
+# ------------------------------------------------------------------------ over real Mosquitto, processes
+
+@pytest.mark.integration
+def test_a_hostile_client_cannot_stop_or_rewind_a_running_fleet(mosquitto, tmp_path):
+    """A client with write access to the fleet's topics (the ACL is the only other guard) publishes a
+    forged retained ``round`` (round 10^6, unsigned), a forged ``done`` and replays round 0's genuinely
+    signed global while the edge daemons run round 1: the run still completes and each device's log
+    says why it refused them."""
+    import queue
+    import time
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from fedmfs.coordinator.ledger import Ledger
+    from fedmfs.core.data.format import Fleet as DataFleet
+    from fedmfs.core.data.synthetic import make_synthetic
+    from fedmfs.core.settings import TrainConfig
+    from fedmfs.sim.config import SimConfig
+    from fedmfs.sim.processes import _spawn, write_fleet_configs
+
+    f = make_synthetic("small", 0)
+    fleet = DataFleet(f.spec, [f.clients[0], f.clients[6]], f.metadata)
+    cfg = SimConfig.build(rounds=2, gamma=2, seed=3,
+                          train=TrainConfig(min_steps=0, epochs=1, fusion_steps=20, shapley_samples=10))
+    work = tmp_path / "run"
+    (work / "logs").mkdir(parents=True)
+    name = "hostile"
+    files = write_fleet_configs(fleet, cfg, work, mosquitto.url, name, round_seconds=300)
+    t = Topics(name)
+    globals_seen: queue.Queue = queue.Queue()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="intruder", protocol=mqtt.MQTTv311)
+    c.on_message = lambda cl, u, msg: globals_seen.put((msg.topic, bytes(msg.payload)))
+    c.connect(mosquitto.host, mosquitto.port)
+    c.subscribe(t.global_all(), 1)
+    c.loop_start()
+    procs = {}
+    t0 = time.monotonic()
+    try:
+        run = lambda mod, conf: [mod, "run", "--config", str(conf), "--exit-when-done", "--connect-timeout", "30"]
+        procs["coordinator"] = _spawn(run("fedmfs.coordinator.cli", files["coordinator"]),
+                                      work / "logs" / "coordinator.log")
+        first = {}
+        while len(first) < len(fleet.spec.names):         # round 0's globals, as published
+            topic, frame = globals_seen.get(timeout=60)
+            first.setdefault(topic, frame)
+        for n in files["edges"]:
+            procs[n] = _spawn(run("fedmfs.edge.cli", files["edges"][n]), work / "logs" / f"edge-{n}.log")
+        states = [work / "edge" / n / "state.json" for n in files["edges"]]
+
+        def in_round_1():
+            try:
+                return all(json.loads(p.read_text()).get("announced") == 1 for p in states)
+            except (OSError, ValueError):
+                return False
+        end = time.monotonic() + 240
+        while not in_round_1():
+            assert time.monotonic() < end, "round 1 never reached the devices"
+            assert all(p.poll() is None for p in procs.values()), "a process ended early"
+            time.sleep(0.05)
+        # the attack, while round 1 runs
+        forged = _unsigned_round(10**6).replace(f'"fleet":"{FLEET}"'.encode(), f'"fleet":"{name}"'.encode())
+        done = _unsigned_round(1, RoundState.DONE).replace(f'"fleet":"{FLEET}"'.encode(), f'"fleet":"{name}"'.encode())
+        infos = [c.publish(t.round(), done, 1, True), c.publish(t.round(), forged, 1, True)]
+        infos += [c.publish(topic, frame, 1, True) for topic, frame in first.items()]     # replayed globals
+        for i in infos:
+            i.wait_for_publish(10)
+        for n, p in procs.items():
+            assert p.wait(300) == 0, f"{n} failed; see {work / 'logs'}"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        c.loop_stop()
+        c.disconnect()
+    elapsed = time.monotonic() - t0
+    led = Ledger(work / "coordinator", readonly=True)
+    try:
+        rounds = led.rounds()
+        assert [r.closed_at is not None for r in rounds] == [True, True]
+        assert all(r.aggregated for r in rounds)
+        epoch = int(led.get_meta("epoch"))
+    finally:
+        led.close()
+    for n in files["edges"]:
+        st = json.loads((work / "edge" / n / "state.json").read_text())
+        assert (st["reported"], st["evaluated"], st["epoch"], st["announced"]) == (1, 1, epoch, 1)
+        assert st["announced_state"] == "done"
+        log = (work / "logs" / f"edge-{n}.log").read_text()
+        assert "round message not signed" in log, log[-2000:]
+        assert "a replay" in log and "refused global" in log, log[-2000:]
+    print(f"hostile-client run: {elapsed:.1f} s")
