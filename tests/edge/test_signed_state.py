@@ -444,3 +444,38 @@ def test_a_hostile_client_cannot_stop_or_rewind_a_running_fleet(mosquitto, tmp_p
         assert "round message not signed" in log, log[-2000:]
         assert "a replay" in log and "refused global" in log, log[-2000:]
     print(f"hostile-client run: {elapsed:.1f} s")
+
+
+def test_the_fleet_epoch_is_made_once_per_ledger_and_signed_into_what_the_coordinator_publishes(tmp_path):
+    """coordinator.service: the epoch is kept in the ledger (a restart keeps it; a new state_dir, a
+    re-created fleet, gets a larger one) and the machine signs with it."""
+    from fedmfs.adapters.loopback import LoopbackBus
+    from fedmfs.coordinator.config import load_coordinator_config
+    from fedmfs.coordinator.service import CoordinatorService
+    from fedmfs.core.data.format import Fleet as DataFleet
+    from fedmfs.core.data.synthetic import make_synthetic
+    from fedmfs.core.wire import Verifier, decode_global, verify_message
+    from fedmfs.sim.config import SimConfig
+    from fedmfs.sim.processes import write_fleet_configs
+
+    f = make_synthetic("small", 0)
+    files = write_fleet_configs(DataFleet(f.spec, [f.clients[0]], f.metadata), SimConfig.build(rounds=1), tmp_path,
+                                "mqtt://127.0.0.1:1", "ep")
+    cfg = load_coordinator_config(files["coordinator"])
+
+    def epoch_of_a_service(cfg):
+        s = CoordinatorService(cfg, link_factory=LoopbackBus().link)
+        try:
+            m = s.machine
+            head, _ = verify_message(m.round_message(), Verifier(files["public_key"]), "ep", RoundAnnouncement)
+            assert head.epoch == m.epoch == int(s.ledger.get_meta("epoch"))
+            assert all(decode_global(g.frame, Verifier(files["public_key"]))[0].epoch == m.epoch
+                       for g in m.globals.values()) and m.globals
+            return m.epoch
+        finally:
+            s.close()
+
+    first = epoch_of_a_service(cfg)
+    assert epoch_of_a_service(cfg) == first                       # a restart keeps it
+    from dataclasses import replace
+    assert epoch_of_a_service(replace(cfg, state_dir=tmp_path / "again")) > first   # a new fleet: larger
