@@ -271,6 +271,7 @@ class MqttLink:
         self._client: mqtt.Client | None = None
         self._refused_protocol = False
         self._last_error: str | None = None   # paho's last error log line (a TLS alert at the first read)
+        self._tls_eofs = 0   # TLS sessions closed without an alert before CONNACK, in a row (see _try)
 
     # -- construction ------------------------------------------------------------------------------
     def _make(self, v5: bool) -> mqtt.Client:
@@ -341,8 +342,8 @@ class MqttLink:
 
     def _on_log(self, client, userdata, level, buf) -> None:
         try:
-            if level == mqtt.MQTT_LOG_ERR:
-                self._last_error = str(buf)
+            if level == mqtt.MQTT_LOG_ERR and (self._last_error is None or "ssl" not in self._last_error.lower()):
+                self._last_error = str(buf)   # the first TLS error of an attempt, not what follows it
         except Exception:
             log.exception("error in on_log")
 
@@ -376,6 +377,17 @@ class MqttLink:
             # "failed to receive on socket: [SSL: X] tlsv13 alert certificate required (_ssl.c:2580)"
             m = re.search(r"\] (.+?)(?: \(_ssl\.c:\d+\))?$", self._last_error)
             self.fatal = _tls_alert(self.cfg, m.group(1) if m else self._last_error)
+        elif self.cfg.tls_ca and not self.cfg.tls_cert and self._last_error \
+                and "eof occurred in violation of protocol" in self._last_error.lower():
+            # A broker that requires a client certificate sends its TLS 1.3 alert and closes; the close
+            # often wins the race and the client reads a bare EOF instead of the alert. Three in a row,
+            # before any CONNACK and with no certificate to offer, is the same refusal.
+            self._tls_eofs += 1
+            if self._tls_eofs >= 3:
+                self.fatal = _tls_alert(self.cfg, "the session was closed during the handshake, "
+                                                  f"{self._tls_eofs} times in a row")
+        else:
+            self._tls_eofs = 0
         try:
             c.disconnect()
         except Exception:  # best effort on a half-open connection
@@ -388,6 +400,7 @@ class MqttLink:
         """Connect (blocking, bounded by ``timeout``) and start the network thread. Unusable TLS files
         are a :class:`ConfigError` before any attempt (:func:`check_tls_files`)."""
         check_tls_files(self.cfg)
+        self._tls_eofs = 0
         backoff = Backoff()
         end = time.monotonic() + timeout
         order = {"auto": [True, False], "5": [True], "3.1.1": [False]}[self.cfg.protocol]
