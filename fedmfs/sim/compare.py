@@ -173,9 +173,12 @@ def default_variants() -> list[Variant]:
     v += [Variant(f"fedmfs-{c}", "fedmfs", {"codec": c}, "codec") for c in ("fp32", "fp16", "int8")
           if c != SelectionPolicy().codec]
     v.append(Variant("all-int8", "all", {"codec": "int8"}, "codec"))    # is FedMFS's gain only int8's?
-    # the paper's two gamma = 1 rows (no recency) and a lighter recency than the default's 1/3
-    for s, c, r in ((0.2, 0.8, 0.0), (0.5, 0.5, 0.0), (0.4, 0.4, 0.2)):
-        v.append(Variant(f"fedmfs-a{s:g}-{c:g}-{r:g}", "fedmfs", {"alphas": Alphas(s, c, r)}, "alpha"))
+    # the paper's two gamma = 1 rows (no recency), lighter recencies (mmFedMC's 1/3 each: 0.1.0's default)
+    # and a heavier one than the default's
+    for s, c, r in ((0.2, 0.8, 0.0), (0.5, 0.5, 0.0), (0.4, 0.4, 0.2), (1 / 3, 1 / 3, 1 / 3), (0.2, 0.2, 0.6),
+                    (0.1, 0.1, 0.8)):
+        if Alphas(s, c, r) != Alphas():
+            v.append(Variant(f"fedmfs-a{s:.2g}-{c:.2g}-{r:.2g}", "fedmfs", {"alphas": Alphas(s, c, r)}, "alpha"))
     # binding caps: every modality may go, as long as the round's uploads fit the cap; relative to the
     # largest model (tactile): a quarter (only the small models fit), a half (xsens fits), one
     v += [Variant(f"fedmfs-cap{f:g}", "fedmfs", {}, "cap", cap_of_largest=f, gamma_all=True)
