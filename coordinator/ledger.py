@@ -96,7 +96,7 @@ class RoundRow:
 
 
 class Ledger:
-    """One coordinator's persistent state under ``state_dir`` (ledger.sqlite, with the accepted uploads inside, + globals/)."""
+    """One coordinator's persistent state under ``state_dir``: ledger.sqlite (the accepted uploads inside) and globals/."""
 
     def __init__(self, state_dir: str | os.PathLike, readonly: bool = False,
                  max_refusal_rows: int = MAX_REFUSAL_ROWS):

@@ -545,6 +545,12 @@ class CoordinatorMachine:
             return self._refuse(dev, mod, AckReason.ROUND_CLOSED, len(data),
                                 f"round {ev.round} is not open (current round {self.round}, {self.state.value})",
                                 header.sha256, ev.round) if chatty else []
+        if dev not in self.expected:
+            # added to the fleet file after this round opened: its cap and sample bound are not part of
+            # the round's snapshot, so it takes part from the next round (never uncapped in this one)
+            return self._refuse(dev, mod, AckReason.ROUND_CLOSED, len(data),
+                                f"joined the fleet after round {self.round} opened; takes part from round "
+                                f"{self.round + 1}", header.sha256, ev.round) if chatty else []
         if mod not in self.shapes:
             return self._refuse(dev, mod, AckReason.UNKNOWN_MODALITY, len(data),
                                 f"the fleet's modalities are {', '.join(self.spec.names)}",

@@ -258,6 +258,20 @@ def test_fleet_change_applies_caps_next_round():
     assert acks(upload(m, "a", "eye", payload("eye", 1, round_index=1)))[0].reason is AckReason.OVER_CAP
 
 
+def test_a_device_added_mid_round_takes_part_from_the_next_round_never_uncapped():
+    # found writing docs/deploy.md: a device added by a fleet-file reload mid-round had no cap in the
+    # round's snapshot (caps.get -> None), so its uploads in that round had no byte limit
+    m = machine(devices=("a",), rounds=2)
+    late = DeviceConfig("z", SelectionPolicy(gamma=1, cap_bytes=10))
+    m.handle(FleetChanged((DeviceConfig("a", SelectionPolicy(gamma=1)), late), 1.0))
+    ack = acks(upload(m, "z", "eye", payload("eye", 1)))[0]
+    assert ack.reason is AckReason.ROUND_CLOSED and "takes part from round 1" in ack.detail
+    assert "z" not in m.used and m.aggs.get("eye") is None
+    report(m, "a")
+    assert m.round == 1 and m.caps["z"] == 10 and "z" in m.expected
+    assert acks(upload(m, "z", "eye", payload("eye", 1, round_index=1)))[0].reason is AckReason.OVER_CAP
+
+
 def _events_for_round(m):
     evs = []
     for i, (dev, mod) in enumerate([("a", "eye"), ("b", "eye"), ("b", "emg"), ("c", "emg")]):
