@@ -26,12 +26,12 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmfs.core.config import tomllib
 from fedmfs.core.errors import ConfigError, PayloadError
+from fedmfs.core.fsio import atomic_write
 from fedmfs.core.wire import Topics, validate_name
 from fedmfs.core.wire.signing import load_private_key
 
@@ -65,33 +65,7 @@ ACL_END = "# <<< fedmfs enrol"
 def _replace(path: Path, data: bytes, new_mode: int = 0o600) -> None:
     """Write ``data`` over ``path`` atomically. An existing file keeps its mode and owner; a new one
     gets ``new_mode`` (set on the temp file before anything is written into it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st: os.stat_result | None = path.stat()
-    except FileNotFoundError:
-        st = None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if st is not None:
-                try:
-                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
-                except PermissionError:   # not root: the file stays ours, which it already was
-                    pass
-            os.fchmod(f.fileno(), (st.st_mode & 0o7777) if st is not None else new_mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, data, mode=new_mode, keep_existing=True, sync_dir=True)
 
 
 def _read(path: Path, what: str, missing_ok: bool = True) -> str:

@@ -16,12 +16,30 @@ if TYPE_CHECKING:
 __all__ = ["atomic_write", "atomic_write_with", "read_spec_document"]
 
 
-def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Let ``write`` fill a temporary file, then fsync it and rename it over ``path``."""
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, mode: int | None = None,
+                      keep_existing: bool = False, sync_dir: bool = False) -> None:
+    """Let ``write`` fill a temporary file in the same directory, then fsync it and rename it over
+    ``path``. The temp file's mode is set before anything is written into it: ``keep_existing`` keeps
+    the mode (and, as root, the owner) of the file it replaces, otherwise or for a new file ``mode``
+    (None: mkstemp's 600). ``sync_dir`` also fsyncs the directory, so the rename survives a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    st: os.stat_result | None = None
+    if keep_existing:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            pass
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if st is not None:
+            try:
+                os.fchown(fd, st.st_uid, st.st_gid)
+            except PermissionError:   # not root: the file stays ours, which it already was
+                pass
+            os.fchmod(fd, st.st_mode & 0o7777)
+        elif mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -30,11 +48,17 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], objec
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if sync_dir:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    atomic_write_with(path, lambda f: f.write(data))
+def atomic_write(path: str | os.PathLike, data: bytes, **options) -> None:
+    """Write ``data`` to ``path`` atomically (``options``: those of :func:`atomic_write_with`)."""
+    atomic_write_with(path, lambda f: f.write(data), **options)
 
 
 def read_spec_document(path: str | os.PathLike, fmt: str, version: int, error: type[Exception],

@@ -17,7 +17,6 @@ import pwd
 import re
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from fedmfs.core.fields import (
     validate_modality,
     validate_name,
 )
+from fedmfs.core.fsio import atomic_write
 from fedmfs.core.safejson import loads as json_loads
 from fedmfs.core.wire.limits import MAX_CONTROL_BYTES, MAX_UPLOAD_BYTES, PROTOCOL_VERSION
 
@@ -293,22 +293,6 @@ def write_private_key(path: str | os.PathLike, private_hex: str) -> None:
     file it replaces): an existing file is made 600 first, the new key goes to a 600 temp file in the
     same directory, is fsynced and renamed over ``path``, and the directory is fsynced."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     if p.exists():
         os.chmod(p, 0o600)   # the old key stops being readable by others now, not after the rename
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(private_hex.strip() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(p, (private_hex.strip() + "\n").encode(), mode=0o600, sync_dir=True)
