@@ -103,19 +103,24 @@ def _provision_from(raw: dict, p: Path) -> ProvisionConfig:
         cert_days=t.get("cert_days", 365))
 
 
-def load_provision_config(path: str | os.PathLike) -> ProvisionConfig:
-    """coordinator.toml's provisioning settings (see :class:`ProvisionConfig`)."""
-    p = Path(path)
+def _read_top(p: Path, required: tuple[str, ...]) -> dict:
+    """coordinator.toml's top-level table: known keys only, ``required`` present, a valid fleet name."""
     raw = load_toml(p)
     check_keys(raw, _TOP, str(p))
-    for key in ("fleet", "fleet_file", "signing_key"):
+    for key in required:
         if key not in raw:
             raise ConfigError(f"{p}: missing key {key!r}; see examples/coordinator.toml")
     try:
         validate_name("fleet", raw["fleet"])
     except PayloadError as e:
         raise ConfigError(f"{p}: key 'fleet': {e}") from e
-    return _provision_from(raw, p)
+    return raw
+
+
+def load_provision_config(path: str | os.PathLike) -> ProvisionConfig:
+    """coordinator.toml's provisioning settings (see :class:`ProvisionConfig`)."""
+    p = Path(path)
+    return _provision_from(_read_top(p, ("fleet", "fleet_file", "signing_key")), p)
 
 
 def load_fleet_file(path: Path) -> tuple[DeviceConfig, ...]:
@@ -151,16 +156,8 @@ def load_fleet_file(path: Path) -> tuple[DeviceConfig, ...]:
 
 def load_coordinator_config(path: str | os.PathLike) -> CoordinatorConfig:
     p = Path(path)
-    raw = load_toml(p)
-    check_keys(raw, _TOP, str(p))
+    raw = _read_top(p, ("fleet", "state_dir", "spec", "fleet_file", "signing_key"))
     base = p.parent
-    for key in ("fleet", "state_dir", "spec", "fleet_file", "signing_key"):
-        if key not in raw:
-            raise ConfigError(f"{p}: missing key {key!r}; see examples/coordinator.toml")
-    try:
-        validate_name("fleet", raw["fleet"])
-    except PayloadError as e:
-        raise ConfigError(f"{p}: key 'fleet': {e}") from e
     rounds = raw.get("rounds", {})
     check_keys(rounds, _ROUNDS, f"{p} [rounds]")
     try:
