@@ -72,8 +72,24 @@ def resample_steps(x: np.ndarray, steps: int) -> np.ndarray:
     return x[:, lo] * (1 - w) + x[:, lo + 1] * w
 
 
-def _decode(ids: np.ndarray) -> list[str]:
-    return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in ids.tolist()]
+def _decode(ids: np.ndarray, where: str) -> list[str]:
+    try:
+        return [i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in ids.tolist()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text: {e}") from e
+
+
+def _read(f, key: str, path: Path) -> np.ndarray:
+    """Dataset ``key`` as an array; a group or an unreadable dataset of that name is a DataError."""
+    import h5py
+
+    d = f[key]
+    if not isinstance(d, h5py.Dataset):
+        raise DataError(f"{path}: {key} must be a dataset, found a {type(d).__name__}")
+    try:
+        return np.asarray(d[()])
+    except (OSError, TypeError, ValueError) as e:   # h5py's answers to a damaged or exotic dataset
+        raise DataError(f"{path}: dataset {key} is unreadable: {e}") from e
 
 
 def _feature_shape(name: str, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
@@ -92,9 +108,9 @@ def _read_streams(f, path: Path, wanted: tuple[str, ...]) -> dict[str, np.ndarra
     """Per-modality arrays (N, T, *raw) from either the per-stream or the concatenated layout."""
     present = [m for m in wanted if STREAMS[m] in f]
     if len(present) == len(wanted):
-        return {m: f[STREAMS[m]][()] for m in wanted}
+        return {m: _read(f, STREAMS[m], path) for m in wanted}
     if _CONCAT in f and not present:
-        x = f[_CONCAT][()]
+        x = _read(f, _CONCAT, path)
         if x.ndim != 3:
             raise DataError(f"{path}: {_CONCAT} must be (N, T, F), got {x.shape}")
         fixed = 2 + 8 + 8 + 66
@@ -121,11 +137,15 @@ def _labels(f, y: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, tuple
     names: list[str] = []
     raw = f.attrs.get("activities_to_classify")
     if raw is not None:
-        if isinstance(raw, bytes):
-            raw = raw.decode("utf-8")
         try:
-            names = [str(s) for s in (ast.literal_eval(raw) if isinstance(raw, str) else list(raw))]
-        except (ValueError, SyntaxError) as e:
+            if isinstance(raw, bytes):
+                raw = raw.decode("utf-8")
+            value = ast.literal_eval(raw) if isinstance(raw, str) else list(raw)
+            if not isinstance(value, list | tuple):
+                raise TypeError(f"a {type(value).__name__}")
+            names = [str(s) for s in value]
+        # literal_eval raises TypeError on e.g. "{[1]: 2}", RecursionError or MemoryError on deep nesting
+        except (ValueError, SyntaxError, TypeError, UnicodeDecodeError, RecursionError, MemoryError) as e:
             raise DataError(f"{path}: attribute activities_to_classify is not a list of names: {e}") from e
     baseline = (names[:1] == ["None"]) if names else (y.size > 0 and int(y.min()) >= 1)
     keep = y >= 1 if baseline else np.ones(y.shape, bool)
@@ -133,8 +153,11 @@ def _labels(f, y: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, tuple
     if names:
         names = names[1:] if baseline else names
     elif "example_labels" in f:
+        texts = _read(f, "example_labels", path).reshape(-1)
+        if texts.shape != y.shape:
+            raise DataError(f"{path}: example_labels has {texts.size} rows but {_LABELS} has {y.size}")
         by_index: dict[int, str] = {}
-        for i, s in zip(y[keep].tolist(), _decode(f["example_labels"][()][keep])):
+        for i, s in zip(y[keep].tolist(), _decode(texts[keep], f"{path}: example_labels")):
             by_index.setdefault(i, s)
         n = int(y[keep].max()) + 1 if keep.any() else 0
         names = [by_index.get(i, f"class{i:02d}") for i in range(n)]
@@ -177,11 +200,11 @@ def load_actionsense_hdf5(
             if key not in f:
                 raise DataError(f"{p}: missing dataset {key!r} (expected {_LABELS!r}, {_SUBJECTS!r} and the "
                                 f"example_matrices_* streams); found {sorted(f.keys())}")
-        y_all = np.asarray(f[_LABELS][()]).reshape(-1)
+        y_all = _read(f, _LABELS, p).reshape(-1)
         if not np.issubdtype(y_all.dtype, np.integer) and not np.issubdtype(y_all.dtype, np.floating):
             raise DataError(f"{p}: {_LABELS} must be numbers, got dtype {y_all.dtype}")
         y_all = y_all.astype(np.int64)
-        sid_all = _decode(np.asarray(f[_SUBJECTS][()]).reshape(-1))
+        sid_all = _decode(_read(f, _SUBJECTS, p).reshape(-1), f"{p}: {_SUBJECTS}")
         keep, y_all, class_names = _labels(f, y_all, p)
         raw = _read_streams(f, p, wanted)
     n = y_all.shape[0]
@@ -190,10 +213,14 @@ def load_actionsense_hdf5(
     for m, a in raw.items():
         if a.ndim < 3 or a.shape[0] != n:
             raise DataError(f"{p}: {STREAMS[m]} must be (N={n}, T, ...), got {a.shape}")
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"{p}: {STREAMS[m]} must hold numbers, got dtype {a.dtype}")
     if not keep.any():
         raise DataError(f"{p}: no labelled windows (only baseline label 0)")
 
     num_classes = max(len(class_names), int(y_all[keep].max()) + 1)
+    if num_classes < 2:
+        raise DataError(f"{p}: the labelled windows have {num_classes} class; a classifier needs at least 2")
     if class_names and len(class_names) != num_classes:
         class_names = ()
     t_file = {a.shape[1] for a in raw.values()}
@@ -202,10 +229,13 @@ def load_actionsense_hdf5(
     t_out = steps or t_file.pop()
     default_hidden = {m.name: m for m in ACTIONSENSE_MODALITIES}
     shapes = {m: _feature_shape(m, tuple(a.shape[2:]), f"{p}: {STREAMS.get(m, m)}") for m, a in raw.items()}
-    spec = DatasetSpec(
-        tuple(ModalitySpec(m, shapes[m], hidden) for m in default_hidden if m in raw),
-        num_classes, t_out, class_names,
-    )
+    try:
+        spec = DatasetSpec(
+            tuple(ModalitySpec(m, shapes[m], hidden) for m in default_hidden if m in raw),
+            num_classes, t_out, class_names,
+        )
+    except ValueError as e:    # e.g. a stream with an empty per-step shape
+        raise DataError(f"{p}: the streams do not make a dataset spec: {e}") from e
 
     sids = np.array(sid_all)
     available = sorted(set(sids[keep].tolist()))
