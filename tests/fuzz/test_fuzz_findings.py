@@ -8,14 +8,13 @@ are ``xfail(strict=True)``, so the fix makes them pass and the marker must then 
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 
 import numpy as np
 import pytest
 
-from fedmfs.core.data.format import ClientData, Fleet, load_client, load_fleet, save_fleet
-from fedmfs.core.errors import DataError, PayloadError
+from fedmfs.core.data.format import load_client
+from fedmfs.core.errors import DataError
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
 
 SPEC = DatasetSpec((ModalitySpec("eye", (2,), hidden=3),), 3, 5)
@@ -93,3 +92,75 @@ def test_actionsense_group_where_a_dataset_belongs(tmp_path):
         f["example_subject_ids"] = np.array([b"S00"], "S8")
     with pytest.raises(DataError, match="must be a dataset"):
         load_actionsense_hdf5(p)
+
+
+# ------------------------------------------------------------------------------------------- .npz files
+
+def _npz(compressed: bool = False, **arrays) -> bytes:
+    rng = np.random.default_rng(0)
+    arrays = arrays or {"x_eye": rng.standard_normal((3, 5, 2)).astype(np.float32), "y": np.array([0, 1, 2]),
+                        "train": np.array([True, False, True])}
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return buf.getvalue()
+
+
+def _npy(header: bytes, body: bytes = b"\0" * 64) -> bytes:
+    """A version 1.0 .npy file with ``header`` as its (unchecked) header text."""
+    header += b" " * ((64 - (10 + len(header) + 1) % 64) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + body
+
+
+def _zip(member: bytes, name: str = "y.npy") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(name, member)
+    return buf.getvalue()
+
+
+def _patched(data: bytes, signature: bytes, offset: int, value: bytes) -> bytes:
+    """``value`` written at ``offset`` into every zip record that starts with ``signature``."""
+    out, i = bytearray(data), data.find(signature)
+    while i >= 0:
+        out[i + offset:i + offset + len(value)] = value
+        i = data.find(signature, i + 1)
+    return bytes(out)
+
+
+def _deflate_damaged() -> bytes:
+    data = bytearray(_npz(compressed=True))
+    start = 30 + int.from_bytes(data[26:28], "little") + int.from_bytes(data[28:30], "little")
+    data[start:start + 4] = b"\xff" * 4       # a reserved deflate block type
+    return bytes(data)
+
+
+NPZ_CASES = {   # what escaped load_client before, as the exception that escaped
+    "BadZipFile": lambda: _npz()[:300],                                                  # a truncated copy
+    "zlib.error": _deflate_damaged,
+    "NotImplementedError-method": lambda: _patched(_patched(_npz(), b"PK\x03\x04", 8, b"\x63\x00"),
+                                                   b"PK\x01\x02", 10, b"\x63\x00"),       # compression method 99
+    "NotImplementedError-version": lambda: _patched(_npz(), b"PK\x01\x02", 6, b"\x6d\x00"),   # zip version 10.9
+    "TokenError": lambda: _npy(b"'''"),                                          # numpy tokenizes a 1.0 header
+    "IndentationError": lambda: _npy(b"  x\n y"),
+    "TypeError": lambda: _zip(_npy(b"{[1]: 2}")),                                # literal_eval: unhashable key
+    "MemoryError": lambda: _zip(_npy(b"{'descr': '<f8', 'fortran_order': False, 'shape': (10**12,), }"
+                                     .replace(b"10**12", b"1000000000000"))),    # 7.3 TiB claimed
+    "ValueError-y": lambda: _npz(x_eye=np.zeros((3, 5, 2), np.float32), y=np.array(["a", "b", "c"]),
+                                 train=np.ones(3, bool)),                         # y of strings (astype)
+}
+
+
+@pytest.mark.parametrize("case", sorted(NPZ_CASES))
+def test_a_damaged_npz_is_a_data_error(tmp_path, case):
+    p = tmp_path / "c0.npz"
+    p.write_bytes(NPZ_CASES[case]())
+    with pytest.raises(DataError):
+        load_client(p, SPEC)
+
+
+def test_a_valid_npz_still_loads(tmp_path):
+    p = tmp_path / "c0.npz"
+    for compressed in (False, True):
+        p.write_bytes(_npz(compressed))
+        c = load_client(p, SPEC)
+        assert c.x["eye"].shape == (3, 5, 2) and c.y.tolist() == [0, 1, 2] and c.n_train == 2

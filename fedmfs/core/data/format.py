@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import tokenize
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +162,22 @@ def save_fleet(fleet: Fleet, directory: str | os.PathLike) -> Path:
     return d
 
 
+# what numpy and zipfile raise on a damaged archive, as fuzzing found (bench/fuzz.py): a truncated file
+# (BadZipFile), a cut deflate stream (zlib.error), an unknown compression method or zip version
+# (NotImplementedError), a .npy header numpy's tokenizer or literal_eval chokes on (TokenError,
+# IndentationError, TypeError), a shape claiming more memory than there is (MemoryError, raised before
+# anything is allocated); besides what numpy documents (ValueError, OSError, EOFError)
+_UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, SyntaxError,
+               TypeError, MemoryError, tokenize.TokenError)
+
+
+def _int_labels(p: Path, y: np.ndarray) -> np.ndarray:
+    try:
+        return y.astype(np.int64, copy=False)
+    except (ValueError, TypeError) as e:     # strings, structured arrays (found by fuzzing)
+        raise DataError(f"{p}: 'y' must hold integer class labels, got {y.dtype}: {e}") from e
+
+
 def load_client(path: str | os.PathLike, spec: DatasetSpec, name: str | None = None) -> ClientData:
     """Load one client's ``.npz`` and validate it against ``spec``."""
     p = Path(path)
@@ -167,8 +186,8 @@ def load_client(path: str | os.PathLike, spec: DatasetSpec, name: str | None = N
     try:
         with np.load(p, allow_pickle=False) as z:
             files = dict(z.items())
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{p} is not a readable .npz file: {e}") from e
+    except _UNREADABLE as e:
+        raise DataError(f"{p} is not a readable .npz file: {type(e).__name__}: {e}") from e
     for key in ("y", "train"):
         if key not in files:
             raise DataError(f"{p}: missing array {key!r} (expected y, train and x_<modality> arrays)")
@@ -178,7 +197,7 @@ def load_client(path: str | os.PathLike, spec: DatasetSpec, name: str | None = N
     c = ClientData(
         name=name or p.stem,
         x={k[2:]: files[k] for k in files if k.startswith("x_")},
-        y=files["y"].astype(np.int64, copy=False),
+        y=_int_labels(p, files["y"]),
         train=files["train"],
     )
     c.validate(spec)
