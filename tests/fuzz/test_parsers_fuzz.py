@@ -290,7 +290,7 @@ def message_dicts(draw: st.DrawFn) -> bytes:
         key = draw(st.sampled_from(sorted(d) + ["extra", "record"]))
         if draw(st.integers(0, 4)) == 0:
             d.pop(key, None)
-        elif key == "record" and "record" in d:
+        elif key == "record" and isinstance(d.get("record"), dict) and d["record"]:
             d["record"][draw(st.sampled_from(sorted(d["record"])))] = draw(FIELD_VALUES)
         else:
             d[key] = draw(FIELD_VALUES)
