@@ -7,15 +7,18 @@ are ``xfail(strict=True)``, so the fix makes them pass and the marker must then 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import zipfile
 
 import numpy as np
 import pytest
 
-from fedmfs.core.data.format import load_client
-from fedmfs.core.errors import DataError
+from fedmfs.core.data.format import ClientData, Fleet, load_client, load_fleet, save_fleet
+from fedmfs.core.errors import DataError, PayloadError
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
+from fedmfs.core.wire import ChunkHeader, Reassembler, parse_topic
 
 SPEC = DatasetSpec((ModalitySpec("eye", (2,), hidden=3),), 3, 5)
 
@@ -164,3 +167,50 @@ def test_a_valid_npz_still_loads(tmp_path):
         p.write_bytes(_npz(compressed))
         c = load_client(p, SPEC)
         assert c.x["eye"].shape == (3, 5, 2) and c.y.tolist() == [0, 1, 2] and c.n_train == 2
+
+
+# ------------------------------------------------------- reported, not fixed here (the owners' modules)
+
+def _fleet_dir(tmp_path, text: str):
+    rng = np.random.default_rng(0)
+    save_fleet(Fleet(SPEC, [ClientData("c0", {"eye": rng.standard_normal((3, 5, 2)).astype(np.float32)},
+                                       np.array([0, 1, 2]), np.array([True, False, True]))]), tmp_path)
+    (tmp_path / "fleet.json").write_text(text)
+    return tmp_path
+
+
+def _fleet_json(**spec_changes) -> str:
+    return json.dumps({"format": "fedmfs-fleet", "version": 1, "spec": {**SPEC.to_dict(), **spec_changes},
+                       "clients": ["c0"], "metadata": {}})
+
+
+@pytest.mark.parametrize(("text", "escaped"), [
+    ('{"format": "fedmfs-fleet", "version": 1, "spec": ' + "[" * 5000 + "]" * 5000 + "}", RecursionError),
+    ('{"format": "fedmfs-fleet", "version": 1, "spec": ' + "1" * 5000 + "}", ValueError),   # int max str digits
+    (_fleet_json(num_classes=1e999), OverflowError),                                       # int(inf)
+    (_fleet_json(steps=-1e999), OverflowError),
+], ids=["deep-nesting", "5000-digit-integer", "num_classes-inf", "steps-minus-inf"])
+def test_fleet_json_that_json_or_the_spec_cannot_take_is_a_data_error(tmp_path, text, escaped, request):
+    """fsio.read_spec_document parses with json.loads and catches only JSONDecodeError; DatasetSpec.from_dict
+    calls int() on floats (inf). Both outside this change's files: reported (docs/reliability-fuzz.md)."""
+    request.applymarker(pytest.mark.xfail(strict=True, raises=escaped, reason="reported: fedmfs/core/fsio.py "
+                                          "read_spec_document and modality.DatasetSpec.from_dict"))
+    with pytest.raises(DataError):
+        load_fleet(_fleet_dir(tmp_path, text))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason="reported: fedmfs/core/wire/topics.py parse_topic "
+                   "checks the round with str.isdigit(), which '²' passes and int() refuses")
+def test_parse_topic_with_a_superscript_round():
+    with pytest.raises(PayloadError):
+        parse_topic("fedmfs/v1/lab/device/d/upload/\u00b2/eye")
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason="reported: fedmfs/core/wire/chunks.py Reassembler.add "
+                   "trusts header.index (only decode_chunk checks it)")
+def test_reassembler_add_with_an_index_outside_the_upload():
+    sha = hashlib.sha256(b"abcdef").hexdigest()
+    asm = Reassembler(ChunkHeader(0, 2, 3, 6, sha))
+    asm.add(ChunkHeader(0, 2, 3, 6, sha), b"abc")
+    with pytest.raises(PayloadError):
+        asm.add(ChunkHeader(7, 2, 3, 6, sha), b"def")      # index 7 of 2: stored, then chunk 1 looked up
