@@ -14,6 +14,7 @@ from fedmfs.core.errors import PayloadError
 
 __all__ = [
     "HEX64",
+    "NAME",
     "finite",
     "float_map",
     "get_field",

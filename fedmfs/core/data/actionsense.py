@@ -33,7 +33,6 @@ from __future__ import annotations
 import ast
 import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ import numpy as np
 from fedmfs.core.data.format import ClientData, Fleet
 from fedmfs.core.data.partition import stratified_split
 from fedmfs.core.errors import DataError
+from fedmfs.core.fields import NAME
 from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec, ModalitySpec
 
 __all__ = ["STREAMS", "load_actionsense_hdf5", "resample_steps"]
@@ -56,7 +56,6 @@ STREAMS: dict[str, str] = {
 _CONCAT = "example_matrices"
 _LABELS = "example_label_indexes"
 _SUBJECTS = "example_subject_ids"
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def resample_steps(x: np.ndarray, steps: int) -> np.ndarray:
@@ -245,8 +244,9 @@ def load_actionsense_hdf5(
         raise DataError(f"{p}: subjects {missing} not in the file; it has {available}")
     clients = []
     for k, s in enumerate(chosen):
-        if not _NAME_OK.match(s):
-            raise DataError(f"{p}: subject id {s!r} cannot name a client (letters, digits, '_', '-', '.')")
+        if not NAME.match(s):
+            raise DataError(f"{p}: {_SUBJECTS}: subject id {s!r} cannot name a client: it must match "
+                            f"{NAME.pattern} (the device id). Fix: leave it out (--subjects) or rename it in the file")
         rows = np.flatnonzero((sids == s) & keep)
         xs = {}
         for m, a in raw.items():

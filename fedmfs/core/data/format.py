@@ -4,7 +4,8 @@ A fleet directory holds ``fleet.json`` (the dataset spec, the client list, free 
 ``<client>.npz`` per client with, for every modality the client has, an array ``x_<modality>`` of
 shape (N, T, *feature_shape) float32, plus ``y`` (N,) int64 labels and ``train`` (N,) bool (True for the
 training split). A modality the client lacks is simply absent. Files are read with
-``allow_pickle=False``: object arrays are refused.
+``allow_pickle=False``: object arrays are refused. A client's name is its device id on the wire and the
+stem of its file, so it follows the device-id rule (:data:`fedmfs.core.fields.NAME`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from fedmfs.core.errors import DataError
+from fedmfs.core.fields import NAME
 from fedmfs.core.fsio import atomic_write_with, read_spec_document
 from fedmfs.core.modality import DatasetSpec
 
-__all__ = ["FORMAT_VERSION", "ClientData", "Fleet", "load_fleet", "save_fleet"]
+__all__ = ["FORMAT_VERSION", "ClientData", "Fleet", "load_client", "load_fleet", "read_fleet_spec", "save_fleet"]
 
 FORMAT_VERSION = 1
 
@@ -54,8 +56,11 @@ class ClientData:
         return int(self.train.sum())
 
     def validate(self, spec: DatasetSpec) -> None:
-        """Check shapes, dtypes and labels against the spec; list every problem found."""
+        """Check the name, shapes, dtypes and labels against the spec; list every problem found."""
         problems = []
+        if not isinstance(self.name, str) or not NAME.match(self.name):
+            problems.append(f"the name must match {NAME.pattern} (it is the device id and names the client's "
+                            f".npz file)")
         n = self.y.shape[0] if self.y.ndim == 1 else -1
         if self.y.ndim != 1:
             problems.append(f"y must be 1-D, got shape {self.y.shape}")
@@ -162,32 +167,62 @@ def save_fleet(fleet: Fleet, directory: str | os.PathLike) -> Path:
     return d
 
 
-# what numpy and zipfile raise on a damaged archive, as fuzzing found (bench/fuzz.py): a truncated file
-# (BadZipFile), a cut deflate stream (zlib.error), an unknown compression method or zip version
-# (NotImplementedError), a .npy header numpy's tokenizer or literal_eval chokes on (TokenError,
-# IndentationError, TypeError), a shape claiming more memory than there is (MemoryError, raised before
-# anything is allocated); besides what numpy documents (ValueError, OSError, EOFError)
+# what numpy and zipfile raise on a damaged archive: a truncated file (no central directory), a bad
+# CRC, a cut deflate stream, a bad .npy header, an object array (allow_pickle=False); and, found by
+# fuzzing (bench/fuzz.py): an unknown compression method (NotImplementedError), a .npy header numpy's
+# tokenizer or literal_eval chokes on (TokenError, IndentationError, TypeError), a shape claiming more
+# memory than there is (MemoryError, raised before anything is allocated)
 _UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, SyntaxError,
                TypeError, MemoryError, tokenize.TokenError)
+_NPZ_FIX = ("Fix: write it with numpy.savez or fedmfs.core.data.save_fleet (docs/data.md); a truncated or "
+            "partial copy fails this way")
 
 
-def _int_labels(p: Path, y: np.ndarray) -> np.ndarray:
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _read_npz(p: Path) -> dict[str, np.ndarray]:
     try:
+        z = np.load(p, allow_pickle=False)
+    except _UNREADABLE as e:
+        raise DataError(f"{p}: not a readable .npz archive ({_first_line(e)}). {_NPZ_FIX}") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataError(f"{p}: not an .npz archive (numpy reads one array from it, a .npy file). {_NPZ_FIX}")
+    try:
+        with z:
+            return dict(z.items())
+    except _UNREADABLE as e:
+        raise DataError(f"{p}: not a readable .npz archive ({_first_line(e)}). {_NPZ_FIX}") from e
+
+
+def _labels(p: Path, y: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """``y`` as int64: integer arrays as they are, floats only when every value is a whole number
+    (a fractional label is never rounded or truncated); strings, bools and the rest are refused."""
+    fix = f"Fix: save y as int64 class indices in [0, {spec.num_classes})"
+    if y.dtype.kind in "iu":
         return y.astype(np.int64, copy=False)
-    except (ValueError, TypeError) as e:     # strings, structured arrays (found by fuzzing)
-        raise DataError(f"{p}: 'y' must hold integer class labels, got {y.dtype}: {e}") from e
+    if y.dtype.kind == "f":
+        flat = y.ravel()
+        bad = np.flatnonzero(~np.isfinite(flat) | (flat != np.round(flat)))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{p}: 'y' must hold integer class labels; {bad.size} of {flat.size} are not whole "
+                            f"numbers (y[{i}] = {flat[i].item()!r}). {fix}")
+        return y.astype(np.int64)
+    kind = {"U": "strings", "S": "bytes", "b": "booleans", "O": "objects", "c": "complex numbers"}.get(y.dtype.kind,
+                                                                                                     "values")
+    example = f" such as {y.ravel()[0].item()!r}" if y.size else ""
+    raise DataError(f"{p}: 'y' must hold integer class labels, got {kind} ({y.dtype}){example}. {fix}")
 
 
 def load_client(path: str | os.PathLike, spec: DatasetSpec, name: str | None = None) -> ClientData:
-    """Load one client's ``.npz`` and validate it against ``spec``."""
+    """Load one client's ``.npz`` and validate it against ``spec``; every error names the file."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"client file {p} does not exist")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            files = dict(z.items())
-    except _UNREADABLE as e:
-        raise DataError(f"{p} is not a readable .npz file: {type(e).__name__}: {e}") from e
+    files = _read_npz(p)
     for key in ("y", "train"):
         if key not in files:
             raise DataError(f"{p}: missing array {key!r} (expected y, train and x_<modality> arrays)")
@@ -197,19 +232,47 @@ def load_client(path: str | os.PathLike, spec: DatasetSpec, name: str | None = N
     c = ClientData(
         name=name or p.stem,
         x={k[2:]: files[k] for k in files if k.startswith("x_")},
-        y=_int_labels(p, files["y"]),
+        y=_labels(p, files["y"], spec),
         train=files["train"],
     )
-    c.validate(spec)
+    try:
+        c.validate(spec)
+    except DataError as e:
+        raise DataError(f"{p}: {e}") from e
     return c
+
+
+def _read_fleet_json(d: Path) -> tuple[dict, DatasetSpec, list[str]]:
+    """``fleet.json``: the document, its spec and its client names, each name checked before any file
+    is opened (a name is a path component: ``../x`` would read outside the directory)."""
+    mp = d / "fleet.json"
+    meta, spec = read_spec_document(mp, "fedmfs-fleet", FORMAT_VERSION, DataError, "a fleet directory")
+    names = meta.get("clients", [])
+    if not isinstance(names, list):
+        raise DataError(f"{mp}: 'clients' must be a list of client names, got {type(names).__name__}")
+    if not names:
+        raise DataError(f"{mp}: the fleet lists no clients")
+    seen: set[str] = set()
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not NAME.match(n):
+            raise DataError(f"{mp}: 'clients'[{i}] {n!r} is not a client name: it must match {NAME.pattern} "
+                            f"(it is the device id and names the file <name>.npz in {d}). Fix: rename the "
+                            f"client in fleet.json and its .npz file")
+        if n in seen:
+            raise DataError(f"{mp}: 'clients' lists {n!r} twice. Fix: list each client once")
+        seen.add(n)
+    return meta, spec, names
+
+
+def read_fleet_spec(directory: str | os.PathLike) -> DatasetSpec:
+    """The spec of a fleet directory, its ``fleet.json`` checked as :func:`load_fleet` does, without
+    reading any client's data (what the checks of a run's options need)."""
+    return _read_fleet_json(Path(directory))[1]
 
 
 def load_fleet(directory: str | os.PathLike) -> Fleet:
     """Load a fleet written by :func:`save_fleet` (or by hand, following docs/data.md)."""
     d = Path(directory)
-    mp = d / "fleet.json"
-    meta, spec = read_spec_document(mp, "fedmfs-fleet", FORMAT_VERSION, DataError, "a fleet directory")
-    clients = [load_client(d / f"{n}.npz", spec, n) for n in meta.get("clients", [])]
-    if not clients:
-        raise DataError(f"{mp}: the fleet lists no clients")
+    meta, spec, names = _read_fleet_json(d)
+    clients = [load_client(d / f"{n}.npz", spec, n) for n in names]
     return Fleet(spec, clients, meta.get("metadata", {}))
