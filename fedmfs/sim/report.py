@@ -11,14 +11,16 @@ and ``rounds[i].upload_bytes`` (bytes uploaded by all clients in round i).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedmfs.core.fsio import atomic_write
 
-__all__ = ["report_envelope", "build_report", "write_report", "plot_report", "summary_markdown"]
+__all__ = ["report_envelope", "build_report", "write_report", "plot_report", "report_json", "summary_markdown"]
 
 
 def report_envelope(fleet, cfg, rounds: list[dict], digests: dict[str, str], transport: str, **extra) -> dict:
@@ -109,9 +111,27 @@ def write_report(report: dict, out: str | os.PathLike, plots: bool = True) -> Pa
     on_disk = report
     if isinstance(report.get("broker"), str):     # a broker URL is shown, its password never
         on_disk = {**report, "broker": redact_url(report["broker"])}
-    atomic_write(d / "report.json", json.dumps(on_disk, indent=1, sort_keys=False).encode())
+    atomic_write(d / "report.json", report_json(on_disk).encode())
     atomic_write(d / "summary.md", summary_markdown(report).encode())
     return d / "report.json"
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON's null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def report_json(report: dict) -> str:
+    """The report as strict JSON (RFC 8259): Python's json writes NaN and Infinity by default, which
+    other JSON readers refuse, so a non-finite number (an unevaluated round's mean, a fleet's metadata)
+    is written as null, and ``allow_nan=False`` makes any that slipped through an error, not a file."""
+    return json.dumps(_strict(report), indent=1, sort_keys=False, allow_nan=False)
 
 
 def _modalities(report: dict) -> list[str]:

@@ -9,6 +9,7 @@ must reach it, so each test takes well under a second.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -176,3 +177,24 @@ def test_a_fleet_with_such_a_name_is_neither_saved_nor_run(base, tmp_path, name)
     assert not (tmp_path / "d" / "outside.npz").exists()
     with pytest.raises(DataError, match="must match"):
         f.check_runnable()
+
+
+# ------------------------------------------------------------------------------- 5. strict JSON
+
+def test_report_json_is_strict_json(tmp_path):
+    from fedmfs.sim.report import write_report
+
+    report = {"config": {"method": "fedmfs", "rounds": 1, "gamma": 1, "alphas": {}, "cap_bytes": None, "seed": 0},
+              "dataset": {"spec": {"modalities": [{"name": "eye"}]}, "clients": {},
+                          "metadata": {"x": math.nan, "y": [math.inf, -math.inf], "z": 3}},
+              "rounds": [{"round": 0, "accuracy": math.nan, "upload_bytes": 0, "cumulative_bytes": 0,
+                          "uploads": []}],
+              "final_accuracy": math.nan, "total_upload_bytes": 0}
+    path = write_report(report, tmp_path / "r", plots=False)
+
+    def refuse(token):
+        raise AssertionError(f"{token} in report.json")
+
+    back = json.loads(path.read_text(), parse_constant=refuse)
+    assert back["dataset"]["metadata"] == {"x": None, "y": [None, None], "z": 3}
+    assert back["rounds"][0]["accuracy"] is None and back["final_accuracy"] is None
