@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -38,14 +40,16 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--method", default=None,
                    help=f"{' | '.join(all_methods())} [{d.method}]; see `fedmfs methods`")
     p.add_argument("--rounds", type=int, default=None, help=f"federated rounds [{a.rounds}]")
-    p.add_argument("--gamma", type=int, default=None, help=f"modality models each client uploads per round [{d.gamma}]")
+    p.add_argument("--gamma", type=int, default=None,
+                   help=f"modality models each client uploads per round (0 uploads nothing: refused) [{d.gamma}]")
     p.add_argument("--alpha-s", type=float, default=None, help=f"weight of normalised Shapley impact [{d.alphas.s:.3g}]")
     p.add_argument("--alpha-c", type=float, default=None,
                    help=f"weight of (1 - normalised model size) [{d.alphas.c:.3g}]")
     p.add_argument("--alpha-r", type=float, default=None,
                    help=f"weight of recency (rounds since the last upload) [{d.alphas.r:.3g}]")
     p.add_argument("--cap-bytes", type=int, default=None,
-                   help="per-device upload cap in bytes per round; selection becomes an exact knapsack [no cap]")
+                   help="per-device upload cap in bytes per round; selection becomes an exact knapsack; at "
+                        "least the smallest model's encoded size, or nothing is uploaded (refused) [no cap]")
     p.add_argument("--cap-rule", default=None,
                    help=f"what a binding cap maximises: impact (Shapley, recency bonus) | priority (0.1.0) [{d.cap_rule}]")
     p.add_argument("--codec", default=None, help=f"encoding of the uploaded weights: fp32 | fp16 | int8 [{d.codec}]")
@@ -71,11 +75,13 @@ def _resolve(args) -> dict:
 
     conf: dict = {}
     train_table: dict = {}
+    from_config: frozenset[str] = frozenset()
     if args.config:
         raw = load_toml(args.config)
         train_table = raw.pop("train", {}) if isinstance(raw.get("train", {}), dict) else {}
         check_keys(raw, SIM_KEYS, str(args.config))
         conf.update(raw)
+        from_config = frozenset(raw)
     for k in SIM_KEYS:
         v = getattr(args, k, None)
         if v is not None:
@@ -85,16 +91,94 @@ def _resolve(args) -> dict:
         # a baseline has no modality uploads for the fleet services: it runs in process
         conf["transport"] = "inproc" if conf.get("method") == "holistic" else "mqtt"
     conf["train"] = train_config_from(train_table, f"{args.config} [train]") if train_table else None
+    # the keys the file set and no option overrode: a message about one names the file and key
+    conf["from_config"] = frozenset(k for k in from_config if getattr(args, k, None) is None)
     return conf
 
 
-def cmd_simulate(args) -> int:
-    from fedmfs.core.data import load_fleet, make_synthetic
+def _origin(args, conf: dict, key: str) -> str:
+    """Where a setting came from, for a message: its option, or the config file and key."""
+    if key in conf["from_config"]:
+        return f"{args.config}: {key}"
+    return f"--{key.replace('_', '-')}"
+
+
+def _fix(args, conf: dict, key: str, value: object) -> str:
+    """How to set ``key`` to ``value`` where the user set it."""
+    if key in conf["from_config"]:
+        return f"{key} = {value} in {args.config}"
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def _check_alphas(args, conf: dict) -> None:
+    """Each alpha a finite number >= 0, and not all three 0 (a NaN would reach every priority and the report)."""
     from fedmfs.core.selection import Alphas
-    from fedmfs.sim.driver import run_simulation
+
+    d = Alphas()
+    defaults = {"alpha_s": d.s, "alpha_c": d.c, "alpha_r": d.r}
+    for k, default in defaults.items():
+        v = conf.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            raise ConfigError(f"{_origin(args, conf, k)} {v}: an alpha is a weight of the priority and must be a "
+                              f"finite number >= 0. Fix: e.g. {_fix(args, conf, k, default)} (the default)")
+    if all(conf.get(k, default) == 0 for k, default in defaults.items()):
+        raise ConfigError(f"{', '.join(_origin(args, conf, k) for k in defaults)}: all three alphas are 0, so "
+                          f"the priority is 0 for every modality. Fix: make at least one > 0 (the defaults are "
+                          f"{', '.join(_fix(args, conf, k, v) for k, v in defaults.items())})")
+
+
+def _check_out(args, conf: dict, out: Path) -> None:
+    """``out`` is a directory, or can be made one: checked before the run, whose results it receives."""
+    where = _origin(args, conf, "out") if "out" in conf else "--out (the default)"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{where} {out} is a file, not a directory. Fix: give a directory for the report "
+                          f"(created if needed), or move the file away")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{where} {out}: cannot create it, {parent} is a file. Fix: give a directory path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where} {out}: {parent} is not writable. Fix: give a directory you may write to")
+
+
+def _check_uploads(args, conf: dict, cfg: SimConfig, spec) -> None:
+    """Refuse the settings under which no client could ever upload (a run that silently trains locally):
+    gamma 0 for a method that uploads gamma models, a byte cap below every model's encoded size."""
+    from fedmfs.core.selection import METHODS
+    from fedmfs.sim.compare import upload_sizes
+
+    if cfg.baseline is None and cfg.method == "local":
+        return     # uploads nothing by design
+    if cfg.baseline is None and not METHODS[cfg.method].every_modality and cfg.policy.gamma == 0:
+        raise ConfigError(f"{_origin(args, conf, 'gamma')} 0: no client would upload anything (gamma is the number "
+                          f"of modality models a client uploads per round). Fix: {_fix(args, conf, 'gamma', 1)} "
+                          f"or more, or --method local for a run without uploads")
+    cap = cfg.policy.cap_bytes
+    if cap is None:
+        return
+    sizes = upload_sizes(cfg, spec)
+    name = min(sizes, key=lambda m: sizes[m])
+    size, most = sizes[name]
+    if cap < size:
+        which = "the smallest" if len(sizes) > 1 else "its one model"
+        raise ConfigError(f"{_origin(args, conf, 'cap_bytes')} {cap} is smaller than every model a client can "
+                          f"upload: {which}, {name}, is {size} bytes with codec {cfg.policy.codec} (up to {most} "
+                          f"with its round and sample count in the header), so nothing would be uploaded. "
+                          f"Fix: {_fix(args, conf, 'cap_bytes', most)} or more, or no cap")
+
+
+def cmd_simulate(args) -> int:
+    from fedmfs.core import data
+    from fedmfs.core.data.format import read_fleet_spec
+    from fedmfs.core.data.synthetic import PRESETS
+    from fedmfs.core.selection import Alphas
+    from fedmfs.sim import driver
     from fedmfs.sim.report import write_report
 
+    # every check of the options and the data before any work: a refusal is one line, not a lost run
     conf = _resolve(args)
+    _check_alphas(args, conf)
     kw = {k: conf[k] for k in ("gamma", "cap_bytes", "codec", "cap_rule", "rounds", "seed", "aggregation") if k in conf}
     if any(f"alpha_{x}" in conf for x in "scr"):
         d = Alphas()
@@ -103,11 +187,20 @@ def cmd_simulate(args) -> int:
         kw["train"] = conf["train"]
     cfg = SimConfig.build(conf.get("method"), **kw)
     out = Path(conf.get("out") or f"runs/{cfg.method}")
+    _check_out(args, conf, out)
     if conf.get("data"):
-        fleet = load_fleet(conf["data"])
+        spec = read_fleet_spec(conf["data"])
+    elif conf["preset"] in PRESETS:
+        spec = PRESETS[conf["preset"]].spec()
     else:
-        fleet = make_synthetic(conf["preset"], seed=cfg.seed)
-    report = run_simulation(fleet, cfg, conf["transport"], conf.get("broker"), progress=not args.quiet)
+        raise ConfigError(f"{_origin(args, conf, 'preset')} {conf['preset']}: unknown synthetic preset. Fix: one "
+                          f"of {', '.join(PRESETS)}, or --data DIR")
+    _check_uploads(args, conf, cfg, spec)
+    if conf.get("data"):
+        fleet = data.load_fleet(conf["data"])
+    else:
+        fleet = data.make_synthetic(conf["preset"], seed=cfg.seed)
+    report = driver.run_simulation(fleet, cfg, conf["transport"], conf.get("broker"), progress=not args.quiet)
     path = write_report(report, out, plots=not args.no_plots)
     acc = report["final_accuracy"]
     print(f"final accuracy {'-' if acc is None else f'{acc * 100:.2f}%'}  total upload "

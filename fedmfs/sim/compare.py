@@ -30,13 +30,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedmfs.core.data.format import Fleet
 from fedmfs.core.modality import DatasetSpec
 from fedmfs.core.selection import Alphas, SelectionPolicy
+
+if TYPE_CHECKING:
+    from fedmfs.sim.config import SimConfig
 
 __all__ = [
     "REPORTING_SEEDS",
@@ -46,6 +49,7 @@ __all__ = [
     "SyntheticFleet",
     "default_variants",
     "modality_payload_sizes",
+    "upload_sizes",
     "mean_ci",
     "paired_diff_ci",
     "accuracy_at_bytes",
@@ -155,6 +159,30 @@ def modality_payload_sizes(spec: DatasetSpec, codec: str = "fp32") -> dict[str, 
     from fedmfs.learner.models import build_modality_models, state_to_numpy
 
     return {m: encoded_size(state_to_numpy(model), codec, m) for m, model in build_modality_models(spec).items()}
+
+
+def upload_sizes(cfg: SimConfig, spec: DatasetSpec) -> dict[str, tuple[int, int]]:
+    """Every model a client of this run can upload (one per modality; the holistic baseline's one
+    model) with its encoded bytes in the run's codec, ``(least, most)``.
+
+    A real upload's header carries its round and sample count, so its size lies between the payload
+    with round 0 and one sample and the one with the run's last round and the largest sample count a
+    header may carry (a few bytes apart); a byte cap below the least is never met. Computed from the
+    spec's model shapes (freshly initialised weights: the size does not depend on the values), so
+    nothing is trained."""
+    from fedmfs.core.payload import MAX_SAMPLES, Codec, ModelHeader, encode_model
+    from fedmfs.learner.models import build_modality_models, state_to_numpy
+
+    if cfg.baseline == "holistic":
+        from fedmfs.sim.holistic import HolisticModel
+
+        states = {"holistic": state_to_numpy(HolisticModel(spec))}
+    else:
+        states = {m: state_to_numpy(model) for m, model in build_modality_models(spec).items()}
+    codec = Codec(cfg.policy.codec)
+    last = max(0, cfg.rounds - 1)
+    return {m: (len(encode_model(st, ModelHeader(0, m, 1, codec))),
+                len(encode_model(st, ModelHeader(last, m, MAX_SAMPLES, codec)))) for m, st in states.items()}
 
 
 def default_variants() -> list[Variant]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,11 @@ import pytest
 
 from fedmfs.cli import main
 from fedmfs.core.data.format import ClientData, Fleet, load_fleet, save_fleet
-from fedmfs.core.data.synthetic import make_synthetic
+from fedmfs.core.data.synthetic import PRESETS, make_synthetic
 from fedmfs.core.errors import DataError
+from fedmfs.core.payload import Codec, ModelHeader, encode_model
+from fedmfs.learner.models import build_modality_models, state_to_numpy
+from fedmfs.sim.compare import modality_payload_sizes
 
 
 class Reached(Exception):
@@ -179,7 +183,26 @@ def test_a_fleet_with_such_a_name_is_neither_saved_nor_run(base, tmp_path, name)
         f.check_runnable()
 
 
-# ------------------------------------------------------------------------------- 5. strict JSON
+# ------------------------------------------------------------------------------- 5. alphas, strict JSON
+
+@pytest.mark.parametrize("opt,value", [("--alpha-s", "nan"), ("--alpha-c", "inf"), ("--alpha-r", "-1"),
+                                       ("--alpha-s", "-inf"), ("--alpha-r", "NaN")])
+def test_a_non_finite_or_negative_alpha_is_refused(tmp_path, capsys, opt, value):
+    line = refusal(capsys, main(simulate(tmp_path, f"{opt}={value}")), 2)   # "=": argparse takes -inf for an option
+    assert f"{opt} {float(value)}" in line and "finite number >= 0" in line
+
+
+def test_an_alpha_from_the_config_file_names_the_file_and_key(tmp_path, capsys):
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text("alpha_c = nan\n")
+    line = refusal(capsys, main(simulate(tmp_path, "--config", str(cfg))), 2)
+    assert f"{cfg}: alpha_c nan" in line
+
+
+def test_all_alphas_zero_is_refused(tmp_path, capsys):
+    line = refusal(capsys, main(simulate(tmp_path, "--alpha-s", "0", "--alpha-c", "0", "--alpha-r", "0")), 2)
+    assert "--alpha-s, --alpha-c, --alpha-r" in line
+
 
 def test_report_json_is_strict_json(tmp_path):
     from fedmfs.sim.report import write_report
@@ -198,3 +221,82 @@ def test_report_json_is_strict_json(tmp_path):
     back = json.loads(path.read_text(), parse_constant=refuse)
     assert back["dataset"]["metadata"] == {"x": None, "y": [None, None], "z": 3}
     assert back["rounds"][0]["accuracy"] is None and back["final_accuracy"] is None
+
+
+# ------------------------------------------------------------------------------- 6. uploads of nothing
+
+def smallest(codec: str) -> tuple[str, int]:
+    sizes = modality_payload_sizes(PRESETS["small"].spec(), codec)
+    m = min(sizes, key=lambda k: sizes[k])
+    return m, sizes[m]
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_a_cap_below_every_model_is_refused_with_the_cap_that_works(tmp_path, capsys, codec):
+    m, size = smallest(codec)
+    line = refusal(capsys, main(simulate(tmp_path, "--cap-bytes", str(size - 1), "--codec", codec)), 2)
+    assert f"--cap-bytes {size - 1} is smaller" in line and f"{m}, is {size} bytes with codec {codec}" in line
+    # the cap it proposes lets the model through with any round and sample count in its header
+    works = int(re.search(r"Fix: --cap-bytes (\d+) or more", line).group(1))
+    state = state_to_numpy(build_modality_models(PRESETS["small"].spec())[m])
+    assert size <= works <= size + 64
+    assert len(encode_model(state, ModelHeader(0, m, 10**6, Codec(codec)))) <= works
+
+
+def test_the_cap_check_reads_the_fleets_spec(fleet_dir, tmp_path, capsys):
+    m, size = smallest("fp32")
+    line = refusal(capsys, main(simulate(tmp_path, "--data", str(fleet_dir), "--cap-bytes", "10")), 2)
+    assert f"{m}, is {size} bytes" in line
+
+
+def test_a_cap_that_fits_the_smallest_model_runs(tmp_path):
+    _, size = smallest("fp32")
+    with pytest.raises(Reached):
+        main(simulate(tmp_path, "--cap-bytes", str(size)))
+
+
+def test_the_holistic_cap_is_checked_against_its_one_model(tmp_path, capsys):
+    _, size = smallest("fp32")
+    line = refusal(capsys, main(simulate(tmp_path, "--method", "holistic", "--cap-bytes", str(size))), 2)
+    assert "holistic" in line and "--cap-bytes" in line
+
+
+def test_gamma_zero_is_refused(tmp_path, capsys):
+    line = refusal(capsys, main(simulate(tmp_path, "--gamma", "0")), 2)
+    assert "--gamma 0" in line and "--gamma 1" in line and "--method local" in line
+
+
+@pytest.mark.parametrize("method", ["all", "local"])
+def test_gamma_zero_is_accepted_where_gamma_is_not_used(tmp_path, method):
+    with pytest.raises(Reached):
+        main(simulate(tmp_path, "--gamma", "0", "--method", method))
+
+
+# ------------------------------------------------------------------------------- 7. --out
+
+def test_out_naming_a_file_is_refused_before_any_work(tmp_path, fleet_dir, capsys):
+    (tmp_path / "out").write_text("results of another run\n")
+    line = refusal(capsys, main(simulate(tmp_path, "--data", str(fleet_dir))), 2)
+    assert f"--out {tmp_path / 'out'} is a file" in line
+    assert (tmp_path / "out").read_text() == "results of another run\n"
+
+
+def test_out_below_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    rc = main(["simulate", "--quiet", "--out", str(tmp_path / "f" / "run")])
+    line = refusal(capsys, rc, 2)
+    assert f"{tmp_path / 'f'} is a file" in line
+
+
+def test_out_from_the_config_file_names_the_file_and_key(tmp_path, capsys):
+    (tmp_path / "o").write_text("")
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text(f"out = {json.dumps(str(tmp_path / 'o'))}\n")
+    line = refusal(capsys, main(["simulate", "--quiet", "--config", str(cfg)]), 2)
+    assert f"{cfg}: out {tmp_path / 'o'} is a file" in line
+
+
+def test_an_existing_out_directory_is_fine(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(Reached):
+        main(simulate(tmp_path))
