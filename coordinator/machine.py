@@ -44,6 +44,7 @@ from fedmfs.core.wire import (
     DeviceState,
     DeviceStatus,
     Evaluation,
+    Fetch,
     Publish,
     Reassembler,
     Report,
@@ -60,11 +61,14 @@ from fedmfs.core.wire import (
     encode_message,
     parse_topic,
     sign_message,
+    split_payload,
 )
 
 __all__ = [
     "ChunkArrived",
     "CoordinatorMachine",
+    "DeviceAhead",
+    "FetchArrived",
     "FleetChanged",
     "GlobalModel",
     "PersistEvaluation",
@@ -74,6 +78,7 @@ __all__ = [
     "PersistStatus",
     "PersistUpload",
     "Publish",
+    "Reconnected",
     "Refused",
     "ReportArrived",
     "RoundClosed",
@@ -87,6 +92,8 @@ __all__ = [
 
 log = logging.getLogger("fedmfs.coordinator.machine")
 State = dict[str, np.ndarray]
+# announcements of one round are ordered: a round opens, closes, and the last one ends the run
+_STATE_ORDER = {RoundState.OPEN: 0, RoundState.CLOSED: 1, RoundState.DONE: 2}
 
 
 def modality_shapes(spec: ModalitySpec, num_classes: int) -> dict[str, tuple[int, ...]]:
@@ -114,6 +121,9 @@ class RoundPolicy:
     aggregation: str = DEFAULT_RULE
     max_update_ratio: float = 1.0     # 3.7 x the largest honest update measured (docs/protocol.md)
     min_update_rms: float = 0.01
+    # global-model chunks one device may fetch per round, as a multiple of the fleet's global models'
+    # bytes (a device on a flaky link re-fetches what its cuts lost; one that asks for more is hostile)
+    fetch_budget: float = 8.0
 
     def __post_init__(self) -> None:
         if self.rounds_total < 1:
@@ -129,6 +139,9 @@ class RoundPolicy:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0:
                 raise ValueError(f"{k} must be a number >= 0 (inf: no clipping), got {v!r}")
+        if isinstance(self.fetch_budget, bool) or not isinstance(self.fetch_budget, (int, float)) \
+                or not self.fetch_budget >= 1:
+            raise ValueError(f"fetch_budget must be a number >= 1, got {self.fetch_budget!r}")
         if not self.max_update_ratio and not self.min_update_rms:
             raise ValueError("max_update_ratio and min_update_rms are both 0: every update would be clipped to "
                              "nothing; set max_update_ratio > 0")
@@ -166,13 +179,28 @@ class StatusArrived:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchArrived:
+    """A device asks for the fleet state it lacks (a ``fetch`` message on its ``fetch`` topic)."""
+    device: str
+    data: bytes
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """The service's broker link came back (the broker may have restarted without its retained
+    messages): publish the fleet state again."""
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class FleetChanged:
     """The fleet file changed: new configs apply from the next round (caps of the open round stay)."""
     devices: tuple[DeviceConfig, ...]
     now: float
 
 
-Event = Start | ChunkArrived | ReportArrived | StatusArrived | Tick | FleetChanged
+Event = Start | ChunkArrived | ReportArrived | StatusArrived | FetchArrived | Reconnected | Tick | FleetChanged
 
 
 # -------------------------------------------------------------------------------------------- actions
@@ -240,6 +268,15 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceAhead:
+    """A device holds a signed round of this fleet epoch later than the coordinator's: the ledger lost
+    writes (docs/reliability.md). Logged and counted; the operator runs ``fedmfs-coordinator recover``."""
+    device: str
+    device_round: int
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
 class RoundClosed:
     round: int
     duration: float
@@ -249,7 +286,7 @@ class RoundClosed:
 
 
 Action = (Publish | PersistUpload | PersistReport | PersistEvaluation | PersistRound | PersistGlobal | PersistStatus
-          | Refused | RoundClosed)
+          | Refused | RoundClosed | DeviceAhead)
 
 
 @dataclass(slots=True)
@@ -259,6 +296,13 @@ class GlobalModel:
     frame: bytes
     sha256: str
     round: int
+    _chunks: tuple[int, list[bytes]] | None = None
+
+    def chunks(self, chunk_bytes: int) -> list[bytes]:
+        """The signed frame as chunk frames (what a device fetches), made once per chunk size."""
+        if self._chunks is None or self._chunks[0] != chunk_bytes:
+            self._chunks = (chunk_bytes, split_payload(self.frame, chunk_bytes))
+        return self._chunks[1]
 
 
 @dataclass(slots=True)
@@ -294,7 +338,10 @@ class CoordinatorMachine:
         self.online: dict[str, bool] = {}
         self.evaluations: dict[tuple[int, str], float] = {}   # (round, device) -> Stage #2 accuracy
         self.max_samples: dict[str, int] = {d: c.max_samples for d, c in self.devices.items()}
+        self.gammas: dict[str, int] = self._gammas()
         self._strangers = _RateLimitedNote(60.0)
+        self._ahead = _RateLimitedNote(60.0, logging.ERROR)
+        self._greedy = _RateLimitedNote(60.0)
         self._reset_round()
 
     # -- setup -------------------------------------------------------------------------------------
@@ -306,7 +353,13 @@ class CoordinatorMachine:
             raise ValueError("the fleet has no devices")
         self.devices = {d.device: d for d in devices}
 
+    def _gammas(self) -> dict[str, int]:
+        """How many modalities each device may have accepted in a round: its policy's gamma (every
+        modality of the fleet for the methods that upload all)."""
+        return {d: c.policy.gamma_for(len(self.spec.modalities)) for d, c in self.devices.items()}
+
     def _reset_round(self) -> None:
+        self.served: dict[str, int] = {}      # global-model bytes fetched per device this round
         self.accepted: dict[tuple[str, str], _Accepted] = {}
         self.used: dict[str, int] = {}
         self.reported: dict[str, Report] = {}
@@ -331,13 +384,27 @@ class CoordinatorMachine:
         self.globals[modality] = GlobalModel(st, version, frame, h.sha256, round_index)
 
     def restore_round(self, round_index: int, state: RoundState, deadline: float, opened_at: float,
-                      expected: tuple[str, ...], caps: Mapping[str, int | None]) -> None:
-        """The open round after a restart: its caps from the ledger, its sample bounds from the fleet
-        file as it is now (the ledger does not keep them)."""
+                      expected: tuple[str, ...], caps: Mapping[str, int | None], now: float | None = None,
+                      left: float | None = None) -> None:
+        """The open round after a restart: its caps from the ledger, its sample bounds and gammas from
+        the fleet file as it is now (the ledger does not keep them). With ``now``, the deadline is read
+        back as the time that was left (``left``, as the service last recorded it; else the stored
+        deadline minus ``now``), clamped to [``restart_grace``, the round's length]: a clock that stepped
+        while the coordinator was down neither closes the round at once nor stretches it."""
         self.round, self.state, self.deadline, self.opened_at = round_index, state, deadline, opened_at
+        if now is not None and state is RoundState.OPEN:
+            full = max(deadline - opened_at, self.policy.round_seconds)   # with an extension (see _deadline)
+            left = deadline - now if left is None else left
+            self.deadline = now + min(max(left, self.restart_grace), full)
         self.expected, self.caps = tuple(expected), dict(caps)
         self.max_samples = {d: c.max_samples for d, c in self.devices.items()}
+        self.gammas = self._gammas()
         self._reset_round()
+
+    @property
+    def restart_grace(self) -> float:
+        """Seconds a resumed round stays open at least: devices re-send what the restart lost."""
+        return min(60.0, self.policy.round_seconds / 4)
 
     def restore_upload(self, device: str, modality: str, payload: bytes) -> None:
         """Re-add an upload the ledger says was accepted in the open round (after a restart), bounded
@@ -389,10 +456,12 @@ class CoordinatorMachine:
     def _announce(self) -> Publish:
         return Publish(self.topics.round(), self.round_message(), 1, True)
 
+    def _config_frame(self, device: str) -> bytes:
+        return sign_message(self.devices[device], self.fleet, self.epoch, self.round, self.signer)
+
     def _configs(self) -> list[Action]:
         """Every device's signed config (retained), stamped with the round it is published in."""
-        return [Publish(self.topics.config(d), sign_message(c, self.fleet, self.epoch, self.round, self.signer), 1,
-                        True) for d, c in sorted(self.devices.items())]
+        return [Publish(self.topics.config(d), self._config_frame(d), 1, True) for d in sorted(self.devices)]
 
     def _ack(self, device: str, reason: AckReason, modality: str | None = None, sha: str = "",
              missing: tuple[int, ...] = (), detail: str = "", round_index: int | None = None) -> Publish:
@@ -440,15 +509,39 @@ class CoordinatorMachine:
         self.expected = tuple(sorted(self.devices))
         self.caps = {d: c.policy.cap_bytes for d, c in self.devices.items()}
         self.max_samples = {d: c.max_samples for d, c in self.devices.items()}
+        self.gammas = self._gammas()
         self._reset_round()
         return [PersistRound(self.round, self.state, self.deadline, now, self.expected, dict(self.caps)),
                 self._announce()]
 
-    def _close(self, now: float) -> list[Action]:
+    def missing(self) -> list[str]:
+        """The expected devices that have not reported this round."""
+        return [d for d in self.expected if d not in self.reported]
+
+    def _deadline(self, now: float) -> list[Action]:
+        """The deadline passed. Uploads acknowledged ``accepted`` are never dropped: below quorum with
+        accepted uploads the round is extended once by a round length (re-announced with the new
+        deadline); at the extended deadline it aggregates what it has, quorum or not. Below quorum with
+        nothing accepted it closes without aggregating (the globals stay)."""
+        n, want = len(self.reported), min(self.policy.quorum, len(self.expected))
+        missing = ", ".join(self.missing()) or "-"
+        extended = self.deadline - self.opened_at > self.policy.round_seconds * 1.5
+        if n < want and self.accepted and not extended:
+            self.deadline = now + self.policy.round_seconds
+            log.warning("round %d: deadline passed with %d/%d reports, below the quorum of %d (missing: %s); "
+                        "%d accepted uploads are kept: the round is extended to %.0f s from now", self.round, n,
+                        len(self.expected), want, missing, len(self.accepted), self.policy.round_seconds)
+            return [PersistRound(self.round, self.state, self.deadline, self.opened_at, self.expected,
+                                 dict(self.caps)), self._announce()]
+        log.info("round %d: deadline passed with %d/%d reports (missing: %s)", self.round, n, len(self.expected),
+                 missing)
+        return self._close(now, force=bool(self.accepted))
+
+    def _close(self, now: float, force: bool = False) -> list[Action]:
         quorum = len(self.reported) >= min(self.policy.quorum, len(self.expected))
         out: list[Action] = []
         counts: dict[str, int] = {}
-        if quorum:
+        if quorum or force:
             for m in self.spec.names:   # canonical order: deterministic frames and logs
                 agg = self.aggs.get(m)
                 if agg is None or not agg.count:
@@ -479,10 +572,13 @@ class CoordinatorMachine:
             return self._on_report(event)
         if isinstance(event, Tick):
             if self.state is RoundState.OPEN and event.now >= self.deadline:
-                log.info("round %d: deadline passed with %d/%d reports", self.round, len(self.reported),
-                         len(self.expected))
-                return self._close(event.now)
+                return self._deadline(event.now)
             return []
+        if isinstance(event, FetchArrived):
+            return self._on_fetch(event)
+        if isinstance(event, Reconnected):
+            # the broker may have lost its retained messages: the configs, globals and round again
+            return [*self._configs(), *self._republish_globals(), self._announce()]
         if isinstance(event, StatusArrived):
             return self._on_status(event)
         if isinstance(event, Start):
@@ -509,9 +605,64 @@ class CoordinatorMachine:
         self.online[ev.device] = online
         return [PersistStatus(ev.device, online)]
 
+    def _republish_globals(self) -> list[Action]:
+        return [Publish(self.topics.global_model(m), g.frame, 1, True) for m, g in sorted(self.globals.items())]
+
+    def _on_fetch(self, ev: FetchArrived) -> list[Action]:
+        """Answer a device's ``fetch`` with what it lacks, on its own topics: the current ``round`` frame
+        when the announcement it holds differs, its config when it asks, and the chunks it lists of the
+        globals it names (QoS 0: what a cut loses, the device asks for again). A device asking for a
+        global the coordinator no longer has gets the current round, which names the current ones."""
+        dev = ev.device
+        if dev not in self.devices:
+            self._strangers.note(ev.now, "fetch from %r ignored: not in the fleet file", dev)
+            return []
+        try:
+            f = decode_message(ev.data, Fetch)
+        except PayloadError as e:
+            return self._refuse(dev, None, AckReason.BAD_MESSAGE, len(ev.data), str(e))
+        if f.device != dev:
+            return self._refuse(dev, None, AckReason.BAD_MESSAGE, len(ev.data),
+                                f"fetch names device {f.device!r} on device {dev!r}'s topic")
+        out: list[Action] = []
+        state_topic = self.topics.state(dev)
+        held = (f.round, _STATE_ORDER[f.state])
+        mine = (self.round, _STATE_ORDER[self.state])
+        if f.epoch == self.epoch and held > mine:
+            self._ahead.note(ev.now, "device %s holds round %d (%s) of this fleet's epoch, ahead of this "
+                             "coordinator's round %d (%s): the ledger lost writes (a restored backup?). Stop the "
+                             "coordinator and run `fedmfs-coordinator recover` (docs/reliability.md)", dev, f.round,
+                             f.state.value, self.round, self.state.value)
+            out.append(DeviceAhead(dev, f.round, self.round))
+        send_round = f.epoch != self.epoch or held != mine
+        if f.config or f.epoch != self.epoch:
+            out.append(Publish(state_topic, self._config_frame(dev), 1, False))
+        chunk_bytes = self.policy.chunk_bytes
+        budget = self.policy.fetch_budget * sum(len(g.frame) for g in self.globals.values()) + 2 * chunk_bytes
+        for want in f.globals:
+            g = self.globals.get(want.modality)
+            if g is None or g.sha256 != want.sha256:
+                send_round = True      # an older global: the current round names the new one
+                continue
+            frames = g.chunks(chunk_bytes)
+            topic = self.topics.device_global(dev, want.modality)
+            for i in sorted(set(want.chunks)):
+                if i >= len(frames):
+                    continue
+                if self.served.get(dev, 0) + len(frames[i]) > budget:
+                    self._greedy.note(ev.now, "device %s fetched more than %.0f bytes of global models in round "
+                                      "%d (fetch_budget %.0f x the globals); its further fetches wait for the next "
+                                      "round", dev, budget, self.round, self.policy.fetch_budget)
+                    break
+                self.served[dev] = self.served.get(dev, 0) + len(frames[i])
+                out.append(Publish(topic, frames[i], 0, False))
+        if send_round:
+            out.insert(0, Publish(state_topic, self.round_message(), 1, False))
+        return out
+
     def _on_start(self, now: float) -> list[Action]:
         out: list[Action] = self._configs()
-        out += [Publish(self.topics.global_model(m), g.frame, 1, True) for m, g in sorted(self.globals.items())]
+        out += self._republish_globals()
         if self.state is RoundState.CLOSED and not self.opened_at:
             out += self._open(0, now)       # a fresh fleet
         elif self.state is RoundState.CLOSED:
@@ -572,6 +723,11 @@ class CoordinatorMachine:
             return self._refuse(dev, mod, AckReason.OVER_CAP, header.payload_bytes,
                                 f"{header.payload_bytes} bytes + {self.used.get(dev, 0)} already accepted "
                                 f"> cap {cap}", header.sha256)
+        over = self._over_gamma(dev)
+        if over:
+            self.refused[key] = AckReason.OVER_GAMMA
+            self.partial.pop((dev, mod), None)
+            return self._refuse(dev, mod, AckReason.OVER_GAMMA, header.payload_bytes, over, header.sha256)
         asm = self.partial.get((dev, mod))
         if asm is None or asm.header.sha256 != header.sha256:
             asm = Reassembler(header)    # a new payload replaces an unfinished one
@@ -610,6 +766,10 @@ class CoordinatorMachine:
         if cap is not None and self.used.get(dev, 0) + len(payload) > cap:
             self.refused[key] = AckReason.OVER_CAP
             return self._refuse(dev, mod, AckReason.OVER_CAP, len(payload), f"cap {cap} exceeded", sha)
+        over = self._over_gamma(dev)
+        if over:
+            self.refused[key] = AckReason.OVER_GAMMA
+            return self._refuse(dev, mod, AckReason.OVER_GAMMA, len(payload), over, sha)
         bound = self.max_samples.get(dev, self.devices[dev].max_samples)
         if header.samples > bound:
             self.refused[key] = AckReason.TOO_MANY_SAMPLES
@@ -623,6 +783,15 @@ class CoordinatorMachine:
             detail += f"; update norm {norm:.4g} clipped to {c:.4g}"
         return [PersistUpload(self.round, dev, mod, payload, sha, header.samples),
                 self._ack(dev, AckReason.ACCEPTED, mod, sha, (), detail)]
+
+    def _over_gamma(self, dev: str) -> str:
+        """Why a new modality of ``dev`` cannot be accepted this round ("" if it can): it already had its
+        gamma of modalities accepted (its state lost, a device may redo a round and choose others)."""
+        gamma = self.gammas.get(dev, len(self.spec.modalities))
+        had = sorted(m for (d, m) in self.accepted if d == dev)
+        if len(had) < gamma:
+            return ""
+        return f"gamma {gamma}: {', '.join(had)} already accepted for this device in round {self.round}"
 
     def _on_report(self, ev: ReportArrived) -> list[Action]:
         dev = ev.device
@@ -691,8 +860,9 @@ class CoordinatorMachine:
 class _RateLimitedNote:
     """Logs a recurring note at most once per ``every`` seconds (event time), with how many it held back."""
 
-    def __init__(self, every: float):
+    def __init__(self, every: float, level: int = logging.WARNING):
         self.every = every
+        self.level = level
         self.last = -math.inf
         self.held = 0
 
@@ -701,7 +871,7 @@ class _RateLimitedNote:
             self.held += 1
             return
         extra = f" ({self.held} more like it held back)" if self.held else ""
-        log.warning(msg + extra, *args)
+        log.log(self.level, msg + extra, *args)
         self.last, self.held = now, 0
 
 
@@ -717,4 +887,6 @@ def event_for(fleet: str, topic: str, payload: bytes, now: float) -> Event | Non
         return ReportArrived(t.device, payload, now)
     if t.kind is TopicKind.STATUS:
         return StatusArrived(t.device, payload, now)
+    if t.kind is TopicKind.FETCH:
+        return FetchArrived(t.device, payload, now)
     return None

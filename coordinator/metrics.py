@@ -35,6 +35,11 @@ class Metrics:
         self.reports = Counter("fedmfs_reports", "device reports recorded", registry=r)
         self.errors = Counter("fedmfs_errors", "internal errors handled without crashing", ["where"], registry=r)
         self.online = Gauge("fedmfs_devices_online", "devices whose status is online", registry=r)
+        self.ahead = Counter("fedmfs_devices_ahead", "fetches from a device holding a later round of this fleet "
+                             "epoch than the coordinator (its ledger lost writes: run `recover`)", ["device"],
+                             registry=r)
+        self.reconnects = Counter("fedmfs_broker_reconnects", "reconnections to the broker (fleet state "
+                                  "published again each time)", registry=r)
 
     def serve(self, port: int, host: str) -> None:
         if self.registry is None or not port:

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from fedmfs.adapters.clock import MonotonicClock
 from fedmfs.adapters.mqtt import Inbound, MqttLink
 from fedmfs.adapters.sdnotify import Notifier, Watchdog
 from fedmfs.core.errors import ConfigError, PayloadError
@@ -25,16 +26,23 @@ from .ledger import Ledger
 from .machine import (
     CoordinatorMachine,
     FleetChanged,
+    Reconnected,
     Start,
     Tick,
     event_for,
 )
 from .metrics import Metrics
-from .writer import Batch, LedgerWriter, PutDevices
+from .writer import Batch, LedgerWriter, PutDevices, PutTimeLeft
 
 __all__ = ["CoordinatorService", "load_signer"]
 
 log = logging.getLogger("fedmfs.coordinator")
+
+# Messages waiting for the machine's thread. A full inbox blocks paho's network thread, so the broker
+# holds (and, for QoS 1, keeps) what does not fit instead of this process growing without bound.
+INBOX_MAX = 10_000
+_RECONNECTED = object()     # in the inbox: the broker link came back
+TIME_LEFT_EVERY = 30.0      # seconds between two records of the open round's time left
 
 
 def load_signer(path: Path) -> Signer:
@@ -56,7 +64,11 @@ class CoordinatorService:
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
         self.watchdog = Watchdog(self.notifier)
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        # deadlines run on the monotonic clock: a wall-clock step mid-round changes nothing
+        self.clock = MonotonicClock()
+        self.inbox: queue.Queue = queue.Queue(maxsize=INBOX_MAX)
+        self._connected_once = False
+        self._time_left_at = -float("inf")
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.failed = False
@@ -66,8 +78,9 @@ class CoordinatorService:
         self.machine = self._build_machine()
         t = self.machine.topics
         self.link = link_factory(cfg.broker, f"fedmfs-coordinator-{cfg.fleet}",
-                             [(t.all_uploads(), 1), (t.all_reports(), 1), (t.all_status(), 1)],
-                             self.inbox, persistent=True)
+                             [(t.all_uploads(), 1), (t.all_reports(), 1), (t.all_status(), 1),
+                              (t.all_fetch(), 1)],
+                             self.inbox, persistent=True, on_connected=self._on_connected)
         self.writer.publish = self.link.publish
 
     # -- state -------------------------------------------------------------------------------------
@@ -88,7 +101,8 @@ class CoordinatorService:
             m.restore_evaluation(ev)
         for g in led.latest_globals():
             m.restore_global(g["modality"], g["version"], g["round"], led.global_frame(g))
-        m.restore_round(last.round, last.state, last.deadline, last.opened_at, last.expected, last.caps)
+        m.restore_round(last.round, last.state, last.deadline, last.opened_at, last.expected, last.caps,
+                        now=self.clock(), left=self._time_left(last.round))
         if last.state is RoundState.OPEN:
             n = 0
             for row in led.uploads(last.round):
@@ -121,6 +135,15 @@ class CoordinatorService:
             log.warning("the ledger had no fleet epoch (fedmfs before protocol 2): epoch %d from now on", epoch)
         return epoch
 
+    def _time_left(self, round_index: int) -> float | None:
+        """The open round's time left as last recorded (None: not recorded for this round)."""
+        raw = self.ledger.get_meta("round_left") or ""
+        r, _, left = raw.partition(":")
+        try:
+            return float(left) if r.isdigit() and int(r) == round_index else None
+        except ValueError:
+            return None
+
     def _initial_globals(self) -> dict:
         try:
             from fedmfs.learner.models import initial_globals
@@ -134,6 +157,13 @@ class CoordinatorService:
         """Persist (one transaction), then publish in order: an ack never promises what the ledger
         does not hold yet. Synchronous before :meth:`run` starts the writer, queued while it runs."""
         self.writer.submit(Batch(list(actions), self.machine.round if round_index is None else round_index))
+
+    def _on_connected(self) -> None:
+        """paho's thread: a connection after the first one means the broker came back, perhaps without
+        its retained messages (no persistence): the machine publishes the fleet state again."""
+        if self._connected_once:
+            self.inbox.put(_RECONNECTED)
+        self._connected_once = True
 
     def _writer_failed(self) -> None:
         self.failed = True
@@ -180,7 +210,7 @@ class CoordinatorService:
         self.link.start(timeout=connect_timeout)
         if writer_thread:
             self.writer.start()
-        self.handle_batch([Start(time.time())])
+        self.handle_batch([Start(self.clock())])
         self.notifier.ready(self._status_line())
 
     def pump(self, block: float = 0.0) -> int:
@@ -193,15 +223,25 @@ class CoordinatorService:
         events, n = [], 0
         while msg is not None and n < 1000:
             n += 1
-            ev = self._event_for(msg, time.time())
-            if ev is not None:
-                events.append(ev)
+            if msg is _RECONNECTED:
+                log.info("reconnected to the broker: publishing the fleet state again")
+                self.metrics.reconnects.inc()
+                events.append(Reconnected(self.clock()))
+            else:
+                ev = self._event_for(msg, self.clock())
+                if ev is not None:
+                    events.append(ev)
             try:
                 msg = self.inbox.get_nowait()
             except queue.Empty:
                 msg = None
-        events.append(Tick(time.time()))
+        now = self.clock()
+        events.append(Tick(now))
         self.handle_batch(events)
+        m = self.machine
+        if m.state is RoundState.OPEN and now - self._time_left_at >= TIME_LEFT_EVERY:
+            self._time_left_at = now
+            self.execute([PutTimeLeft(m.round, m.deadline - now)])
         return n
 
     @property
@@ -262,7 +302,7 @@ class CoordinatorService:
             log.error("fleet file not reloaded: %s", e)
             return
         self.execute([PutDevices(devices)])
-        self.handle_batch([FleetChanged(devices, time.time())])
+        self.handle_batch([FleetChanged(devices, self.clock())])
         log.info("fleet file reloaded: %d devices (caps apply from the next round)", len(devices))
 
     def _status_line(self) -> str:

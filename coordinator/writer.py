@@ -36,6 +36,7 @@ from fedmfs.core.wire import RoundState, encode_message
 
 from .ledger import Ledger
 from .machine import (
+    DeviceAhead,
     PersistEvaluation,
     PersistGlobal,
     PersistReport,
@@ -48,7 +49,7 @@ from .machine import (
 )
 from .metrics import Metrics
 
-__all__ = ["Batch", "LedgerWriter", "PutDevices"]
+__all__ = ["Batch", "LedgerWriter", "PutDevices", "PutTimeLeft"]
 
 log = logging.getLogger("fedmfs.coordinator")
 
@@ -59,6 +60,14 @@ PublishFn = Callable[[str, bytes, int, bool], object]
 class PutDevices:
     """The fleet file was reloaded: record the new device configs."""
     devices: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class PutTimeLeft:
+    """The open round's time left on the monotonic clock (ledger meta ``round_left``: "round:seconds"),
+    so a restart resumes the round with it whatever the wall clock did meanwhile."""
+    round: int
+    seconds: float
 
 
 @dataclass(slots=True)
@@ -210,6 +219,8 @@ class LedgerWriter:
                     pubs.append(a)
                 elif isinstance(a, Refused):
                     self._count_refusal(a)
+                elif isinstance(a, DeviceAhead):       # a metric only: nothing to persist
+                    self.metrics.ahead.labels(a.device).inc()
                 elif isinstance(a, threading.Event):
                     force = True         # flush(): everything so far, the refusal counts too
                 else:
@@ -291,3 +302,5 @@ class LedgerWriter:
             led.set_online(a.device, a.online)
         elif isinstance(a, PutDevices):
             led.put_devices(a.devices)
+        elif isinstance(a, PutTimeLeft):
+            led.put_meta("round_left", f"{a.round}:{a.seconds:.3f}")

@@ -55,9 +55,10 @@ def payload(mod, seed, round_index=0, samples=10, codec=Codec.FP32):
     return encode_model(state(mod, seed), ModelHeader(round_index, mod, samples, codec))
 
 
-def machine(devices=("a", "b", "c"), caps=None, rounds=2, quorum=1, chunk=200):
+def machine(devices=("a", "b", "c"), caps=None, rounds=2, quorum=1, chunk=200, gamma=None):
     caps = caps or {}
-    devs = tuple(DeviceConfig(d, SelectionPolicy(gamma=1, cap_bytes=caps.get(d))) for d in devices)
+    gamma = len(SPEC.modalities) if gamma is None else gamma
+    devs = tuple(DeviceConfig(d, SelectionPolicy(gamma=gamma, cap_bytes=caps.get(d))) for d in devices)
     # these uploads are arbitrary random states (updates ~1.4 x the global): exact means, no clipping
     # (tests/coordinator/test_poisoning.py tests the bounds)
     m = CoordinatorMachine("lab", SPEC, devs, RoundPolicy(rounds, 60.0, quorum, chunk, max_update_ratio=INF),
@@ -227,8 +228,7 @@ def test_round_closes_when_all_reported_with_weighted_mean_and_next_round_opens(
 
 def test_deadline_with_and_without_quorum():
     m = machine(quorum=2, rounds=3)
-    upload(m, "a", "eye", payload("eye", 1))
-    report(m, "a")
+    report(m, "a")            # below quorum, nothing accepted: closes without aggregating
     assert m.handle(Tick(now=1059.0)) == []
     out = m.handle(Tick(now=1061.0))
     closed = [x for x in out if isinstance(x, RoundClosed)][0]
@@ -238,6 +238,40 @@ def test_deadline_with_and_without_quorum():
     out = m.handle(Tick(now=1200.0))
     assert [x for x in out if isinstance(x, RoundClosed)][0].aggregated == {"eye": 1}
     assert m.globals["eye"].version == 1 and m.round == 2
+
+
+def test_accepted_uploads_are_never_dropped_below_quorum(caplog):
+    # issue 10: at a deadline below quorum, uploads already acknowledged `accepted` were dropped (the
+    # round closed without aggregating). Now the round is extended once, then aggregates what it has.
+    m = machine(quorum=2, rounds=3)
+    upload(m, "a", "eye", payload("eye", 1))
+    report(m, "a")
+    with caplog.at_level("WARNING"):
+        out = m.handle(Tick(now=1061.0))
+    assert not [x for x in out if isinstance(x, RoundClosed)]
+    assert m.round == 0 and m.state is RoundState.OPEN and m.deadline == 1121.0
+    ann = [decode_message(a.payload) for a in out if isinstance(a, Publish) and a.topic.endswith("/round")]
+    assert ann and ann[-1].deadline == 1121.0          # re-announced with the new deadline
+    assert "missing: b, c" in caplog.text and "extended" in caplog.text
+    assert m.handle(Tick(now=1120.0)) == []
+    out = m.handle(Tick(now=1122.0))
+    closed = [x for x in out if isinstance(x, RoundClosed)][0]
+    assert not closed.quorum_met and closed.aggregated == {"eye": 1} and m.globals["eye"].version == 1
+
+
+def test_gamma_is_enforced_per_device_per_round_whatever_the_device_state():
+    # issue 10: a device whose state file was lost redid the round, chose another modality, and both
+    # uploads were accepted (gamma 1). The coordinator now counts what it accepted per device.
+    m = machine(gamma=1, rounds=2)
+    eye = payload("eye", 1)
+    assert acks(upload(m, "a", "eye", eye))[-1].reason is AckReason.ACCEPTED
+    first, last = acks(upload(m, "a", "emg", payload("emg", 2)))
+    assert first.reason is last.reason is AckReason.OVER_GAMMA and "gamma 1: eye already accepted" in first.detail
+    assert acks(upload(m, "a", "eye", eye))[-1].reason is AckReason.ACCEPTED   # a re-send
+    assert acks(upload(m, "b", "emg", payload("emg", 2)))[-1].reason is AckReason.ACCEPTED   # others unaffected
+    report(m, "a"); report(m, "b"); report(m, "c")
+    assert m.round == 1       # next round: a fresh allowance
+    assert acks(upload(m, "a", "emg", payload("emg", 2, round_index=1)))[-1].reason is AckReason.ACCEPTED
 
 
 def test_last_round_announces_done():

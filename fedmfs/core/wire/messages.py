@@ -28,6 +28,8 @@ from fedmfs.core.wire.limits import (
     MAX_CHUNK_BYTES,
     MAX_CHUNKS,
     MAX_CONTROL_BYTES,
+    MAX_FETCH_CHUNKS,
+    MAX_FETCH_GLOBALS,
     MAX_MISSING_LISTED,
     PROTOCOL_VERSION,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "DeviceState",
     "DeviceStatus",
     "Evaluation",
+    "Fetch",
+    "GlobalWant",
     "Message",
     "Report",
     "RoundAnnouncement",
@@ -69,6 +73,7 @@ class AckReason(str, Enum):
     ACCEPTED = "accepted"                  # counted (also the answer to a duplicate of an accepted upload)
     MISSING_CHUNKS = "missing_chunks"      # resend the listed chunk indices
     OVER_CAP = "over_cap"                  # the device's byte cap for this round would be exceeded
+    OVER_GAMMA = "over_gamma"              # the device already had gamma modalities accepted this round
     ROUND_CLOSED = "round_closed"          # the round is not open (closed, or not yet open)
     UNKNOWN_MODALITY = "unknown_modality"  # the fleet has no such modality
     WRONG_SHAPE = "wrong_shape"            # tensor names or shapes differ from the modality's model
@@ -289,9 +294,77 @@ class DeviceStatus:
         return cls(device=validate_name("device", get_field(d, "device", str)), state=state)
 
 
-_MESSAGES = {c.type: c for c in (RoundAnnouncement, DeviceConfig, Report, Evaluation, Ack, DeviceStatus)}
-Message = RoundAnnouncement | DeviceConfig | Report | Evaluation | Ack | DeviceStatus
-M = TypeVar("M", RoundAnnouncement, DeviceConfig, Report, Evaluation, Ack, DeviceStatus)
+def _int_from(d: Mapping, key: str, low: int, high: int) -> int:
+    v = get_field(d, key, int)
+    if not low <= v <= high:
+        raise PayloadError(f"field {key!r} must be in [{low}, {high}], got {v}")
+    return v
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalWant:
+    """One global model a device lacks: the ``sha256`` of its payload (as the round's ``globals`` lists
+    it) and the chunk indices of its signed frame the device still needs (chunked with the round's
+    ``chunk_bytes``; indices past the frame's end are ignored, so a device that does not know the frame's
+    length yet asks for 0..k-1)."""
+
+    modality: str
+    sha256: str
+    chunks: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"modality": self.modality, "sha256": self.sha256, "chunks": list(self.chunks)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> GlobalWant:
+        if not isinstance(d, dict):
+            raise PayloadError("a fetch's globals entry must be an object")
+        sha = get_field(d, "sha256", str)
+        if not HEX64.match(sha):
+            raise PayloadError("a fetch's globals entry needs a sha256 hex digest")
+        chunks = get_field(d, "chunks", list)
+        if len(chunks) > MAX_FETCH_CHUNKS or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_CHUNKS for i in chunks):
+            raise PayloadError(f"field 'chunks' must list at most {MAX_FETCH_CHUNKS} chunk indices")
+        return cls(validate_modality(get_field(d, "modality", str)), sha, tuple(chunks))
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """A device's request on ``device/<id>/fetch`` for the fleet state it lacks (docs/protocol.md
+    "Fetching fleet state"). ``epoch``, ``round`` and ``state`` say which signed announcement it holds
+    (-1: none), so the coordinator answers with the current ``round`` frame only when it differs;
+    ``config`` asks for the device's config frame; ``globals`` for chunks of global models."""
+
+    device: str
+    epoch: int = -1
+    round: int = -1
+    state: RoundState = RoundState.OPEN
+    config: bool = False
+    globals: tuple[GlobalWant, ...] = ()
+    type = "fetch"
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "epoch": self.epoch, "round": self.round, "state": self.state.value,
+                "config": self.config, "globals": [g.to_dict() for g in self.globals]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Fetch:
+        try:
+            state = RoundState(get_field(d, "state", str))
+        except ValueError as e:
+            raise PayloadError(f"unknown round state {d.get('state')!r}") from e
+        wants = get_field(d, "globals", list)
+        if len(wants) > MAX_FETCH_GLOBALS:
+            raise PayloadError(f"a fetch asks for at most {MAX_FETCH_GLOBALS} globals")
+        return cls(device=validate_name("device", get_field(d, "device", str)),
+                   epoch=_int_from(d, "epoch", -1, 2**53), round=_int_from(d, "round", -1, 2**31 - 1), state=state,
+                   config=get_field(d, "config", bool), globals=tuple(GlobalWant.from_dict(g) for g in wants))
+
+
+_MESSAGES = {c.type: c for c in (RoundAnnouncement, DeviceConfig, Report, Evaluation, Ack, DeviceStatus, Fetch)}
+Message = RoundAnnouncement | DeviceConfig | Report | Evaluation | Ack | DeviceStatus | Fetch
+M = TypeVar("M", RoundAnnouncement, DeviceConfig, Report, Evaluation, Ack, DeviceStatus, Fetch)
 
 
 def encode_message(msg: Message) -> bytes:

@@ -20,6 +20,9 @@ class TopicKind(str, Enum):
     REPORT = "report"
     ACK = "ack"
     STATUS = "status"
+    FETCH = "fetch"            # device -> coordinator: what the device lacks
+    STATE = "state"            # coordinator -> one device: the round or config frame it asked for
+    DEVICE_GLOBAL = "device_global"   # coordinator -> one device: chunks of a global model it asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,18 @@ class Topics:
     def status(self, device: str) -> str:
         return f"{self._dev(device)}/status"
 
+    def fetch(self, device: str) -> str:
+        return f"{self._dev(device)}/fetch"
+
+    def state(self, device: str) -> str:
+        return f"{self._dev(device)}/state"
+
+    def device_global(self, device: str, modality: str) -> str:
+        return f"{self._dev(device)}/global/{validate_modality(modality)}"
+
+    def device_globals(self, device: str) -> str:
+        return f"{self._dev(device)}/global/+"
+
     # wildcard subscriptions of the coordinator
     def all_uploads(self) -> str:
         return f"{self.base}/device/+/upload/#"
@@ -80,6 +95,9 @@ class Topics:
 
     def all_status(self) -> str:
         return f"{self.base}/device/+/status"
+
+    def all_fetch(self) -> str:
+        return f"{self.base}/device/+/fetch"
 
 
 def parse_topic(topic: str) -> ParsedTopic:
@@ -98,8 +116,10 @@ def parse_topic(topic: str) -> ParsedTopic:
     if len(rest) >= 3 and rest[0] == "device":
         dev = validate_name("device", rest[1])
         tail = rest[2:]
-        if len(tail) == 1 and tail[0] in ("config", "report", "ack", "status"):
+        if len(tail) == 1 and tail[0] in ("config", "report", "ack", "status", "fetch", "state"):
             return ParsedTopic(TopicKind(tail[0]), fleet, device=dev)
+        if len(tail) == 2 and tail[0] == "global":
+            return ParsedTopic(TopicKind.DEVICE_GLOBAL, fleet, device=dev, modality=validate_modality(tail[1]))
         if len(tail) == 3 and tail[0] == "upload":
             if not tail[1].isdigit() or len(tail[1]) > 9:
                 raise PayloadError(f"topic {topic!r}: round {tail[1]!r} is not a non-negative integer")
