@@ -128,8 +128,9 @@ def _set_password(path: Path, user: str, line: str | None) -> bool:
 
 def acl_lines(fleet: str, device: str) -> list[str]:
     """A device's ACL block (derived from :class:`~fedmfs.core.wire.Topics`): it reads the fleet's
-    round and global models and its own config and acks, writes its own uploads and report, and both
-    reads and writes its own status (its last will). Nothing else of this fleet or any other."""
+    round and global models and its own config, acks and the state and global-model chunks it fetched,
+    writes its own uploads, report and fetch requests, and both reads and writes its own status (its
+    last will). Nothing else of this fleet or any other."""
     t = Topics(fleet)
     own = t.status(device).rsplit("/", 1)[0]    # fedmfs/v1/<fleet>/device/<id>
     return [f"user {device}",
@@ -137,8 +138,11 @@ def acl_lines(fleet: str, device: str) -> list[str]:
             f"topic read {t.global_all()}",
             f"topic read {t.config(device)}",
             f"topic read {t.ack(device)}",
+            f"topic read {t.state(device)}",
+            f"topic read {t.device_globals(device)}",
             f"topic write {own}/upload/+/+",
             f"topic write {t.report(device)}",
+            f"topic write {t.fetch(device)}",
             f"topic readwrite {t.status(device)}"]
 
 

@@ -21,8 +21,11 @@ State directory (every file written atomically; a restart resumes where it stopp
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
+import math
 import os
 import queue
 import signal
@@ -30,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from fedmfs.adapters.clock import MonotonicClock
 from fedmfs.adapters.mqtt import Inbound, MqttLink
 from fedmfs.adapters.sdnotify import Notifier, Watchdog
 from fedmfs.core.errors import ConfigError, PayloadError
@@ -39,13 +43,17 @@ from fedmfs.core.wire import DeviceState, DeviceStatus, Topics, Verifier, encode
 from .config import EdgeConfig
 from .machine import (
     FRESH_PROGRESS,
+    CancelChunks,
+    CheckGlobal,
     Connected,
     DropPending,
     EdgeMachine,
     Fatal,
     Finished,
     GlobalFrame,
+    JobFailed,
     Publish,
+    RebuildPayloads,
     RunStage2,
     SaveGlobal,
     SaveHistory,
@@ -64,6 +72,11 @@ log = logging.getLogger("fedmfs.edge")
 
 MAX_BATCH = 1000          # queue items handled between two ticks (acks cannot starve the timers)
 STOP_TIMEOUT = 10.0       # seconds to wait for a running job on shutdown (its files are atomic)
+# chunk frames handed to the MQTT client and not yet acknowledged by the broker, at most (bytes; at
+# least one frame). The rest wait in the daemon's outbox, where frames of an upload that is over are
+# dropped: a slow or flapping link never carries a backlog of stale frames (docs/reliability.md).
+SEND_WINDOW = 128 * 1024
+ERROR_EVERY = 60.0        # seconds between two log lines of the same recurring error (a full disk)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -87,6 +100,9 @@ class EdgeDaemon:
         self.notifier = notifier or Notifier()
         self.watchdog = Watchdog(self.notifier)
         self.events: queue.Queue = queue.Queue()    # Inbound messages and machine events
+        self.clock = MonotonicClock()     # timeouts and retries: a wall-clock step changes none of them
+        self.outbox: collections.deque[Publish] = collections.deque()   # chunk frames waiting to be sent
+        self._errors: dict[str, tuple[float, int]] = {}    # recurring error -> (last logged, held back)
         self.stop_event = threading.Event()
         self.finished = False
         self.exit_code = 0
@@ -95,7 +111,8 @@ class EdgeDaemon:
         if not isinstance(history, dict):
             raise ConfigError(f"{self.dir / 'history.json'} is not a JSON object; move it away")
         self.machine = EdgeMachine(cfg.device, cfg.fleet, cfg.ack_timeout, cfg.max_attempts, progress=progress,
-                                   history=history, payloads=self._load_payloads(progress))
+                                   history=history, payloads=self._load_payloads(progress),
+                                   idle_fetch_seconds=max(30.0, 3 * cfg.ack_timeout))
         self._load_globals()
         # fault injection for the restart tests: exit abruptly after publishing this many chunk frames
         self._exit_after_frames = int(os.environ.get("FEDMFS_FAULT_EXIT_AFTER_FRAMES", "0") or 0)
@@ -108,9 +125,12 @@ class EdgeDaemon:
         offline = encode_message(DeviceStatus(cfg.device, DeviceState.OFFLINE))
         self.link = link_factory(
             cfg.broker, f"fedmfs-edge-{cfg.fleet}-{cfg.device}",
-            [(t.round(), 1), (t.global_all(), 1), (t.config(cfg.device), 1), (t.ack(cfg.device), 1)],
+            # the globals are fetched (device/<id>/global/+), not taken from the fleet's retained topics:
+            # a reconnect then costs what is missing, not every global again
+            [(t.round(), 1), (t.config(cfg.device), 1), (t.ack(cfg.device), 1), (t.state(cfg.device), 1),
+             (t.device_globals(cfg.device), 0)],
             self.events, will=(t.status(cfg.device), offline, 1, True), persistent=True,
-            on_connected=lambda: self.events.put(Connected(time.time(), self.link.protocol_used == "5")))
+            on_connected=lambda: self.events.put(Connected(self.clock(), self.link.protocol_used == "5")))
 
     # -- loading the state directory ---------------------------------------------------------------
     def _load_json(self, name: str, default):
@@ -123,26 +143,35 @@ class EdgeDaemon:
             raise ConfigError(f"state file {p} is unreadable ({e}); move it away to start this device afresh") from e
 
     def _load_payloads(self, progress: dict) -> dict[str, bytes]:
+        """The pending payload files (the machine checks each against its recorded sha256 before sending,
+        and rebuilds what is missing or damaged)."""
         pending = progress["pending"]
         out = {}
         for m in (pending or {}).get("chosen", []):
             p = self.dir / "pending" / f"{m}.bin"
-            if m not in pending["status"] and p.exists():
+            if m in pending["status"]:
+                continue
+            try:
                 out[m] = p.read_bytes()
+            except FileNotFoundError:
+                log.warning("pending payload %s is missing; it will be rebuilt from the saved local model", p)
+            except OSError as e:
+                log.warning("pending payload %s is unreadable (%s); it will be rebuilt from the saved local "
+                            "model", p, e.strerror or e)
         return out
 
     def _load_globals(self) -> None:
         for p in sorted((self.dir / "globals").glob("*.fmg")):
             try:
                 self.machine.handle(verify_global(p.read_bytes(), self.verifier, self.cfg.fleet, stored=True,
-                                                  now=time.time()))
+                                                  now=self.clock()))
             except (PayloadError, OSError) as e:
-                log.warning("ignoring stored global %s: %s", p, e)
+                log.warning("ignoring stored global %s (%s); it is fetched from the coordinator again", p, e)
 
     # -- feeding the machine and carrying out its actions -------------------------------------------
     def _dispatch(self, item) -> None:
         if isinstance(item, Inbound):
-            now = time.time()
+            now = self.clock()
             try:
                 ev = decode_inbound(item.topic, item.payload, self.cfg.device, now, self.verifier)
                 if isinstance(ev, GlobalFrame):
@@ -152,6 +181,8 @@ class EdgeDaemon:
                 return
             if ev is None:
                 return
+        elif isinstance(item, JobFailed):
+            ev = dataclasses.replace(item, now=self.clock())   # the retry delay runs on the daemon's clock
         else:
             ev = item
         self._apply(self.machine.handle(ev))
@@ -161,17 +192,50 @@ class EdgeDaemon:
             try:
                 self._do(a)
             except OSError as e:   # disk trouble: keep serving; the next save or retained message repairs it
-                log.error("could not carry out %s: %s", type(a).__name__, e)
+                self._error(f"{type(a).__name__}:{e.errno}", "could not carry out %s: %s%s", type(a).__name__,
+                            e.strerror or e, f" ({e.filename})" if getattr(e, "filename", None) else "")
+        self._send()
+
+    def _error(self, key: str, msg: str, *args) -> None:
+        """Log a recurring error (a full disk, a read-only state directory) at most once per ERROR_EVERY
+        seconds, with how many were held back: no traceback, no flood of the journal."""
+        now = time.monotonic()
+        last, held = self._errors.get(key, (-math.inf, 0))
+        if now - last < ERROR_EVERY:
+            self._errors[key] = (last, held + 1)
+            return
+        log.error(msg + (f" ({held} more like it in the last {ERROR_EVERY:.0f} s)" if held else ""), *args)
+        self._errors[key] = (now, 0)
+
+    def _send(self) -> None:
+        """Hand chunk frames to the MQTT client while its unacknowledged backlog is under SEND_WINDOW."""
+        backlog = getattr(self.link, "backlog_bytes", None)
+        while self.outbox and (backlog is None or backlog() < SEND_WINDOW):
+            a = self.outbox.popleft()
+            self.link.publish(a.topic, a.payload, a.qos, a.retain)
+            self._frames_published += 1
+            if self._exit_after_frames and self._frames_published >= self._exit_after_frames:
+                log.error("fault injection: exiting after %d chunk frames", self._frames_published)
+                time.sleep(0.2)
+                os._exit(17)
 
     def _do(self, a) -> None:
         if isinstance(a, Publish):
-            self.link.publish(a.topic, a.payload, a.qos, a.retain)
             if a.chunk:
-                self._frames_published += 1
-                if self._exit_after_frames and self._frames_published >= self._exit_after_frames:
-                    log.error("fault injection: exiting after %d chunk frames", self._frames_published)
-                    time.sleep(0.2)
-                    os._exit(17)
+                self.outbox.append(a)
+            else:
+                self.link.publish(a.topic, a.payload, a.qos, a.retain)
+        elif isinstance(a, CancelChunks):
+            self._drop_frames(lambda t: t == a.topic)
+        elif isinstance(a, CheckGlobal):
+            now = self.clock()
+            try:
+                ev = verify_global(a.frame, self.verifier, self.cfg.fleet, now=now)
+            except PayloadError as e:
+                self.machine.refusals.refuse(f"fetched:{a.modality}", now, "refused the fetched global %s: %s",
+                                             a.modality, e)
+                return
+            self._apply(self.machine.handle(ev))
         elif isinstance(a, SaveProgress):
             _write_json(self.dir / "state.json", a.progress)
         elif isinstance(a, SaveHistory):
@@ -179,10 +243,12 @@ class EdgeDaemon:
         elif isinstance(a, SaveGlobal):
             atomic_write(self.dir / "globals" / f"{a.modality}.fmg", a.frame)
         elif isinstance(a, DropPending):
+            self._drop_frames(lambda t: True)
             for p in (self.dir / "pending").glob("*.bin"):
                 p.unlink()
-        elif isinstance(a, (StartTraining, RunStage2)):
-            what = "training round" if isinstance(a, StartTraining) else "Stage #2 after round"
+        elif isinstance(a, (StartTraining, RunStage2, RebuildPayloads)):
+            what = {StartTraining: "training round", RunStage2: "Stage #2 after round",
+                    RebuildPayloads: "rebuilding the payloads of round"}[type(a)]
             self.notifier.status(f"device {self.cfg.device}: {what} {a.round}")
             self.worker.submit(a)
         elif isinstance(a, Finished):
@@ -194,6 +260,12 @@ class EdgeDaemon:
             self.stop_event.set()
         else:
             raise TypeError(f"not an edge action: {a!r}")
+
+    def _drop_frames(self, which) -> None:
+        n = len(self.outbox)
+        self.outbox = collections.deque(a for a in self.outbox if not which(a.topic))
+        if n != len(self.outbox):
+            log.info("dropped %d chunk frames not yet sent: their upload is over", n - len(self.outbox))
 
     # -- health --------------------------------------------------------------------------------------
     def _network_alive(self) -> bool:
@@ -240,7 +312,7 @@ class EdgeDaemon:
                 item = self.events.get_nowait() if n < MAX_BATCH else None
             except queue.Empty:
                 item = None
-        self._safely(lambda _: self._apply(self.machine.handle(Tick(time.time()))), None)
+        self._safely(lambda _: self._apply(self.machine.handle(Tick(self.clock()))), None)
         return n
 
     def stop(self) -> None:

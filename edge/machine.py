@@ -36,12 +36,14 @@ Progress (``state.json``)::
      "epoch": <the fleet epoch of the announcements taken, or -1: none yet>,
      "announced": <the latest round announced (signed) or -1>, "announced_state": "open" | "closed" | "done",
      "pending": null | {"round": r, "chosen": [modality, ...], "status": {modality: final reason},
-                        "chunk_bytes": n, "started": {modality: true}}}
+                        "chunk_bytes": n, "started": {modality: true},
+                        "sha256": {modality: sha256 of its payload file}, "rebuilt": true}}
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 from collections.abc import Mapping
@@ -52,13 +54,17 @@ from typing import Any
 from fedmfs.core.errors import ConfigError, PayloadError
 from fedmfs.core.records import RoundRecord
 from fedmfs.core.wire import (
+    MAX_FETCH_CHUNKS,
     Ack,
     AckReason,
     DeviceConfig,
     DeviceState,
     DeviceStatus,
     Evaluation,
+    Fetch,
+    GlobalWant,
     Publish,
+    Reassembler,
     Report,
     RoundAnnouncement,
     RoundState,
@@ -66,6 +72,8 @@ from fedmfs.core.wire import (
     TopicKind,
     Topics,
     Verifier,
+    decode_chunk,
+    decode_control,
     decode_global,
     decode_message,
     encode_message,
@@ -77,8 +85,9 @@ from .uploads import UploadStatus, UploadTracker, publish_packet_bytes
 
 __all__ = [
     "JobKind", "Connected", "Announced", "ConfigArrived", "AckArrived", "GlobalArrived", "GlobalFrame",
-    "Trained", "Stage2Done", "JobFailed", "Tick", "Publish", "SaveProgress", "SaveHistory", "SaveGlobal",
-    "DropPending", "StartTraining", "RunStage2", "Finished", "Fatal", "EdgeMachine", "decode_inbound",
+    "GlobalChunk", "Trained", "Rebuilt", "Stage2Done", "JobFailed", "Tick", "Publish", "SaveProgress",
+    "SaveHistory", "SaveGlobal", "DropPending", "CancelChunks", "CheckGlobal", "StartTraining", "RunStage2",
+    "RebuildPayloads", "Finished", "Fatal", "EdgeMachine", "decode_inbound",
     "verify_global", "check_progress", "FRESH_PROGRESS", "RefusalLog",
 ]
 
@@ -100,18 +109,19 @@ class RefusalLog:
         self.last: dict[str, float] = {}
         self.held: dict[str, int] = {}
 
-    def refuse(self, kind: str, now: float, msg: str, *args: object) -> None:
+    def refuse(self, kind: str, now: float, msg: str, *args: object, level: int = logging.WARNING) -> None:
         if now - self.last.get(kind, -math.inf) < self.every:
             self.held[kind] = self.held.get(kind, 0) + 1
             return
         held = self.held.pop(kind, 0)
-        log.warning(msg + (f" ({held} more like it held back)" if held else ""), *args)
+        log.log(level, msg + (f" ({held} more like it held back)" if held else ""), *args)
         self.last[kind] = now
 
 
 class JobKind(str, Enum):
     TRAIN = "train"
     STAGE2 = "stage2"
+    REBUILD = "rebuild"
 
 
 # --------------------------------------------------------------------------------------------- events
@@ -172,6 +182,23 @@ class GlobalFrame:
 
 
 @dataclass(frozen=True, slots=True)
+class GlobalChunk:
+    """A chunk frame of a global model this device fetched (on ``device/<id>/global/<modality>``)."""
+    modality: str
+    frame: bytes
+    now: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuilt:
+    """The pending payloads of ``round`` re-encoded from the saved local models (a :class:`RebuildPayloads`
+    job); ``payloads`` lacks those that could not be rebuilt."""
+    round: int
+    payloads: Mapping[str, bytes]
+    now: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Trained:
     """The training job of ``round`` is over: its payloads are written; ``record`` is what the report says."""
     round: int
@@ -201,7 +228,8 @@ class JobFailed:
     exit_code: int = 1
 
 
-Event = Connected | Announced | ConfigArrived | AckArrived | GlobalArrived | Trained | Stage2Done | JobFailed | Tick
+Event = (Connected | Announced | ConfigArrived | AckArrived | GlobalArrived | GlobalChunk | Trained | Rebuilt
+         | Stage2Done | JobFailed | Tick)
 
 
 # -------------------------------------------------------------------------------------------- actions
@@ -225,7 +253,21 @@ class SaveGlobal:
 
 @dataclass(frozen=True, slots=True)
 class DropPending:
-    """The pending round is over: delete its payload files."""
+    """The pending round is over: delete its payload files (and drop its chunk frames not yet sent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelChunks:
+    """An upload is over (accepted or refused): chunk frames for ``topic`` not yet sent are dropped."""
+    topic: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckGlobal:
+    """A fetched global frame is complete: verify its signature (:func:`verify_global`) and feed the
+    :class:`GlobalArrived` back (the adapter holds the coordinator's key)."""
+    modality: str
+    frame: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +290,15 @@ class RunStage2:
 
 
 @dataclass(frozen=True, slots=True)
+class RebuildPayloads:
+    """Run (in the worker) re-encoding the pending payloads of ``round`` for ``modalities`` from the saved
+    local models (their files were lost or damaged); answered with :class:`Rebuilt`."""
+    round: int
+    modalities: tuple[str, ...]
+    codec: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The run is over (the coordinator announced ``done`` and Stage #2 ran on the last round)."""
 
@@ -259,7 +310,8 @@ class Fatal:
     exit_code: int = 1
 
 
-Action = Publish | SaveProgress | SaveHistory | SaveGlobal | DropPending | StartTraining | RunStage2 | Finished | Fatal
+Action = (Publish | SaveProgress | SaveHistory | SaveGlobal | DropPending | CancelChunks | CheckGlobal | StartTraining
+          | RunStage2 | RebuildPayloads | Finished | Fatal)
 
 
 # ------------------------------------------------------------------------------------------- decoding
@@ -280,6 +332,17 @@ def decode_inbound(topic: str, payload: bytes, device: str, now: float,
     if t.kind is TopicKind.CONFIG and t.device == device:
         head, cfg = verify_message(payload, verifier, t.fleet, DeviceConfig)
         return ConfigArrived(cfg, now, head.epoch, head.round)
+    if t.kind is TopicKind.STATE and t.device == device:
+        # the round or config frame this device fetched: the signed header says which (checked again,
+        # with the signature, by verify_message)
+        kind = decode_control(payload, None)[0].kind
+        if kind == RoundAnnouncement.type:
+            head, ann = verify_message(payload, verifier, t.fleet, RoundAnnouncement)
+            return Announced(ann, now, head.epoch)
+        head, cfg = verify_message(payload, verifier, t.fleet, DeviceConfig)
+        return ConfigArrived(cfg, now, head.epoch, head.round)
+    if t.kind is TopicKind.DEVICE_GLOBAL and t.device == device and t.modality is not None:
+        return GlobalChunk(t.modality, payload, now)
     if t.kind is TopicKind.ACK and t.device == device:
         return AckArrived(decode_message(payload, Ack), now)
     return None
@@ -321,7 +384,8 @@ def check_progress(obj: Any, where: str = "state.json") -> dict:
         if not (isinstance(p, dict) and isinstance(p.get("round"), int) and isinstance(p.get("chosen"), list)
                 and all(isinstance(m, str) for m in p["chosen"]) and isinstance(p.get("status", {}), dict)
                 and isinstance(p.get("chunk_bytes"), int) and p["chunk_bytes"] > 0
-                and isinstance(p.get("started", {}), dict)):
+                and isinstance(p.get("started", {}), dict) and isinstance(p.get("sha256", {}), dict)
+                and all(isinstance(v, str) for v in p.get("sha256", {}).values())):
             raise bad("'pending' is malformed")
         p.setdefault("status", {})
     return {"reported": obj["reported"], "stage2": obj["stage2"], "evaluated": evaluated, "pending": p,
@@ -329,6 +393,31 @@ def check_progress(obj: Any, where: str = "state.json") -> dict:
 
 
 # ------------------------------------------------------------------------------------------- machine
+
+@dataclass(slots=True)
+class _Download:
+    """One global model being fetched: the payload sha256 the round names, the chunks of its signed
+    frame received so far (a Reassembler, once the first chunk told the frame's size), and the chunk
+    indices asked for and not yet arrived."""
+    sha256: str
+    asm: Reassembler | None = None
+    asked: set = field(default_factory=set)
+    progress_at: float = float("-inf")    # the last ask or arrival
+
+    def ask(self, now: float, window: int, timeout: float) -> tuple[int, ...]:
+        """The chunk indices to ask for now: keep about ``window`` chunks asked for; what was asked more
+        than ``timeout`` seconds ago without any chunk arriving since is taken as lost."""
+        if self.asked and now - self.progress_at > timeout:
+            self.asked.clear()
+        if len(self.asked) > window // 2:
+            return ()
+        missing = range(window) if self.asm is None else self.asm.missing()
+        new = tuple(i for i in missing if i not in self.asked)[:window - len(self.asked)]
+        if new:
+            self.asked.update(new)
+            self.progress_at = now
+        return new
+
 
 @dataclass(slots=True)
 class _Job:
@@ -351,6 +440,11 @@ class EdgeMachine:
     ack_timeout: float = 10.0
     max_attempts: int = 30
     retry_delay: float = 1.0
+    # global-model bytes asked for and not yet arrived, per global: about 8 s of a 32 KB/s link
+    download_window: int = 256 * 1024
+    # with nothing missing, still ask the coordinator every this many seconds whether the round moved
+    # on (a broker that restarted without persistence lost the announcements this device missed)
+    idle_fetch_seconds: float = 30.0
     progress: dict = field(default_factory=lambda: copy.deepcopy(dict(FRESH_PROGRESS)))
     history: dict = field(default_factory=dict)
     payloads: dict = field(default_factory=dict)
@@ -371,6 +465,10 @@ class EdgeMachine:
     wire_bytes: int = field(init=False, default=0)   # MQTT PUBLISH bytes of this round's chunks (this process)
     mqtt5: bool = field(init=False, default=True)
     finished: bool = field(init=False, default=False)
+    downloads: dict = field(init=False, default_factory=dict)   # modality -> _Download
+    fetch_at: float = field(init=False, default=float("-inf"))  # when the next fetch is due
+    download_bytes: int = field(init=False, default=0)     # chunk bytes of globals received (this process)
+    failures: int = field(init=False, default=0)           # retryable job failures in a row
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.fleet)
@@ -388,10 +486,18 @@ class EdgeMachine:
             return self._on_config(ev)
         if isinstance(ev, GlobalArrived):
             return self._on_global(ev)
+        if isinstance(ev, GlobalChunk):
+            return self._on_global_chunk(ev)
         if isinstance(ev, Connected):
             self.mqtt5 = ev.mqtt5
+            # what was asked before the link dropped is lost (fetched chunks travel at QoS 0): ask again now
+            for d in self.downloads.values():
+                d.asked.clear()
+            self.fetch_at = ev.now
             return [Publish(self.topics.status(self.device),
                             encode_message(DeviceStatus(self.device, DeviceState.ONLINE)), 1, True)]
+        if isinstance(ev, Rebuilt):
+            return self._on_rebuilt(ev)
         if isinstance(ev, Trained):
             return self._on_trained(ev)
         if isinstance(ev, Stage2Done):
@@ -521,19 +627,97 @@ class EdgeMachine:
             return self._evaluated(ack.round)
         pending = self.progress["pending"]
         if pending is None or ack.round != pending["round"]:
+            log.debug("ack %s for round %d, modality %s: not for a pending upload", ack.reason.value, ack.round,
+                      ack.modality)
             return []
         if ack.modality is None:
             if ack.reason in (AckReason.REPORT_ACCEPTED, AckReason.ROUND_CLOSED):
+                log.info("round %d: report %s", pending["round"], "recorded by the coordinator"
+                         if ack.reason is AckReason.REPORT_ACCEPTED else "answered round_closed: the round is over")
                 return self._finish_round(pending["round"])
+            log.warning("round %d: report refused: %s (%s)", pending["round"], ack.reason.value, ack.detail)
             return []
         up = self.uploads.get(ack.modality)
-        if up is None:
+        if up is None or up.done or (ack.sha256 and ack.sha256 != up.sha256):
             return []
-        out = self._frames(up, up.on_ack(ack, now), pending["round"])
-        if up.done and up.modality not in pending["status"]:
-            pending["status"][up.modality] = up.reason.value if up.reason else up.status.value
-            out += self._snapshot()
+        r = pending["round"]
+        if ack.reason is AckReason.ACCEPTED:
+            log.info("round %d: %s accepted by the coordinator (%s)", r, up.modality, ack.detail)
+        elif ack.reason is AckReason.MISSING_CHUNKS:
+            log.info("round %d: %s: the coordinator lacks %d of %d chunks; resending them", r, up.modality,
+                     len(ack.missing), len(up.frames))
+        elif ack.reason is AckReason.BAD_CHUNK:
+            log.warning("round %d: %s: bad_chunk (%s); restarting this upload", r, up.modality, ack.detail)
+        else:
+            log.warning("round %d: %s refused: %s (%s)", r, up.modality, ack.reason.value, ack.detail)
+        out = self._frames(up, up.on_ack(ack, now), r)
+        out += self._settle(up, pending)
         return out
+
+    def _settle(self, up: UploadTracker, pending: dict) -> list[Action]:
+        """Record an upload that is over (once) and drop its frames not yet sent."""
+        if not up.done or up.modality in pending["status"]:
+            return []
+        pending["status"][up.modality] = up.reason.value if up.reason else up.status.value
+        if up.status is UploadStatus.FAILED:
+            log.error("round %d: %s: no answer after %d probes; giving this upload up", pending["round"],
+                      up.modality, up.attempts)
+        return [CancelChunks(self.topics.upload(self.device, pending["round"], up.modality)), *self._snapshot()]
+
+    def _on_global_chunk(self, ev: GlobalChunk) -> list[Action]:
+        m = ev.modality
+        d = self.downloads.get(m)
+        if d is None:
+            return []       # not asked for (any more): a late or repeated chunk
+        try:
+            h, data = decode_chunk(ev.frame)
+            if d.asm is None or d.asm.header.sha256 != h.sha256:
+                d.asm = Reassembler(h)     # the frame's size is known from its first chunk
+                d.asked = {i for i in d.asked if i < h.total}
+            res = d.asm.add(h, data)
+        except PayloadError as e:
+            d.asm = None
+            d.asked.clear()
+            self.refusals.refuse(f"global-chunk-{m}", ev.now, "refused a chunk of global %s: %s", m, e)
+            return []
+        self.download_bytes += len(data)
+        d.asked.discard(h.index)
+        d.progress_at = ev.now
+        if res.payload is None:
+            return []
+        del self.downloads[m]
+        log.info("global %s fetched: %d bytes in %d chunks", m, len(res.payload), h.total)
+        return [CheckGlobal(m, res.payload)]
+
+    def _fetch(self, now: float) -> list[Action]:
+        """Ask the coordinator for what this device lacks (docs/protocol.md "Fetching fleet state"): the
+        chunks of the globals the round names that it does not hold (a window at a time, again after a
+        timeout or a reconnect), the round and its config while it has none, and otherwise, now and then,
+        whether the round moved on."""
+        ann = self.announcement
+        wants: list[GlobalWant] = []
+        if ann is not None and ann.fleet == self.fleet:
+            wanted = {m: sha for m, sha in ann.globals.items() if self.globals.get(m, ("",))[0] != sha}
+            for m in [m for m, d in self.downloads.items() if wanted.get(m) != d.sha256]:
+                del self.downloads[m]
+            window = max(2, min(MAX_FETCH_CHUNKS, self.download_window // ann.chunk_bytes))
+            for m, sha in sorted(wanted.items()):
+                d = self.downloads.setdefault(m, _Download(sha))
+                idx = d.ask(now, window, self.ack_timeout)
+                if idx:
+                    wants.append(GlobalWant(m, sha, idx))
+        else:
+            self.downloads.clear()
+        if not wants and now < self.fetch_at:
+            return []
+        lacking = ann is None or self.config is None or bool(self.downloads)
+        self.fetch_at = now + (self.ack_timeout if lacking else self.idle_fetch_seconds)
+        p = self.progress
+        msg = Fetch(self.device, p["epoch"], p["announced"], RoundState(p["announced_state"]), self.config is None,
+                    tuple(wants))
+        if wants:
+            log.debug("fetching %s", ", ".join(f"{w.modality} chunks {list(w.chunks)}" for w in wants))
+        return [Publish(self.topics.fetch(self.device), encode_message(msg), 1, False)]
 
     def _on_trained(self, ev: Trained) -> list[Action]:
         job = self.job
@@ -541,13 +725,15 @@ class EdgeMachine:
             log.error("a training result for round %d that nobody asked for; ignored", ev.round)
             return []
         self.job = None
+        self.failures = 0
         if job.stale:
             log.info("a training result for round %d of an earlier fleet epoch; dropped", ev.round)
             return []
         self.history.setdefault(str(ev.round), {})["record"] = ev.record.to_dict()
         self.payloads = {m: ev.payloads[m] for m in ev.chosen}
         self.progress["pending"] = {"round": ev.round, "chosen": list(ev.chosen), "status": {},
-                                    "chunk_bytes": job.chunk_bytes}
+                                    "chunk_bytes": job.chunk_bytes,
+                                    "sha256": {m: hashlib.sha256(self.payloads[m]).hexdigest() for m in ev.chosen}}
         log.info("round %d: trained, uploading %s", ev.round, ", ".join(ev.chosen) or "nothing")
         return [self._history_snapshot(), *self._snapshot()]
 
@@ -557,6 +743,7 @@ class EdgeMachine:
             log.error("a Stage #2 result for round %d that nobody asked for; ignored", ev.round)
             return []
         self.job = None
+        self.failures = 0
         if job.stale:
             log.info("a Stage #2 result for round %d of an earlier fleet epoch; dropped", ev.round)
             return []
@@ -570,8 +757,13 @@ class EdgeMachine:
         self.job = None
         if not ev.retryable:
             return [Fatal(f"{ev.kind.value} of round {ev.round} failed: {ev.error}", ev.exit_code)]
-        self.retry_at = ev.now + self.retry_delay
-        log.error("%s of round %d failed (retry in %.0f s): %s", ev.kind.value, ev.round, self.retry_delay, ev.error)
+        # a fault that persists (a full disk) is retried ever less often, up to once a minute, and
+        # logged at most once a minute: one line each, no traceback
+        self.failures += 1
+        delay = min(60.0, self.retry_delay * 2 ** (self.failures - 1))
+        self.retry_at = ev.now + delay
+        self.refusals.refuse("job-failed", ev.now, "%s of round %d failed (retry in %.0f s; failure %d in a row): %s",
+                             ev.kind.value, ev.round, delay, self.failures, ev.error, level=logging.ERROR)
         return []
 
     # -- the round ---------------------------------------------------------------------------------
@@ -582,12 +774,12 @@ class EdgeMachine:
         return [action]
 
     def _step(self, now: float) -> list[Action]:
+        out: list[Action] = self._fetch(now)
         ann = self.announcement
         if ann is None or self.config is None or ann.fleet != self.fleet or self.finished:
-            return []
+            return out
         if not self._have_globals(ann):
-            return []   # the retained globals of this round are on their way
-        out: list[Action] = []
+            return out   # the globals of this round are being fetched
         pending = self.progress["pending"]
         if pending is not None and (pending["round"] != ann.round or ann.state is not RoundState.OPEN):
             log.info("round %d closed before this device finished it", pending["round"])
@@ -615,32 +807,83 @@ class EdgeMachine:
             out += self._drive_uploads(pending, now)
         return out
 
+    def _payload(self, pending: dict, m: str) -> bytes | None:
+        """The pending payload of ``m`` if it is intact (its sha256 is the one recorded when it was made)."""
+        payload = self.payloads.get(m)
+        want = pending.get("sha256", {}).get(m)
+        if payload is not None and want and hashlib.sha256(payload).hexdigest() != want:
+            log.error("round %d: the pending payload of %s is damaged (its sha256 is not the one recorded when "
+                      "it was made); not sending it", pending["round"], m)
+            self.payloads.pop(m, None)
+            return None
+        return payload
+
     def _drive_uploads(self, pending: dict, now: float) -> list[Action]:
         r = pending["round"]
         out: list[Action] = []
+        lost = []
         for m in pending["chosen"]:
             if m in pending["status"] or m in self.uploads:
                 continue
-            payload = self.payloads.get(m)
+            payload = self._payload(pending, m)
             if payload is None:
-                log.error("round %d: the payload of %s is lost (state directory damaged); giving it up", r, m)
-                pending["status"][m] = UploadStatus.FAILED.value
-                out += self._snapshot()
+                lost.append(m)
                 continue
             up = UploadTracker(m, payload, pending["chunk_bytes"], self.ack_timeout, self.max_attempts)
             self.uploads[m] = up
             # after a restart the coordinator may hold part of it: probe first, resend what it lacks
-            out += self._frames(up, up.start(now, resume=pending.get("started", {}).get(m, False)), r)
+            resume = pending.get("started", {}).get(m, False)
+            if resume:
+                log.info("round %d: resuming the upload of %s (%d chunks): probing for what the coordinator lacks",
+                         r, m, len(up.frames))
+            out += self._frames(up, up.start(now, resume=resume), r)
             pending.setdefault("started", {})[m] = True
             out += self._snapshot()
-        for up in self.uploads.values():
-            out += self._frames(up, up.on_tick(now), r)
-            if up.done and up.modality not in pending["status"]:
-                pending["status"][up.modality] = up.reason.value if up.reason else up.status.value
+        if lost and not (self.job is not None and self.job.kind is JobKind.REBUILD):
+            job = []
+            if not pending.get("rebuilt") and self.config is not None:
+                # rebuild them from the saved local models (in the worker), once
+                job = self._start(_Job(JobKind.REBUILD, r),
+                                  RebuildPayloads(r, tuple(lost), self.config.policy.codec), now)
+            if job:
+                log.warning("round %d: rebuilding the payload of %s from the saved local model", r, ", ".join(lost))
+                pending["rebuilt"] = True
+                out += [*self._snapshot(), *job]
+            elif pending.get("rebuilt"):
+                for m in lost:
+                    log.error("round %d: the payload of %s is lost and could not be rebuilt; giving it up", r, m)
+                    pending["status"][m] = UploadStatus.FAILED.value
                 out += self._snapshot()
+        for up in self.uploads.values():
+            frames = up.on_tick(now)
+            if frames and up.status is UploadStatus.WAITING:
+                log.info("round %d: %s: no answer for %.0f s; probing (attempt %d of %d)", r, up.modality,
+                         self.ack_timeout, up.attempts, self.max_attempts)
+            out += self._frames(up, frames, r)
+            out += self._settle(up, pending)
         if all(m in pending["status"] for m in pending["chosen"]):
             out += self._send_report(pending, now)
         return out
+
+    def _on_rebuilt(self, ev: Rebuilt) -> list[Action]:
+        job = self.job
+        if job is None or job.kind is not JobKind.REBUILD or job.round != ev.round:
+            log.error("rebuilt payloads for round %d that nobody asked for; ignored", ev.round)
+            return []
+        self.job = None
+        pending = self.progress["pending"]
+        if pending is None or pending["round"] != ev.round or job.stale:
+            return []
+        for m, payload in ev.payloads.items():
+            sha = hashlib.sha256(payload).hexdigest()
+            if sha != pending.get("sha256", {}).get(m):
+                log.warning("round %d: the rebuilt payload of %s differs from the one made in training (sha256 %s); "
+                            "sending it", ev.round, m, sha[:12])
+            else:
+                log.info("round %d: the payload of %s rebuilt from the saved local model", ev.round, m)
+            pending.setdefault("sha256", {})[m] = sha
+            self.payloads[m] = payload
+        return self._snapshot()
 
     def _send_report(self, pending: dict, now: float) -> list[Action]:
         if self.report_sent_at is not None and now - self.report_sent_at < self.ack_timeout:

@@ -26,13 +26,13 @@ from fedmfs.core.modality import DatasetSpec
 from fedmfs.core.settings import TrainConfig
 
 from .config import EdgeConfig
-from .machine import JobFailed, JobKind, RunStage2, Stage2Done, StartTraining, Trained
+from .machine import JobFailed, JobKind, RebuildPayloads, Rebuilt, RunStage2, Stage2Done, StartTraining, Trained
 
 __all__ = ["Trainer", "Worker", "InlineWorker"]
 
 log = logging.getLogger("fedmfs.edge")
 
-Job = StartTraining | RunStage2
+Job = StartTraining | RunStage2 | RebuildPayloads
 
 
 class Trainer:
@@ -75,6 +75,8 @@ class Trainer:
             return self.train(job)
         if isinstance(job, RunStage2):
             return self.stage2(job)
+        if isinstance(job, RebuildPayloads):
+            return self.rebuild(job)
         raise TypeError(f"not a job: {job!r}")
 
     # -- the learner, created lazily (torch is imported only here) --------------------------------
@@ -90,6 +92,7 @@ class Trainer:
         from fedmfs.learner.store import restore_learner
 
         spec, data = self.load()
+        data = self._with_merged_spool(spec, data)
         torch.set_num_threads(self.train_config.threads)
         c = Learner(spec, data, self.train_config, self.seed, self.index)
         if (self.dir / "client" / "client.json").exists():
@@ -115,6 +118,24 @@ class Trainer:
         log.info("round %d: trained in %.1f s; %s chosen (%s, %s)", r, time.perf_counter() - t0,
                  ", ".join(choice.modalities) or "nothing", policy.method, policy.codec)
         return Trained(r, tuple(choice.modalities), payloads, c.record(upd, choice), time.time())
+
+    def rebuild(self, job: RebuildPayloads) -> Rebuilt:
+        """Re-encode the pending payloads of ``job.round`` from the local models saved after that round's
+        training (the learner is saved right after the payloads are written, and only Stage #2 of the
+        next round changes it). What cannot be rebuilt is left out, never an error: the machine then
+        gives that upload up."""
+        out = {}
+        try:
+            c = self.client({})
+            for m in job.modalities:
+                p = c.encode_modality(m, job.round, job.codec)
+                (self.dir / "pending").mkdir(parents=True, exist_ok=True)
+                atomic_write(self.dir / "pending" / f"{m}.bin", p)
+                out[m] = p
+        except Exception as e:   # no saved learner, no torch, a damaged client/: give those uploads up
+            log.error("round %d: the payloads of %s cannot be rebuilt: %s: %s", job.round, ", ".join(job.modalities),
+                      type(e).__name__, e)
+        return Rebuilt(job.round, out, time.time())
 
     def stage2(self, job: RunStage2) -> Stage2Done:
         from fedmfs.learner.store import save_learner
@@ -149,6 +170,34 @@ class Trainer:
                         versions={**{m: round_index for m in models}, "fusion": round_index,
                                   "coalitions": round_index, "personalised": round_index},
                         personalised_model=one)
+
+    def _with_merged_spool(self, spec: DatasetSpec, data: ClientData) -> ClientData:
+        """The device's data with the spool windows merged in earlier runs (``spool/merged/``): after a
+        restart the learner sees the windows it trained on before, so its sample count and the payloads
+        it rebuilds are the same."""
+        done = self.spool / "merged" if self.spool is not None else None
+        files = sorted(done.glob("*.npz")) if done is not None and done.is_dir() else []
+        if not files:
+            return data
+        from fedmfs.core.data.format import load_client
+
+        xs, ys, trains = {m: [v] for m, v in data.x.items()}, [data.y], [data.train]
+        for f in files:
+            try:
+                extra = load_client(f, spec, data.name)
+            except Exception as e:   # merged once, unreadable now: say so, go on without it
+                log.warning("merged spool file %s is unreadable now (%s); left out", f, e)
+                continue
+            if set(extra.x) != set(data.x):
+                log.warning("merged spool file %s has modalities %s, the device has %s; left out", f,
+                            sorted(extra.x), sorted(data.x))
+                continue
+            for m in xs:
+                xs[m].append(extra.x[m])
+            ys.append(extra.y)
+            trains.append(extra.train)
+        return ClientData(data.name, {m: np.concatenate(v) for m, v in xs.items()}, np.concatenate(ys),
+                          np.concatenate(trains))
 
     def _merge_spool(self, deploy: dict) -> None:
         """New labelled windows (``*.npz`` in the client-file format) join the local data."""
@@ -190,6 +239,8 @@ class Trainer:
 
 
 def _kind(job: Job) -> JobKind:
+    if isinstance(job, RebuildPayloads):
+        return JobKind.REBUILD
     return JobKind.TRAIN if isinstance(job, StartTraining) else JobKind.STAGE2
 
 
@@ -246,6 +297,10 @@ class Worker:
         """The job's completion event, or a JobFailed saying whether a retry may cure it."""
         try:
             return self._run(job)
+        except OSError as e:   # a full disk, a read-only state dir: one line (the machine rate-limits repeats)
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            return JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e.strerror or e}{where}", True,
+                             time.time())
         except self.RETRYABLE as e:
             log.exception("%s job failed", _kind(job).value)
             return JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e}", True, time.time())

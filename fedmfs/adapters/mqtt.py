@@ -9,6 +9,7 @@ heavy work runs on the owner's thread; publishes can wait for the broker's PUBAC
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -272,6 +273,7 @@ class MqttLink:
         self._refused_protocol = False
         self._last_error: str | None = None   # paho's last error log line (a TLS alert at the first read)
         self._tls_eofs = 0   # TLS sessions closed without an alert before CONNACK, in a row (see _try)
+        self._unacked: collections.deque = collections.deque()   # (MQTTMessageInfo, bytes) of QoS 1 publishes
 
     # -- construction ------------------------------------------------------------------------------
     def _make(self, v5: bool) -> mqtt.Client:
@@ -440,6 +442,8 @@ class MqttLink:
         if c is None:
             raise BrokerUnavailable("not started")
         info = c.publish(topic, payload, qos, retain)
+        if qos and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):   # queued by paho either way
+            self._unacked.append((info, len(payload)))
         if timeout is None or qos == 0:
             return info.rc == mqtt.MQTT_ERR_SUCCESS
         try:
@@ -447,6 +451,16 @@ class MqttLink:
         except (RuntimeError, ValueError):   # not connected / queue full: the caller retries
             return False
         return info.is_published()
+
+    def backlog_bytes(self) -> int:
+        """Payload bytes of QoS 1 publishes the broker has not acknowledged yet (sent, or queued in paho
+        while the link is down). The edge daemon feeds chunk frames only while this is small."""
+        q = self._unacked
+        while q and q[0][0].is_published():
+            q.popleft()
+        if len(q) > 64:     # acknowledged out of order: keep only what is still waiting
+            q = self._unacked = collections.deque(x for x in q if not x[0].is_published())
+        return sum(n for info, n in q if not info.is_published())
 
     def disconnect_abruptly(self) -> None:
         """Drop the TCP connection without DISCONNECT (tests: the broker then sends the last will)."""

@@ -276,6 +276,13 @@ class Learner:
         return encode_model(state, ModelHeader(round=round_index, modality=modality, samples=samples,
                                                codec=Codec(codec)))
 
+    def encode_modality(self, modality: str, round_index: int, codec: str) -> bytes:
+        """The upload of ``modality`` from the local model as it is now: after a round's training (and a
+        restore of what was saved then) the very bytes :meth:`local_round` encoded for that round."""
+        if modality not in self.present:
+            raise ValueError(f"this device has no {modality!r} model")
+        return self._encode(state_to_numpy(self.models[modality]), modality, round_index, self.data.n_train, codec)
+
     def payload(self, update: LocalUpdate, modality: str) -> bytes:
         """The upload of ``modality`` (encoded once, in :meth:`local_round`)."""
         return update.payloads[modality]

@@ -45,6 +45,8 @@ from fedmfs.edge.machine import (
     JobFailed,
     JobKind,
     Publish,
+    RebuildPayloads,
+    Rebuilt,
     RunStage2,
     SaveGlobal,
     SaveHistory,
@@ -110,8 +112,16 @@ def trained(m: EdgeMachine, r=0, now=0.0):
     return out + m.handle(Tick(now))
 
 
+class QuietMachine(EdgeMachine):
+    """The machine with its ``fetch`` requests left out of the actions: the tests of the round logic
+    assert exact action lists; the fetches have their own tests (test_fetch_*)."""
+
+    def handle(self, ev):
+        return [a for a in super().handle(ev) if not (isinstance(a, Publish) and a.topic.endswith("/fetch"))]
+
+
 def machine(**kw):
-    return EdgeMachine(DEV, FLEET, ack_timeout=10.0, max_attempts=3, **kw)
+    return QuietMachine(DEV, FLEET, ack_timeout=10.0, max_attempts=3, **kw)
 
 
 def test_a_full_round_then_stage2_then_the_next_round():
@@ -291,13 +301,39 @@ def test_restart_after_training_before_any_chunk_sends_everything():
     assert chunks(b.handle(Tick(1.0))) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
 
 
-def test_restart_with_a_lost_payload_gives_it_up_and_reports():
+def test_restart_with_a_lost_payload_tries_a_rebuild_then_gives_it_up_and_reports():
     pending = {"round": 0, "chosen": ["a"], "status": {}, "chunk_bytes": CHUNK, "started": {"a": True}}
     m = machine(progress={"reported": -1, "stage2": -1, "pending": pending})
     ready(m)
-    acts = m.handle(Tick(0.0))
+    [job] = of(m.handle(Tick(0.0)), RebuildPayloads)
+    assert job.round == 0 and job.modalities == ("a",)
+    assert m.progress["pending"]["status"] == {}         # waits for the rebuild
+    m.handle(Rebuilt(0, {}, 0.5))                         # nothing could be rebuilt
+    acts = m.handle(Tick(1.0))
     assert m.progress["pending"]["status"] == {"a": "failed"}
     assert decode_message(of(acts, Publish)[0].payload, Report).record.chosen == ("a",)
+
+
+def test_a_damaged_pending_payload_is_never_sent_it_is_rebuilt_from_the_local_model(caplog):
+    # issue 10: a corrupt pending payload was re-sent unchecked, refused bad_payload, and the device's
+    # log said nothing: the round's contribution was lost
+    a = machine()
+    ready(a)
+    saved = of(trained(a), SaveProgress)[-1].progress
+    assert saved["pending"]["sha256"] == SHA
+    damaged = {"a": b"X" + PAYLOADS["a"][1:], "b": PAYLOADS["b"]}
+    b = machine(progress=saved, payloads=damaged)
+    ready(b)
+    caplog.set_level("INFO", logger="fedmfs.edge")
+    acts = b.handle(Tick(100.0))
+    assert ("a", 2) not in chunks(acts) and chunks(acts) == [("b", 1)]     # only b's probe: a is not sent
+    assert "pending payload of a is damaged" in caplog.text
+    [job] = of(acts, RebuildPayloads)
+    assert job.modalities == ("a",)
+    b.handle(Rebuilt(0, {"a": PAYLOADS["a"]}, 100.5))
+    acts = b.handle(Tick(101.0))
+    assert chunks(acts) == [("a", 2)]          # the rebuilt payload is probed like any resumed upload
+    assert "rebuilt from the saved local model" in caplog.text
 
 
 def test_restart_after_the_report_does_not_train_the_round_again():
