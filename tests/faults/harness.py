@@ -253,9 +253,37 @@ class FleetRun:
     def _failed(self) -> dict[str, int]:
         return {n: p.returncode for n, p in self.procs.items() if p.poll() not in (None, 0)}
 
+    def retained(self, wait: float = 1.5) -> list[str]:
+        """The fleet's topics that hold a retained message on the broker now (short names: ``round``,
+        ``config/S00``, ``global/eye``, ...); [] if the broker is not reachable."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        root = "fedmfs/v1/faults/"
+        got: set[str] = set()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"faults-probe-{time.monotonic_ns()}",
+                        protocol=mqtt.MQTTv311)
+
+        def on_message(client, userdata, msg) -> None:
+            if msg.retain and msg.payload:
+                got.add(msg.topic[len(root):].replace("device/", ""))
+
+        c.on_message = on_message
+        try:
+            c.connect("127.0.0.1", self.broker.port, 10)
+        except OSError:
+            return []
+        c.subscribe(root + "#", 1)
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            c.loop(0.1)
+        c.disconnect()
+        return sorted(got)
+
     def describe(self) -> str:
         pr = self.progress()
         lines = [f"t={self.elapsed():.0f} s; ledger: {pr}",
+                 f"retained on the broker: {', '.join(self.retained()) or 'nothing'}",
                  "processes: " + ", ".join(f"{n}={'running' if p.poll() is None else p.returncode}"
                                            for n, p in self.procs.items())]
         lines += [px.summary() for px in self.proxies.values()]
@@ -279,18 +307,20 @@ class FleetRun:
         self.wait_until(lambda: (p := self.progress()) is not None and p.closed > r, timeout,
                         f"round {r} to close")
 
-    def wait_done(self, timeout: float, stall: float = 90.0, watch=None, what: str = "the run") -> float:
-        """Wait until every process has exited (all 0). Fails early when one exits non-zero, when the
-        ledger shows no progress for ``stall`` s while processes still run, or when ``watch()`` returns a
-        message (a bound already broken). Returns the seconds waited."""
+    def wait_done(self, timeout: float, stall: float = 90.0, watch=None, what: str = "the run",
+                  names=None) -> float:
+        """Wait until every process (of ``names``, default all) has exited, all with 0. Fails early when
+        one exits non-zero, when the ledger shows no progress for ``stall`` s while they still run, or when
+        ``watch()`` returns a message (a bound already broken). Returns the seconds waited."""
         t_start = time.monotonic()
         end = t_start + timeout
         last_key, last_change = None, time.monotonic()
+        names = list(self.procs) if names is None else list(names)
         while time.monotonic() < end:
             bad = self._failed()
             if bad:
                 raise AssertionError(f"{what}: processes failed {bad}\n{self.describe()}")
-            if all(p.poll() is not None for p in self.procs.values()):
+            if all(self.procs[n].poll() is not None for n in names):
                 return time.monotonic() - t_start
             if watch is not None:
                 msg = watch()
