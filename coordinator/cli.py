@@ -1,11 +1,13 @@
 """``fedmfs-coordinator``: ``run`` the service, show ``status`` from the ledger, ``keygen`` a signing key,
-``enrol`` / ``revoke`` a device (broker credentials, ACL, fleet file: :mod:`.provision`)."""
+``enrol`` / ``revoke`` a device (broker credentials, ACL, fleet file: :mod:`.provision`), ``recover`` a
+ledger that lost writes (a new fleet epoch: :meth:`.ledger.Ledger.recover`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,10 +22,10 @@ def _status(args) -> int:
     from .ledger import Ledger
 
     state_dir = Path(args.state_dir) if args.state_dir else load_coordinator_config(args.config).state_dir
-    if not (state_dir / "ledger.sqlite").exists():
-        raise ConfigError(f"no ledger in {state_dir}: the coordinator has not run there yet")
     led = Ledger(state_dir, readonly=True)
     try:
+        if led.problem is not None:      # what it holds is still worth showing; the coordinator will refuse it
+            print(f"fedmfs-coordinator: warning: {led.problem}", file=sys.stderr)
         last = led.last_round()
         rounds = led.rounds()
         out = {
@@ -120,6 +122,51 @@ def _revoke(args) -> int:
     return 0
 
 
+def _recover(args) -> int:
+    from .config import load_coordinator_config
+    from .ledger import Ledger
+
+    cfg = load_coordinator_config(args.config)
+    try:
+        os.stat(cfg.state_dir / "ledger.sqlite")
+    except FileNotFoundError:
+        raise ConfigError(f"no ledger in {cfg.state_dir}: nothing to recover (check state_dir in {args.config})") from None
+    except OSError:
+        pass                             # Ledger says what is wrong
+    led = Ledger(cfg.state_dir, check_mark=False)
+    try:
+        fleet = led.get_meta("fleet")
+        if fleet is not None and fleet != cfg.fleet:
+            raise ConfigError(f"state_dir {cfg.state_dir} belongs to fleet {fleet!r}, not {cfg.fleet!r}; "
+                              f"recover it with that fleet's coordinator.toml")
+        if led.problem is not None:
+            print(f"found: {led.problem}")
+        else:
+            print(f"found no lost writes: the ledger {led.path} holds {led.seq} commits, as {led.mark_path} "
+                  "recorded; a new fleet epoch still makes every device drop its round bookkeeping")
+        if not args.yes:
+            if not sys.stdin.isatty():
+                raise ConfigError("recover starts a new fleet epoch and changes the ledger; run it again with --yes "
+                                  "to confirm (stop the coordinator first)")
+            if input("start a new fleet epoch? [y/N] ").strip().lower() not in ("y", "yes"):
+                print("nothing changed")
+                return 1
+        rec = led.recover()
+    finally:
+        led.close()
+    lost = "" if rec.marked is None or rec.marked <= rec.seq else f" ({rec.marked - rec.seq} lost commits accepted)"
+    print(f"new fleet epoch {rec.epoch} (was {rec.old_epoch or 'none'}); high-water mark reset to the ledger's "
+          f"{rec.seq + 1} commits{lost}")
+    r = 0 if rec.last is None else rec.last.round
+    at = "round 0, which it opens" if rec.last is None else f"round {r} ({rec.last.state.value})"
+    print(f"when the coordinator starts it resumes at {at} and signs its round, configs and globals with the new "
+          "epoch. Each device that sees the later epoch takes it as a re-created fleet: it drops its round "
+          "bookkeeping (reported round, pending upload, evaluations) and follows the coordinator from "
+          f"round {r}; its local models stay. Uploads and reports of the lost commits are made again.")
+    print("start it: systemctl start fedmfs-coordinator")
+    return 0
+
+
 def _run(args) -> int:
     from .config import load_coordinator_config
     from .service import CoordinatorService
@@ -154,13 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("revoke", help="remove a device's broker credentials, ACL block and fleet-file table")
     v.add_argument("device")
     v.add_argument("--config", required=True, type=Path)
+    c = sub.add_parser("recover", help="accept a ledger that lost writes (its high-water mark is ahead): start a new "
+                       "fleet epoch that devices follow from the ledger's round")
+    c.add_argument("--config", required=True, type=Path)
+    c.add_argument("--yes", action="store_true", help="do it without asking")
     args = p.parse_args(argv)
     # journald adds its own timestamps; keep lines short
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"run": _run, "status": _status, "keygen": _keygen, "enrol": _enrol,
-                "revoke": _revoke}[args.cmd](args)
+                "revoke": _revoke, "recover": _recover}[args.cmd](args)
     except FedMFSError as e:
         print(f"fedmfs-coordinator: {e}", file=sys.stderr)
         return e.exit_code
