@@ -169,6 +169,32 @@ def _header_int(meta: dict[str, str], key: str, lo: int, hi: int) -> int:
     return v
 
 
+def _check_tensors(tensors: dict[str, np.ndarray], codec: Codec) -> None:
+    """The tensors are what :func:`encode_model` writes with ``codec``: at least one, named, of the codec's
+    dtype; ``<name>.__scale__`` only with int8, float32 of shape (1,), next to its tensor. (Fuzzing's
+    round trip found payloads the decoder took and the encoder refuses: no tensors, an empty name, a
+    float64 ``w.__scale__`` in an fp32 payload, an int8 scale without its tensor.)"""
+    if not tensors:
+        raise PayloadError("payload holds no tensors")
+    want = np.dtype({Codec.FP32: np.float32, Codec.FP16: np.float16, Codec.INT8: np.int8}[codec])
+    bad = []
+    for k, v in sorted(tensors.items()):
+        if not k.endswith(_SCALE):
+            if not k:
+                bad.append("a tensor with an empty name")
+            elif v.dtype != want:
+                bad.append(f"tensor {k!r} is {v.dtype}, the codec {codec.value} needs {want}")
+        elif codec is not Codec.INT8:
+            bad.append(f"tensor name {k!r} is reserved for the scales of the int8 codec")
+        elif k[:-len(_SCALE)] not in tensors:
+            bad.append(f"scale {k!r} has no tensor {k[:-len(_SCALE)]!r}")
+        elif v.dtype != np.float32 or v.shape != (1,):
+            bad.append(f"scale {k!r} must be float32 of shape (1,), got {v.dtype} {v.shape}")
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise PayloadError("; ".join(bad[:5]) + more)
+
+
 def decode_model(data: bytes) -> tuple[ModelHeader, dict[str, np.ndarray]]:
     """Decode and verify a payload: header fields, codec, tensor dtypes, finiteness and sha256."""
     meta = _read_metadata(bytes(data))
@@ -192,10 +218,7 @@ def decode_model(data: bytes) -> tuple[ModelHeader, dict[str, np.ndarray]]:
         tensors = st_load(bytes(data))
     except Exception as e:  # safetensors raises its own SafetensorError on any malformed body
         raise PayloadError(f"malformed safetensors body: {e}") from e
-    want = {Codec.FP32: np.float32, Codec.FP16: np.float16, Codec.INT8: np.int8}[header.codec]
-    for k, v in tensors.items():
-        if not k.endswith(_SCALE) and v.dtype != want:
-            raise PayloadError(f"tensor {k!r} is {v.dtype}, the codec {header.codec.value} needs {np.dtype(want)}")
+    _check_tensors(tensors, header.codec)
     state = dequantise(tensors, header.codec)
     for k, v in state.items():
         if not np.isfinite(v).all():
