@@ -61,6 +61,13 @@ class CoordinatorService:
         self.exit_when_done = exit_when_done
         self.signer = load_signer(cfg.signing_key)
         self.ledger = Ledger(cfg.state_dir)
+        try:
+            self._setup(cfg, notifier, link_factory)
+        except BaseException:     # the ledger holds the state dir's lock: let it go with the error
+            self.ledger.close()
+            raise
+
+    def _setup(self, cfg: CoordinatorConfig, notifier: Notifier | None, link_factory) -> None:
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
         self.watchdog = Watchdog(self.notifier)
