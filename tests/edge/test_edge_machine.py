@@ -227,6 +227,31 @@ def test_unanswered_uploads_are_probed_then_given_up_and_the_report_retried():
     assert m.progress["reported"] == 0
 
 
+def test_acks_refusals_probes_and_resumes_are_in_the_log_at_info(caplog):
+    # issue 10: at INFO the edge log never recorded acks, refusals, probes or resumes
+    caplog.set_level("INFO", logger="fedmfs.edge")
+    a = machine()
+    ready(a)
+    acts = trained(a)
+    a.handle(AckArrived(ack(0, AckReason.MISSING_CHUNKS, "a", [1]), 1.0))
+    a.handle(AckArrived(ack(0, AckReason.ACCEPTED, "a"), 2.0))
+    a.handle(AckArrived(ack(0, AckReason.OVER_CAP, "b"), 2.0))
+    a.handle(Tick(2.5))
+    a.handle(AckArrived(ack(0, AckReason.REPORT_ACCEPTED), 3.0))
+    text = caplog.text
+    assert "a: the coordinator lacks 1 of 3 chunks; resending them" in text
+    assert "round 0: a accepted by the coordinator" in text
+    assert "round 0: b refused: over_cap" in text
+    assert "round 0: report recorded by the coordinator" in text
+    b = machine(progress=of(acts, SaveProgress)[-1].progress, payloads=dict(PAYLOADS))
+    ready(b)
+    b.handle(Tick(100.0))
+    b.handle(Tick(111.0))
+    assert "resuming the upload of a (3 chunks)" in caplog.text
+    assert "a: no answer for 10 s; probing (attempt 1 of 3)" in caplog.text
+    assert all(r.levelno >= 20 for r in caplog.records if "round 0" in r.getMessage())
+
+
 def test_reconnect_mid_upload_republishes_the_status_and_the_upload_carries_on():
     m = machine()
     ready(m)
