@@ -148,6 +148,7 @@ NPZ_CASES = {   # what escaped load_client before, as the exception that escaped
     "TypeError": lambda: _zip(_npy(b"{[1]: 2}")),                                # literal_eval: unhashable key
     "MemoryError": lambda: _zip(_npy(b"{'descr': '<f8', 'fortran_order': False, 'shape': (10**12,), }"
                                      .replace(b"10**12", b"1000000000000"))),    # 7.3 TiB claimed
+    "RuntimeError": lambda: _patched(_npz(), b"PK\x01\x02", 8, b"\x01\x00"),   # flagged encrypted: "password required"
     "ValueError-y": lambda: _npz(x_eye=np.zeros((3, 5, 2), np.float32), y=np.array(["a", "b", "c"]),
                                  train=np.ones(3, bool)),                         # y of strings (astype)
 }
@@ -167,6 +168,23 @@ def test_a_valid_npz_still_loads(tmp_path):
         p.write_bytes(_npz(compressed))
         c = load_client(p, SPEC)
         assert c.x["eye"].shape == (3, 5, 2) and c.y.tolist() == [0, 1, 2] and c.n_train == 2
+
+
+# ------------------------------------------------------------------------------------------------ UCI HAR
+
+def test_uci_har_subject_id_too_large_for_an_integer(tmp_path):
+    """Was ValueError ("expected non-negative integer") from numpy's random generator: 1e300 passed the
+    whole-number check and became a negative int64 seed."""
+    from fedmfs.core.data.ucihar import load_uci_har
+    d = tmp_path / "train"
+    (d / "Inertial Signals").mkdir(parents=True)
+    (d / "y_train.txt").write_text("1\n2\n")
+    (d / "subject_train.txt").write_text("1e300\n1e300\n")
+    for sig in ("body_acc", "body_gyro", "total_acc"):
+        for ax in "xyz":
+            (d / "Inertial Signals" / f"{sig}_{ax}_train.txt").write_text((" 0.5" * 128 + "\n") * 2)
+    with pytest.raises(DataError, match="below 2"):
+        load_uci_har(tmp_path, parts=("train",))
 
 
 # ------------------------------------------------------------------------------------------ model payloads

@@ -171,9 +171,10 @@ def save_fleet(fleet: Fleet, directory: str | os.PathLike) -> Path:
 # CRC, a cut deflate stream, a bad .npy header, an object array (allow_pickle=False); and, found by
 # fuzzing (bench/fuzz.py): an unknown compression method (NotImplementedError), a .npy header numpy's
 # tokenizer or literal_eval chokes on (TokenError, IndentationError, TypeError), a shape claiming more
-# memory than there is (MemoryError, raised before anything is allocated)
+# memory than there is (MemoryError, raised before anything is allocated), a member flagged encrypted
+# (RuntimeError: "password required")
 _UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, SyntaxError,
-               TypeError, MemoryError, tokenize.TokenError)
+               TypeError, MemoryError, tokenize.TokenError, RuntimeError)
 _NPZ_FIX = ("Fix: write it with numpy.savez or fedmfs.core.data.save_fleet (docs/data.md); a truncated or "
             "partial copy fails this way")
 

@@ -88,8 +88,9 @@ def _read_part(root: Path, part: str) -> tuple[dict[str, np.ndarray], np.ndarray
         raise DataError(f"{d}: subject_{part}.txt has {len(subj)} rows, y_{part}.txt has {len(y)}")
     if np.any(y != np.round(y)) or y.min() < 1 or y.max() > 6:
         raise DataError(f"{d / f'y_{part}.txt'}: labels must be integers 1..6, got [{y.min()}, {y.max()}]")
-    if np.any(subj != np.round(subj)) or subj.min() < 1:
-        raise DataError(f"{d / f'subject_{part}.txt'}: subject ids must be positive integers")
+    # bounded above too: 1e300 is a whole number, but not an int64 (found by fuzzing: it became a negative seed)
+    if np.any(subj != np.round(subj)) or subj.min() < 1 or subj.max() >= 2**31:
+        raise DataError(f"{d / f'subject_{part}.txt'}: subject ids must be positive integers below 2^31")
     xs = {}
     for m in UCIHAR_MODALITIES:
         axes = []
