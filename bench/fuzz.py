@@ -26,7 +26,7 @@ Install and run (each target runs in its own process; ``all`` runs them one afte
 
 One summary line per target: inputs run, distinct crashes (distinct exception type + innermost project
 frame), execs/s and the slowest input. A crash's first input and traceback are written to
-``<out>/<target>/crash-<signature>.bin`` / ``.txt`` (default ``bench/results/fuzz``) and the fuzzing
+``<out>/<target>/crash-<signature>.bin`` / ``.txt`` (``--out``, default ``$TMPDIR/fedmfs-fuzz``) and the fuzzing
 goes on; ``--stop-on-crash`` stops at the first one instead. Replay saved inputs without atheris:
 ``python bench/fuzz.py --replay TARGET FILE...``. libFuzzer itself stops the target on a hang
 (``--timeout`` seconds for one input) or on memory above ``--rss-mb``.
@@ -208,7 +208,7 @@ def build() -> Env:
             ref = None
         else:
             check(safejson.json_depth(data) == parsed_depth(ref),
-                  f"json_depth {safejson.json_depth(data)} != parsed depth {parsed_depth(ref)}")
+                  f"json_depth differs from the parsed depth: {safejson.json_depth(data)} != {parsed_depth(ref)}")
         v = safejson.loads(data)
         check(json.dumps(v) == json.dumps(ref), "safejson.loads and json.loads disagree")
 
@@ -401,7 +401,7 @@ def build() -> Env:
                    K.REPORT: lambda: tt.report(p.device), K.ACK: lambda: tt.ack(p.device),
                    K.STATUS: lambda: tt.status(p.device)}.get(p.kind)
         if rebuilt is not None:    # (kinds added since are checked by the parse alone)
-            check(rebuilt() == text, f"parse_topic({text!r}) rebuilds as {rebuilt()!r}")
+            check(rebuilt() == text, f"parse_topic takes a topic Topics spells otherwise: {text!r} -> {rebuilt()!r}")
 
     # ---- data files
     scratch = Path(tempfile.mkdtemp(prefix=f"fedmfs-fuzz-{os.getpid()}-", dir=SCRATCH))
@@ -623,7 +623,7 @@ def build() -> Env:
             for ev in events:
                 m.handle(ev)
                 for d, c in m.caps.items():
-                    check(c is None or m.used.get(d, 0) <= c, f"device {d} used {m.used.get(d)} > cap {c}")
+                    check(c is None or m.used.get(d, 0) <= c, f"a cap is exceeded: device {d} used {m.used.get(d)} > {c}")
 
     # ---- the edge: decode_inbound, verify_global and the machine
     def edge_seeds() -> list[bytes]:
@@ -686,8 +686,8 @@ def _signature(e: BaseException) -> str:
     for f in frames:
         if f.filename.startswith(PROJECT_DIRS) or (isinstance(e, Contract) and f.filename == __file__):
             where = f"{os.path.relpath(f.filename, ROOT)}:{f.lineno}"
-    if isinstance(e, Contract):
-        return f"Contract@{where}: {str(e)[:60]}"
+    if isinstance(e, Contract):     # the kind of wrong answer: what its message says before the first colon
+        return f"Contract@{where}: {str(e).split(':', 1)[0][:80]}"
     return f"{type(e).__name__}@{where}"
 
 
@@ -811,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("targets", nargs="*", help="target names, or 'all'")
     ap.add_argument("--runs", type=int, default=10_000, help="inputs per target (default 10000)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fuzz"), help="crash inputs, logs, stats")
+    ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "fedmfs-fuzz"),
+                    help="crash inputs, libFuzzer logs, stats and the slowest input of each target")
     ap.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
     ap.add_argument("--timeout", type=int, default=20, help="seconds one input may take before libFuzzer stops")
     ap.add_argument("--rss-mb", type=int, default=3072, help="memory limit of a target process")
