@@ -121,6 +121,19 @@ def _zip(member: bytes, name: str = "y.npy") -> bytes:
     return buf.getvalue()
 
 
+def _members(members: dict) -> bytes:
+    """A zip of .npy members (arrays) and other members (bytes), as numpy.savez lays them out."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, v in members.items():
+            if isinstance(v, np.ndarray):
+                npy = io.BytesIO()
+                np.save(npy, v)
+                v = npy.getvalue()
+            z.writestr(name, v)
+    return buf.getvalue()
+
+
 def _patched(data: bytes, signature: bytes, offset: int, value: bytes) -> bytes:
     """``value`` written at ``offset`` into every zip record that starts with ``signature``."""
     out, i = bytearray(data), data.find(signature)
@@ -148,6 +161,8 @@ NPZ_CASES = {   # what escaped load_client before, as the exception that escaped
     "TypeError": lambda: _zip(_npy(b"{[1]: 2}")),                                # literal_eval: unhashable key
     "MemoryError": lambda: _zip(_npy(b"{'descr': '<f8', 'fortran_order': False, 'shape': (10**12,), }"
                                      .replace(b"10**12", b"1000000000000"))),    # 7.3 TiB claimed
+    "AttributeError": lambda: _members({"x_eye.npy": np.zeros((3, 5, 2), np.float32), "y.npy": np.arange(3),
+                                        "train.npy": b"not an array"}),    # numpy returns train's raw bytes
     "RuntimeError": lambda: _patched(_npz(), b"PK\x01\x02", 8, b"\x01\x00"),   # flagged encrypted: "password required"
     "ValueError-y": lambda: _npz(x_eye=np.zeros((3, 5, 2), np.float32), y=np.array(["a", "b", "c"]),
                                  train=np.ones(3, bool)),                         # y of strings (astype)

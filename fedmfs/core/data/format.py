@@ -193,9 +193,16 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{p}: not an .npz archive (numpy reads one array from it, a .npy file). {_NPZ_FIX}")
     try:
         with z:
-            return dict(z.items())
+            files = dict(z.items())
     except _UNREADABLE as e:
         raise DataError(f"{p}: not a readable .npz archive ({_first_line(e)}). {_NPZ_FIX}") from e
+    # numpy hands back a member without the .npy magic as its raw bytes (found by fuzzing: validate() then
+    # raised AttributeError on bytes.shape)
+    raw = sorted(k for k, v in files.items() if not isinstance(v, np.ndarray))
+    if raw:
+        raise DataError(f"{p}: {', '.join(f'{k}.npy' for k in raw)} in the archive {'is' if len(raw) == 1 else 'are'} "
+                        f"not .npy arrays. {_NPZ_FIX}")
+    return files
 
 
 def _labels(p: Path, y: np.ndarray, spec: DatasetSpec) -> np.ndarray:
