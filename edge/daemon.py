@@ -342,10 +342,21 @@ class EdgeDaemon:
             self.stop()
         return self.exit_code
 
-    @staticmethod
-    def _safely(fn, arg) -> None:
-        """The loop outlives any one event: an unexpected error is logged, not fatal."""
+    def _safely(self, fn, arg) -> None:
+        """The loop outlives any one event: an unexpected error is logged, not fatal; with its
+        traceback the first time, then at most once a minute (a bug hit on every tick must not flood
+        the journal)."""
         try:
             fn(arg)
-        except Exception:
-            log.exception("handling %r failed", type(arg).__name__)
+        except Exception as e:
+            tb = e.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
+            key = f"bug:{type(e).__name__}:{where}"
+            if key not in self._errors:
+                log.exception("handling %r failed", type(arg).__name__)
+                self._errors[key] = (time.monotonic(), 0)
+            else:
+                self._error(key, "handling %r failed again: %s: %s (at %s)", type(arg).__name__, type(e).__name__, e,
+                            where)

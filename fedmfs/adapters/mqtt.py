@@ -456,17 +456,25 @@ class MqttLink:
         """Payload bytes of QoS 1 publishes the broker has not acknowledged yet (sent, or queued in paho
         while the link is down). The edge daemon feeds chunk frames only while this is small."""
         q = self._unacked
-        while q and q[0][0].is_published():
+        while q and _acked(q[0][0]):
             q.popleft()
         if len(q) > 64:     # acknowledged out of order: keep only what is still waiting
-            q = self._unacked = collections.deque(x for x in q if not x[0].is_published())
-        return sum(n for info, n in q if not info.is_published())
+            q = self._unacked = collections.deque(x for x in q if not _acked(x[0]))
+        return sum(n for info, n in q if not _acked(info))
 
     def disconnect_abruptly(self) -> None:
         """Drop the TCP connection without DISCONNECT (tests: the broker then sends the last will)."""
         sock = self._client.socket() if self._client is not None else None
         if sock is not None:
             sock.close()
+
+
+def _acked(info: mqtt.MQTTMessageInfo) -> bool:
+    """The broker acknowledged this QoS 1 publish. (``is_published`` raises for a message published
+    while the link was down, which paho queued and sends after the reconnect: its ``rc`` stays
+    MQTT_ERR_NO_CONN, so the flag itself is read.)"""
+    with info._condition:
+        return bool(info._published)
 
 
 BROKER_KEYS = {"host": str, "port": int, "username": str, "password_file": str, "tls_ca": str, "tls_cert": str,

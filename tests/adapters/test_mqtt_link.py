@@ -452,3 +452,24 @@ def test_broker_config_validation():
     with pytest.raises(ConfigError, match="1..65535"):
         BrokerConfig(port=65536)
     assert BrokerConfig(port=65535).port == 65535
+
+
+def test_the_backlog_counts_unacknowledged_publishes_also_those_queued_while_the_link_is_down(mosquitto, links):
+    # found by tests/faults (broker restarted with persistence): a chunk frame published while the
+    # link was down has rc MQTT_ERR_NO_CONN, paho queues it, and MQTTMessageInfo.is_published()
+    # raises for it: the edge daemon's send window crashed on every tick until the link came back
+    link, _ = new_link(links, mosquitto)
+    link.start(timeout=WAIT)
+    assert link.publish("t/backlog", b"x" * 1000, qos=1, timeout=WAIT) is True
+    assert link.backlog_bytes() == 0
+    link._client.loop_stop()
+    link._client.disconnect()              # down: what is published now waits in paho's queue
+    link.publish("t/backlog", b"y" * 700, qos=1)
+    link.publish("t/backlog", b"z" * 50, qos=0)    # QoS 0 is never waited for
+    assert link.backlog_bytes() == 700
+    link._client.reconnect()
+    link._client.loop_start()
+    end = time.monotonic() + WAIT
+    while link.backlog_bytes() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert link.backlog_bytes() == 0       # sent after the reconnect and acknowledged
