@@ -66,8 +66,12 @@ def test_silent_device_rounds_close_at_the_deadline_with_the_others(broker, make
     try:
         rows = led.rounds()
         keys = {(u["round"], u["device"]) for u in led.uploads()}
+        reported = dict(led.db.execute("SELECT round, MAX(at) FROM reports GROUP BY round").fetchall())
     finally:
         led.close()
+    emit(capsys, "[silent device] " + "; ".join(
+        f"round {r.round}: the others' last report {reported.get(r.round, float('nan')) - r.opened_at:.1f} s after "
+        f"it opened, closed after {(r.closed_at or 0) - r.opened_at:.1f} s (deadline {ROUND_SECONDS} s)" for r in rows))
     for r in rows:
         assert r.closed_at is not None and r.closed_at - r.opened_at >= ROUND_SECONDS - 1, \
             f"round {r.round} closed after {(r.closed_at or 0) - r.opened_at:.1f} s, not at its deadline"
