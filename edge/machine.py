@@ -440,8 +440,10 @@ class EdgeMachine:
     ack_timeout: float = 10.0
     max_attempts: int = 30
     retry_delay: float = 1.0
-    # global-model bytes asked for and not yet arrived, per global: about 8 s of a 32 KB/s link
-    download_window: int = 256 * 1024
+    # global-model bytes asked for and not yet arrived: about two seconds of what the link delivers
+    # (measured), between these bounds; a cut loses what was on its way, so a slow link asks for little
+    download_window: int = 1024 * 1024
+    min_download_window: int = 64 * 1024
     # with nothing missing, still ask the coordinator every this many seconds whether the round moved
     # on (a broker that restarted without persistence lost the announcements this device missed)
     idle_fetch_seconds: float = 30.0
@@ -469,6 +471,8 @@ class EdgeMachine:
     fetch_at: float = field(init=False, default=float("-inf"))  # when the next fetch is due
     download_bytes: int = field(init=False, default=0)     # chunk bytes of globals received (this process)
     failures: int = field(init=False, default=0)           # retryable job failures in a row
+    download_rate: float | None = field(init=False, default=None)   # bytes/s of fetched chunks (EWMA)
+    _rx: tuple[float, int] | None = field(init=False, default=None)  # (since, bytes) of the current measure
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.fleet)
@@ -681,6 +685,7 @@ class EdgeMachine:
             self.refusals.refuse(f"global-chunk-{m}", ev.now, "refused a chunk of global %s: %s", m, e)
             return []
         self.download_bytes += len(data)
+        self._measure(ev.now, len(ev.frame))
         d.asked.discard(h.index)
         d.progress_at = ev.now
         if res.payload is None:
@@ -688,6 +693,22 @@ class EdgeMachine:
         del self.downloads[m]
         log.info("global %s fetched: %d bytes in %d chunks", m, len(res.payload), h.total)
         return [CheckGlobal(m, res.payload)]
+
+    def _measure(self, now: float, n: int) -> None:
+        """The rate chunks arrive at, over periods of at least 2 s (a gap of 10 s starts afresh)."""
+        since, got = self._rx if self._rx is not None and now - self._rx[0] <= 10.0 else (now, 0)
+        got += n
+        if now - since >= 2.0:
+            rate = got / (now - since)
+            self.download_rate = rate if self.download_rate is None else 0.5 * self.download_rate + 0.5 * rate
+            since, got = now, 0
+        self._rx = (since, got)
+
+    def window_bytes(self) -> int:
+        """How many chunk bytes to keep asked for: about 2 s of the measured rate, within bounds."""
+        if self.download_rate is None:
+            return self.min_download_window
+        return int(min(self.download_window, max(self.min_download_window, 2.0 * self.download_rate)))
 
     def _fetch(self, now: float) -> list[Action]:
         """Ask the coordinator for what this device lacks (docs/protocol.md "Fetching fleet state"): the
@@ -700,7 +721,7 @@ class EdgeMachine:
             wanted = {m: sha for m, sha in ann.globals.items() if self.globals.get(m, ("",))[0] != sha}
             for m in [m for m, d in self.downloads.items() if wanted.get(m) != d.sha256]:
                 del self.downloads[m]
-            window = max(2, min(MAX_FETCH_CHUNKS, self.download_window // ann.chunk_bytes))
+            window = max(2, min(MAX_FETCH_CHUNKS, self.window_bytes() // ann.chunk_bytes))
             for m, sha in sorted(wanted.items()):
                 d = self.downloads.setdefault(m, _Download(sha))
                 idx = d.ask(now, window, self.ack_timeout)

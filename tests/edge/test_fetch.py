@@ -122,7 +122,7 @@ def frames_bytes(c: CoordinatorMachine) -> int:
 def test_a_fresh_device_fetches_the_round_its_config_and_every_global_once():
     c = coordinator()
     c.handle(Start(1000.0))        # published retained; the broker lost them (no persistence): not delivered
-    e = EdgeMachine(DEV, FLEET, ack_timeout=5.0, download_window=3 * CHUNK)
+    e = EdgeMachine(DEV, FLEET, ack_timeout=5.0, download_window=3 * CHUNK, min_download_window=3 * CHUNK)
     w = Wire(c, e, rate=4 * CHUNK)
     w.from_edge(e.handle(Connected(1000.0)), 1000.0)
     t = 1000.0
@@ -140,7 +140,7 @@ def test_a_fresh_device_fetches_the_round_its_config_and_every_global_once():
 def test_cuts_cost_what_they_lost_not_the_fleet_state():
     c = coordinator()
     c.handle(Start(1000.0))
-    e = EdgeMachine(DEV, FLEET, ack_timeout=5.0, download_window=4 * CHUNK)
+    e = EdgeMachine(DEV, FLEET, ack_timeout=5.0, download_window=4 * CHUNK, min_download_window=2 * CHUNK)
     w = Wire(c, e, rate=2 * CHUNK)        # two chunks a second: a download takes many cuts
     w.from_edge(e.handle(Connected(1000.0)), 1000.0)
     t, cuts = 1000.0, 0
@@ -225,3 +225,14 @@ def test_a_device_holding_everything_asks_now_and_then_whether_the_round_moved_o
     for t in np.arange(1040.0, 1100.0, 0.5):
         w.tick(float(t))
     assert 1 <= len(w.fetches) - n <= 3          # every 30 s while idle, not every tick
+
+
+def test_the_download_window_follows_the_rate_the_link_delivers():
+    e = EdgeMachine(DEV, FLEET)
+    assert e.window_bytes() == e.min_download_window            # nothing measured: start small
+    for i in range(40):                                          # 32 KB/s: 4 KB every 1/8 s
+        e._measure(i / 8, 4096)
+    assert e.window_bytes() == e.min_download_window            # 2 s of 32 KB/s is below the floor
+    for i in range(400):                                         # 10 MB/s
+        e._measure(10 + i / 100, 100_000)
+    assert e.window_bytes() == e.download_window                 # capped
