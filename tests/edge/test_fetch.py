@@ -232,7 +232,7 @@ def test_the_download_window_follows_the_rate_the_link_delivers():
     assert e.window_bytes() == e.min_download_window            # nothing measured: start small
     for i in range(40):                                          # 32 KB/s: 4 KB every 1/8 s
         e._measure(i / 8, 4096)
-    assert e.window_bytes() == e.min_download_window            # 2 s of 32 KB/s is below the floor
+    assert e.window_bytes() <= 80 * 1024                         # about 2 s of 32 KB/s
     for i in range(400):                                         # 10 MB/s
         e._measure(10 + i / 100, 100_000)
     assert e.window_bytes() == e.download_window                 # capped
