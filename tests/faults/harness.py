@@ -7,11 +7,15 @@ the checks against a fault-free in-process run of the same seed (globals, upload
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +28,7 @@ from fedmfs.core.data.format import Fleet
 from fedmfs.core.data.synthetic import make_synthetic
 from fedmfs.core.settings import TrainConfig
 from fedmfs.sim.config import SimConfig
-from fedmfs.sim.processes import _spawn, build_report, write_fleet_configs
+from fedmfs.sim.processes import build_report, write_fleet_configs
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -182,12 +186,35 @@ class FleetRun:
                 "--connect-timeout", "60"]
 
     def start(self, name: str) -> subprocess.Popen:
+        """Start a process as :func:`fedmfs.sim.processes` does, its output into ``logs/`` with each line
+        prefixed by the run's clock (seconds since this FleetRun was made)."""
         assert name not in self.procs or self.procs[name].poll() is not None, f"{name} is running"
         log = self.work / "logs" / (name + ".log" if name == "coordinator" else f"edge-{name}.log")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.pop("NOTIFY_SOCKET", None)
+        env.pop("FEDMFS_BROKER", None)    # the configs name the run's broker
+        p = subprocess.Popen([sys.executable, "-m", *self._args(name)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, env=env)
+        self._note(log, f"===== {name} started (pid {p.pid}) =====")
+        threading.Thread(target=self._copy_log, args=(p, log), name=f"log-{name}", daemon=True).start()
+        self.procs[name] = p
+        return p
+
+    def _note(self, log: Path, text: str) -> None:
         with open(log, "ab") as f:
-            f.write(f"\n===== start at t={self.elapsed():.1f} s =====\n".encode())
-        self.procs[name] = _spawn(self._args(name), log)
-        return self.procs[name]
+            f.write(f"[{self.elapsed():7.2f}] {text}\n".encode())
+
+    def mark(self, text: str) -> None:
+        """Write a line into every process's log (where a fault happened, on the run's clock)."""
+        for log in (self.work / "logs").glob("*.log"):
+            self._note(log, f"===== test harness: {text} =====")
+
+    def _copy_log(self, p: subprocess.Popen, log: Path) -> None:
+        with open(log, "ab") as f:
+            for line in iter(p.stdout.readline, b""):
+                f.write(f"[{self.elapsed():7.2f}] ".encode() + line)
+                f.flush()
+        p.stdout.close()
 
     def start_all(self, devices=None) -> None:
         self.start("coordinator")
@@ -200,6 +227,8 @@ class FleetRun:
     def send(self, name: str, sig: int, wait: float | None = 30.0) -> int | None:
         """Send ``sig``; for a terminating signal wait for the exit (SIGTERM: a clean stop) and record it."""
         p = self.procs[name]
+        log = self.work / "logs" / (name + ".log" if name == "coordinator" else f"edge-{name}.log")
+        self._note(log, f"===== test harness: signal {signal.Signals(sig).name} to {name} =====")
         p.send_signal(sig)
         if wait is None:
             return None
@@ -220,6 +249,29 @@ class FleetRun:
         if sig == signal.SIGTERM:
             assert rc == 0, f"{name} exited {rc} on SIGTERM"
         self.start(name)
+
+    def edge_progress(self, name: str) -> dict:
+        """The device's ``state.json`` (its progress: reported, stage2, pending, ...); {} if unreadable."""
+        try:
+            return json.loads((self.work / "edge" / name / "state.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def between_jobs(self, name: str) -> bool:
+        """The device runs no training job now: it is uploading (its pending round is recorded) or has
+        reported the round that is open. A restart then resumes; one in the middle of a training job
+        is another fault (test_device_restarted_mid_training)."""
+        st, pr = self.edge_progress(name), self.progress()
+        if not st or pr is None:
+            return False
+        return st.get("pending") is not None or (pr.state == "open" and st.get("reported", -1) >= pr.round)
+
+    def restart_between_jobs(self, name: str, timeout: float = 45.0) -> None:
+        """SIGTERM ``name`` once it is between jobs (or after ``timeout`` s anyway), and start it again."""
+        end = time.monotonic() + timeout
+        while not self.between_jobs(name) and time.monotonic() < end and self.procs[name].poll() is None:
+            time.sleep(0.05)
+        self.restart(name, signal.SIGTERM)
 
     # -- watching ------------------------------------------------------------------------------------
     def progress(self) -> Progress | None:
@@ -365,7 +417,9 @@ def check_same_as_reference(ref: dict, rep: dict, accuracy: bool = True) -> None
         f"{len(rep['rounds'])} rounds in the ledger, the fault-free run had {len(ref['rounds'])}"
     for a, b in zip(ref["rounds"], rep["rounds"], strict=True):
         r = a["round"]
-        assert b["uploads"] == a["uploads"], f"round {r}: uploads differ from the fault-free run's"
+        short = lambda ups: [(u["device"], u["modality"], u["bytes"]) for u in ups]
+        assert b["uploads"] == a["uploads"], (f"round {r}: uploads differ from the fault-free run's: "
+                                              f"{short(b['uploads'])} != {short(a['uploads'])}")
         assert b["aggregated"] == a["aggregated"], f"round {r}: aggregation differs from the fault-free run's"
         assert b["upload_bytes"] == a["upload_bytes"], f"round {r}: upload bytes differ"
         if accuracy:

@@ -27,8 +27,10 @@ def _mid_upload(run, device=SLOW):
 
 
 def _restart_devices(run):
+    """SIGTERM and start each device again, between its jobs: one stopped in the middle of a training
+    job is the fault of test_device_restarted_mid_training, not this file's."""
     for d in run.devices:
-        run.restart(d, signal.SIGTERM)
+        run.restart_between_jobs(d)
 
 
 def _finish(run, ref, capsys, what, timeout=200, stall=60):
@@ -48,7 +50,10 @@ def test_broker_without_persistence_restarted_between_rounds_then_devices_restar
     run = make_run(broker, DEVICES)
     run.start_all()
     run.wait_round_closed(0)
+    for px in run.proxies.values():        # round 1's uploads take seconds: the devices can restart mid-upload
+        px.set("up", rate=UP_RATE)
     broker.restart(signal.SIGTERM)         # retained round, configs and globals are gone
+    run.mark("broker restarted (no persistence)")
     _restart_devices(run)                  # and the devices forget what they held in memory
     _finish(run, ref, capsys, "broker restarted (no persistence) between rounds, devices restarted")
 
@@ -56,10 +61,12 @@ def test_broker_without_persistence_restarted_between_rounds_then_devices_restar
 def test_broker_without_persistence_restarted_mid_upload_then_devices_restarted(broker, make_run, reference, capsys):
     ref = reference(DEVICES)
     run = make_run(broker, DEVICES)
-    run.proxies[SLOW].set("up", rate=UP_RATE)
+    for px in run.proxies.values():
+        px.set("up", rate=UP_RATE)
     run.start_all()
     sent = _mid_upload(run)
     broker.restart(signal.SIGTERM)
+    run.mark("broker restarted (no persistence)")
     up = run.progress()
     assert up is not None and up.closed == 0, f"the fault came too late: {up}"
     print(f"broker restarted after {SLOW} sent {sent} bytes of its round-0 uploads")
@@ -75,5 +82,6 @@ def test_broker_with_persistence_restarted_mid_upload(persistent_broker, make_ru
     run.start_all()
     sent = _mid_upload(run)
     persistent_broker.restart(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    run.mark(f"broker restarted ({how}, persistence on)")
     print(f"broker ({how}, persistence on) restarted after {SLOW} sent {sent} bytes of its round-0 uploads")
     _finish(run, ref, capsys, f"broker with persistence restarted ({how}) mid-upload")

@@ -38,6 +38,29 @@ def test_device_killed_mid_upload_then_restarted(broker, make_run, reference, ca
     check_ledger(run.state_dir, ref)
 
 
+def test_device_restarted_mid_training_uploads_what_it_would_have(broker, make_run, reference, capsys):
+    """SIGTERM (systemctl restart) while a device trains round 1, then start it again: the round must
+    come out as without the restart (the daemon's stop waits for the job; what the job already saved
+    must not make the retrained round differ)."""
+    ref = reference(DEVICES)
+    run = make_run(broker, DEVICES)
+    run.start_all()
+    run.wait_round_closed(0)
+    # Stage #2 on round 0's globals is recorded just before round 1's training starts (1-15 s of it)
+    run.wait_until(lambda: run.edge_progress(SLOW).get("stage2", -1) >= 0, 60, f"{SLOW}'s Stage #2 of round 0")
+    assert run.edge_progress(SLOW).get("pending") is None, f"{SLOW} finished training round 1 too early"
+    rc = run.send(SLOW, signal.SIGTERM)
+    assert rc == 0, f"{SLOW} exited {rc} on SIGTERM"
+    run.start(SLOW)
+    try:
+        took = run.wait_done(200, stall=60, what=f"{SLOW} restarted mid-training")
+    finally:
+        emit(capsys, f"[device restarted mid-training] t={run.elapsed():.0f} s; ledger {run.progress()}")
+    print(f"finished {took:.0f} s after the restart")
+    check_same_as_reference(ref, run.report())
+    check_ledger(run.state_dir, ref)
+
+
 ROUND_SECONDS = 40
 SILENT = "S07"
 
