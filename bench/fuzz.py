@@ -26,10 +26,11 @@ Install and run (each target runs in its own process; ``all`` runs them one afte
 
 One summary line per target: inputs run, distinct crashes (distinct exception type + innermost project
 frame), execs/s and the slowest input. A crash's first input and traceback are written to
-``<out>/<target>/crash-<signature>.bin`` / ``.txt`` (``--out``, default ``$TMPDIR/fedmfs-fuzz``) and the fuzzing
-goes on; ``--stop-on-crash`` stops at the first one instead. Replay saved inputs without atheris:
-``python bench/fuzz.py --replay TARGET FILE...``. libFuzzer itself stops the target on a hang
-(``--timeout`` seconds for one input) or on memory above ``--rss-mb``.
+``<out>/<target>/crash-<signature>.bin`` / ``.txt`` (``--out``, default ``$TMPDIR/fedmfs-fuzz``) and the
+fuzzing goes on; ``--stop-on-crash`` stops at the first one instead. Replay saved inputs without
+libFuzzer: ``python bench/fuzz.py --replay TARGET FILE...`` (``actionsense`` still needs atheris, for its
+data provider). libFuzzer itself stops the target on a hang (``--timeout`` seconds for one input) or on
+memory above ``--rss-mb``.
 
 Results of the last long run: docs/reliability-fuzz.md.
 """
@@ -42,6 +43,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -123,6 +125,7 @@ class Env:
     """Everything the targets share, built after atheris has started instrumenting imports."""
 
     targets: dict[str, Target] = field(default_factory=dict)
+    scratch: Path | None = None      # the data targets' files; removed when the process ends its work
 
 
 def build() -> Env:
@@ -404,7 +407,7 @@ def build() -> Env:
             check(rebuilt() == text, f"parse_topic takes a topic Topics spells otherwise: {text!r} -> {rebuilt()!r}")
 
     # ---- data files
-    scratch = Path(tempfile.mkdtemp(prefix=f"fedmfs-fuzz-{os.getpid()}-", dir=SCRATCH))
+    scratch = env.scratch = Path(tempfile.mkdtemp(prefix=f"fedmfs-fuzz-{os.getpid()}-", dir=SCRATCH))
 
     def client(seed: int = 0, n: int = 6) -> format.ClientData:
         rng = np.random.default_rng(seed)
@@ -468,7 +471,6 @@ def build() -> Env:
     @add("ucihar", "load_uci_har on a tree whose y_ and subject_ files are fuzzed (signals valid, as many rows "
          "as the labels file has lines)", (DataError,), uci_seeds, 1024, TEXT_TOKENS)
     def t_ucihar(data: bytes) -> None:
-        import shutil
         rs = dict(records(data, 2))
         shutil.rmtree(uci_root, ignore_errors=True)
         d = uci_root / "train"
@@ -694,8 +696,8 @@ def _signature(e: BaseException) -> str:
 class Runner:
     """Runs one target's inputs, keeps counts and the first input of every distinct crash."""
 
-    def __init__(self, target: Target, out: Path, runs: int, stop_on_crash: bool):
-        self.t, self.out, self.runs, self.stop = target, out, runs, stop_on_crash
+    def __init__(self, target: Target, out: Path, runs: int, stop_on_crash: bool, cleanup: list[Path]):
+        self.t, self.out, self.runs, self.stop, self.cleanup = target, out, runs, stop_on_crash, cleanup
         self.count, self.slowest, self.slowest_input, self.started = 0, 0.0, b"", time.monotonic()
         self.crashes: dict[str, int] = {}
         self.last_write = 0.0
@@ -719,7 +721,9 @@ class Runner:
         self.count += 1
         if self.count >= self.runs:
             self.write(final=True)
-            os._exit(0)
+            for p in self.cleanup:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            os._exit(0)     # libFuzzer would go on: its own run count includes what it replays
         if time.monotonic() - self.last_write > 5:
             self.write()
 
@@ -751,8 +755,8 @@ def child(name: str, runs: int, out: Path, seed: int, timeout: int, rss_mb: int,
     corpus = Path(tempfile.mkdtemp(prefix=f"fedmfs-corpus-{name}-", dir=SCRATCH))
     for i, s in enumerate(target.seeds()):
         (corpus / f"seed-{i}").write_bytes(s)
-    runner = Runner(target, out / name, runs, stop)
-    dict_file = corpus.with_suffix(".dict")
+    dict_file = corpus.with_suffix(".dict")      # beside the corpus: every file in it is an input
+    runner = Runner(target, out / name, runs, stop, [p for p in (env.scratch, corpus, dict_file) if p is not None])
     dict_file.write_text("".join('"' + "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\x{ord(c):02X}"
                                                    for c in t) + '"\n' for t in target.tokens))
     args = [sys.argv[0], str(corpus), f"-seed={seed}", f"-timeout={timeout}", f"-rss_limit_mb={rss_mb}",
@@ -790,7 +794,8 @@ def summary_line(s: dict) -> str:
 def replay(name: str, files: list[str]) -> int:
     warnings.simplefilter("ignore")
     logging.disable(logging.CRITICAL)
-    target = build().targets[name]
+    env = build()
+    target = env.targets[name]
     bad = 0
     for f in files:
         t0 = time.perf_counter()
@@ -803,6 +808,8 @@ def replay(name: str, files: list[str]) -> int:
             bad += 1
             print(f"{f}: CRASH {_signature(e)}")
             traceback.print_exception(e)
+    if env.scratch is not None:
+        shutil.rmtree(env.scratch, ignore_errors=True)
     return 1 if bad else 0
 
 
@@ -828,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.replay:
         return replay(a.replay[0], a.replay[1:])
     env = build()
+    if env.scratch is not None:
+        shutil.rmtree(env.scratch, ignore_errors=True)
     if a.list or not a.targets:
         for t in env.targets.values():
             print(f"{t.name:<15} {t.doc}")
