@@ -3,7 +3,6 @@ the new one, never a torn one; a crash leaves at most a stray ``.<name>.*.tmp``.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -68,14 +67,16 @@ def read_spec_document(path: str | os.PathLike, fmt: str, version: int, error: t
     Checks ``format`` and ``version`` and parses ``spec``; every failure raises ``error`` naming the
     file and what is wrong. ``what`` completes "<dir> is not <what>" when the file is missing.
     """
+    from fedmfs.core.errors import PayloadError
     from fedmfs.core.modality import DatasetSpec
+    from fedmfs.core.safejson import loads
 
     p = Path(path)
     try:
-        doc = json.loads(p.read_text())
+        doc = loads(p.read_bytes(), p.name)     # bounded: nesting, integer digits; every failure a PayloadError
     except FileNotFoundError as e:
         raise error(f"{p.parent} is not {what}: {p.name} is missing") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, PayloadError) as e:
         raise error(f"{p}: unreadable or invalid JSON: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise error(f"{p}: 'format' must be {fmt!r}")
@@ -83,6 +84,6 @@ def read_spec_document(path: str | os.PathLike, fmt: str, version: int, error: t
         raise error(f"{p}: unsupported version {doc.get('version')!r}; this fedmfs reads {version}")
     try:
         spec = DatasetSpec.from_dict(doc["spec"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise error(f"{p}: bad or missing 'spec': {e}") from e
     return doc, spec

@@ -1,8 +1,8 @@
 """Minimal reproducers of what fuzzing found (bench/fuzz.py, tests/fuzz/test_parsers_fuzz.py; the list and
 the fixes: docs/reliability-fuzz.md). Each failed before its fix.
 
-Defects in modules another change owns (the wire, fsio) are reported, not fixed here: their reproducers
-are ``xfail(strict=True)``, so the fix makes them pass and the marker must then go.
+The defects first reported in other modules (the wire's chunk reassembly and topic parser, fsio's spec
+documents) are fixed too; their reproducers are plain tests now.
 """
 
 from __future__ import annotations
@@ -264,25 +264,24 @@ def _fleet_json(**spec_changes) -> str:
     (_fleet_json(num_classes=1e999), OverflowError),                                       # int(inf)
     (_fleet_json(steps=-1e999), OverflowError),
 ], ids=["deep-nesting", "5000-digit-integer", "num_classes-inf", "steps-minus-inf"])
-def test_fleet_json_that_json_or_the_spec_cannot_take_is_a_data_error(tmp_path, text, escaped, request):
-    """fsio.read_spec_document parses with json.loads and catches only JSONDecodeError; DatasetSpec.from_dict
-    calls int() on floats (inf). Both outside this change's files: reported (docs/reliability-fuzz.md)."""
-    request.applymarker(pytest.mark.xfail(strict=True, raises=escaped, reason="reported: fedmfs/core/fsio.py "
-                                          "read_spec_document and modality.DatasetSpec.from_dict"))
+def test_fleet_json_that_json_or_the_spec_cannot_take_is_a_data_error(tmp_path, text, escaped):
+    """fsio.read_spec_document parsed with json.loads and caught only JSONDecodeError; DatasetSpec.from_dict
+    calls int() on floats (inf). Fixed: safejson.loads, and OverflowError caught."""
     with pytest.raises(DataError):
         load_fleet(_fleet_dir(tmp_path, text))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="reported: fedmfs/core/wire/topics.py parse_topic "
-                   "checks the round with str.isdigit(), which '²' passes and int() refuses")
 def test_parse_topic_with_a_superscript_round():
-    with pytest.raises(PayloadError):
-        parse_topic("fedmfs/v1/lab/device/d/upload/\u00b2/eye")
+    # parse_topic checked the round with str.isdigit(), which '²' passes and int() refuses; '06' and
+    # Arabic-Indic digits gave one upload several topic spellings
+    for r in ("\u00b2", "06", "8\u06617"):
+        with pytest.raises(PayloadError):
+            parse_topic(f"fedmfs/v1/lab/device/d/upload/{r}/eye")
+    assert parse_topic("fedmfs/v1/lab/device/d/upload/0/eye").round == 0
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="reported: fedmfs/core/wire/chunks.py Reassembler.add "
-                   "trusts header.index (only decode_chunk checks it)")
 def test_reassembler_add_with_an_index_outside_the_upload():
+    # Reassembler.add trusted header.index (only decode_chunk checked it): KeyError
     sha = hashlib.sha256(b"abcdef").hexdigest()
     asm = Reassembler(ChunkHeader(0, 2, 3, 6, sha))
     asm.add(ChunkHeader(0, 2, 3, 6, sha), b"abc")

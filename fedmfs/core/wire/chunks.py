@@ -125,6 +125,9 @@ class Reassembler:
         if (header.total, header.chunk_bytes, header.payload_bytes, header.sha256) != (
                 h0.total, h0.chunk_bytes, h0.payload_bytes, h0.sha256):
             raise PayloadError("chunk does not belong to this upload (total, sizes or sha256 differ)")
+        header.check()      # the index too (decode_chunk checks it; a caller building headers may not)
+        if len(data) != header.expected_len():
+            raise PayloadError(f"chunk {header.index} carries {len(data)} bytes, expected {header.expected_len()}")
         if header.index not in self._parts:
             self._parts[header.index] = bytes(data)
             self._received += len(data)

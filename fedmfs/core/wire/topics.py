@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -10,6 +11,8 @@ from fedmfs.core.fields import validate_modality, validate_name
 from fedmfs.core.wire.limits import TOPIC_ROOT
 
 __all__ = ["ParsedTopic", "TopicKind", "Topics", "parse_topic"]
+
+_ROUND = re.compile(r"0|[1-9][0-9]{0,8}")
 
 
 class TopicKind(str, Enum):
@@ -121,7 +124,7 @@ def parse_topic(topic: str) -> ParsedTopic:
         if len(tail) == 2 and tail[0] == "global":
             return ParsedTopic(TopicKind.DEVICE_GLOBAL, fleet, device=dev, modality=validate_modality(tail[1]))
         if len(tail) == 3 and tail[0] == "upload":
-            if not tail[1].isdigit() or len(tail[1]) > 9:
+            if not _ROUND.fullmatch(tail[1]):    # ASCII digits, no leading zero: one spelling per round
                 raise PayloadError(f"topic {topic!r}: round {tail[1]!r} is not a non-negative integer")
             return ParsedTopic(TopicKind.UPLOAD, fleet, device=dev, round=int(tail[1]),
                                modality=validate_modality(tail[2]))
