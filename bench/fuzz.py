@@ -147,6 +147,8 @@ def build() -> Env:
         DeviceState,
         DeviceStatus,
         Evaluation,
+        Fetch,
+        GlobalWant,
         Report,
         RoundAnnouncement,
         RoundState,
@@ -183,7 +185,8 @@ def build() -> Env:
     cfg = DeviceConfig(DEVICE, SelectionPolicy(gamma=1, cap_bytes=5000, codec="int8"), 500)
     msgs: list[Any] = [ann, cfg, Report(rec, ("eye",), 900, 1100), Evaluation(DEVICE, 0, 0.75, 12),
             Ack(DEVICE, 0, AckReason.MISSING_CHUNKS, "eye", "ab" * 32, (1, 2, 5), "3 missing"),
-            Ack(DEVICE, 0, AckReason.REPORT_ACCEPTED), DeviceStatus(DEVICE, DeviceState.ONLINE)]
+            Ack(DEVICE, 0, AckReason.REPORT_ACCEPTED), DeviceStatus(DEVICE, DeviceState.ONLINE),
+            Fetch(DEVICE, 7, 0, RoundState.OPEN, True, (GlobalWant("eye", "ab" * 32, (0, 1, 2)),))]
     plain = [messages.encode_message(m) for m in msgs]
     signed = [messages.sign_message(ann, FLEET, 7, 0, signer), messages.sign_message(cfg, FLEET, 7, 0, signer)]
 
@@ -564,6 +567,8 @@ def build() -> Env:
                                                           ("eye",)))) for r in (0, 1) for d in ("a", "b", "c")]
         ev = messages.encode_message(Evaluation("a", 0, 0.5, 3))
         st = messages.encode_message(DeviceStatus("a", DeviceState.OFFLINE))
+        g_eye = hashlib.sha256(pl.encode_model(model("eye", 100), pl.ModelHeader(0, "eye", 1))).hexdigest()
+        fe = messages.encode_message(Fetch("a", 7, 0, RoundState.OPEN, True, (GlobalWant("eye", g_eye, (0, 1, 63)),)))
         frames = chunks.split_payload(payload("eye", 1), 300)
         round1 = [up(i, 0, payload("eye", 5 + i, 1, 20)) for i in range(3)]
         return [
@@ -574,6 +579,8 @@ def build() -> Env:
                   (2, bytes([2]) + rep[2]), *round1, (2, bytes([0]) + ev), (3, bytes([0]) + st), (4, b"\x10\x00")]),
             pack([up(1, 0, payload("eye", 9) * 2), up(3, 2, b"junk"), (5, b"\x02"), up(0, 0, payload("eye", 1)),
                   (4, b"\xff\xff"), (2, bytes([1]) + rep[4])]),
+            pack([(6, bytes([0]) + fe), (6, bytes([1]) + fe), (6, bytes([3]) + fe), up(0, 0, payload("eye", 1)),
+                  (6, bytes([0]) + fe), (4, b"\x00\x20")]),
         ]
 
     devices = ("a", "b", "c", "zz", "A-1")
@@ -589,7 +596,7 @@ def build() -> Env:
         return m
 
     @add("coordinator", "CoordinatorMachine.handle on sequences of chunk frames (tag 0), uploads the harness "
-         "splits in a fuzzed order (1), reports (2), statuses (3), ticks (4); never raises, caps hold",
+         "splits in a fuzzed order (1), reports (2), statuses (3), ticks (4), fetches (6); never raises, caps hold",
          (), coordinator_seeds, 16384)
     def t_coordinator(data: bytes) -> None:
         rs = records(data)
@@ -619,6 +626,8 @@ def build() -> Env:
                 events = [cm.ReportArrived(dev, r[1:], now)]
             elif tag == 3:
                 events = [cm.StatusArrived(dev, r[1:], now)]
+            elif tag == 6:
+                events = [cm.FetchArrived(dev, r[1:], now)]
             elif tag == 4:
                 now += int.from_bytes(r[:2], "big") / 10
                 events = [cm.Tick(now)]
@@ -641,6 +650,9 @@ def build() -> Env:
             pack([(1, bytes([7, 1]) + messages.encode_message(e_ann)), (2, bytes([7, 1]) + messages.encode_message(e_cfg)),
                   (3, bytes([7, 1, 0]) + payload("eye", 4, 1)), (3, bytes([6, 9, 1]) + payload("emg", 4, 9)),
                   (1, bytes([7, 0]) + messages.encode_message(ann)), topic(t.ack(DEVICE), ack)]),
+            pack([topic(t.state(DEVICE), signed[0]), topic(t.state(DEVICE), signed[1]),
+                  *[topic(t.device_global(DEVICE, "eye"), f) for f in chunks.split_payload(global_seeds()[0], 97)],
+                  (4, b"\x00\x10")]),
         ]
 
     @add("edge", "edge decode_inbound + verify_global on topic/payload records (tag 0) and on bodies the harness "

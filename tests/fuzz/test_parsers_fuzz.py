@@ -38,6 +38,8 @@ from fedmfs.core.wire import (
     DeviceState,
     DeviceStatus,
     Evaluation,
+    Fetch,
+    GlobalWant,
     Reassembler,
     Report,
     RoundAnnouncement,
@@ -90,7 +92,8 @@ RECORD = RoundRecord(DEVICE, 0, 10, {"eye": 0.5, "emg": -0.1}, {"eye": 900, "emg
                      ("eye",), 0.5)
 MESSAGES: list[Any] = [ANN, CFG, Report(RECORD, ("eye",), 900, 1100), Evaluation(DEVICE, 0, 0.75, 12),
             Ack(DEVICE, 0, AckReason.MISSING_CHUNKS, "eye", "ab" * 32, (1, 2, 5), "3 missing"),
-            DeviceStatus(DEVICE, DeviceState.ONLINE)]
+            DeviceStatus(DEVICE, DeviceState.ONLINE),
+            Fetch(DEVICE, 7, 0, RoundState.OPEN, True, (GlobalWant("eye", "ab" * 32, (0, 1, 2)),))]
 PLAIN = [encode_message(m) for m in MESSAGES]
 SIGNED = [sign_message(ANN, FLEET, 7, 0, SIGNER), sign_message(CFG, FLEET, 7, 0, SIGNER)]
 GLOBALS = [encode_global(FLEET, 0, "eye", PAYLOADS[0], SIGNER, 7), encode_global(FLEET, 4, "emg", PAYLOADS[1], SIGNER)]
