@@ -64,7 +64,7 @@ from .machine import (
     decode_inbound,
     verify_global,
 )
-from .worker import InlineWorker, Trainer, Worker
+from .worker import RESULT, InlineWorker, Trainer, Worker
 
 __all__ = ["EdgeDaemon"]
 
@@ -244,8 +244,8 @@ class EdgeDaemon:
             atomic_write(self.dir / "globals" / f"{a.modality}.fmg", a.frame)
         elif isinstance(a, DropPending):
             self._drop_frames(lambda t: True)
-            for p in (self.dir / "pending").glob("*.bin"):
-                p.unlink()
+            for p in [*(self.dir / "pending").glob("*.bin"), self.dir / "pending" / RESULT]:
+                p.unlink(missing_ok=True)
         elif isinstance(a, (StartTraining, RunStage2, RebuildPayloads)):
             what = {StartTraining: "training round", RunStage2: "Stage #2 after round",
                     RebuildPayloads: "rebuilding the payloads of round"}[type(a)]

@@ -10,6 +10,8 @@ and watchdog pings keep flowing while a round trains.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import threading
@@ -23,12 +25,15 @@ from fedmfs.core.data.format import ClientData
 from fedmfs.core.errors import FedMFSError, PayloadError
 from fedmfs.core.fsio import atomic_write
 from fedmfs.core.modality import DatasetSpec
+from fedmfs.core.records import RoundRecord
 from fedmfs.core.settings import TrainConfig
 
 from .config import EdgeConfig
 from .machine import JobFailed, JobKind, RebuildPayloads, Rebuilt, RunStage2, Stage2Done, StartTraining, Trained
 
-__all__ = ["Trainer", "Worker", "InlineWorker"]
+__all__ = ["RESULT", "Trainer", "Worker", "InlineWorker"]
+
+RESULT = "result.json"     # pending/: the finished training job's choice and round record
 
 log = logging.getLogger("fedmfs.edge")
 
@@ -101,9 +106,17 @@ class Trainer:
 
     # -- jobs --------------------------------------------------------------------------------------
     def train(self, job: StartTraining) -> Trained:
-        """Train round ``job.round`` and choose under exactly the policy the coordinator sent."""
+        """Train round ``job.round`` and choose under exactly the policy the coordinator sent.
+
+        The result is durable before the learner that trained is saved (``pending/result.json`` beside
+        the payload files): a daemon stopped after the job finished but before its result reached the
+        round machine takes that result again instead of training the round a second time, from a
+        learner that has already trained it (which chose and uploaded something else)."""
         from fedmfs.learner.store import save_learner
 
+        done = self._finished(job)
+        if done is not None:
+            return done
         self._merge_spool(dict(job.deploy))
         c, policy, r = self.client(dict(job.deploy)), job.config.policy, job.round
         t0 = time.perf_counter()
@@ -114,10 +127,36 @@ class Trainer:
         (self.dir / "pending").mkdir(parents=True, exist_ok=True)
         for m, p in payloads.items():
             atomic_write(self.dir / "pending" / f"{m}.bin", p)
+        record = c.record(upd, choice)
+        result = {"round": r, "chosen": list(choice.modalities), "record": record.to_dict(),
+                  "sha256": {m: hashlib.sha256(p).hexdigest() for m, p in payloads.items()}}
+        atomic_write(self.dir / "pending" / RESULT, json.dumps(result, sort_keys=True).encode())
         save_learner(c, self.dir / "client")
         log.info("round %d: trained in %.1f s; %s chosen (%s, %s)", r, time.perf_counter() - t0,
                  ", ".join(choice.modalities) or "nothing", policy.method, policy.codec)
-        return Trained(r, tuple(choice.modalities), payloads, c.record(upd, choice), time.time())
+        return Trained(r, tuple(choice.modalities), payloads, record, time.time())
+
+    def _finished(self, job: StartTraining) -> Trained | None:
+        """The result of ``job``'s round if a run of it finished before a restart (``pending/result.json``
+        with every payload file intact), else None."""
+        p = self.dir / "pending" / RESULT
+        try:
+            doc = json.loads(p.read_bytes())
+            if not isinstance(doc, dict) or doc.get("round") != job.round:
+                return None
+            chosen = tuple(doc["chosen"])
+            payloads = {m: (self.dir / "pending" / f"{m}.bin").read_bytes() for m in chosen}
+            if any(hashlib.sha256(payloads[m]).hexdigest() != doc["sha256"][m] for m in chosen):
+                return None
+            record = RoundRecord.from_dict(doc["record"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, PayloadError) as e:
+            log.warning("round %d: the saved training result %s is unusable (%s); training the round", job.round, p, e)
+            return None
+        log.info("round %d: training had finished before the restart; taking its result (%s chosen)", job.round,
+                 ", ".join(chosen) or "nothing")
+        return Trained(job.round, chosen, payloads, record, time.time())
 
     def rebuild(self, job: RebuildPayloads) -> Rebuilt:
         """Re-encode the pending payloads of ``job.round`` from the local models saved after that round's

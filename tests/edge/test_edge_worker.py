@@ -202,3 +202,31 @@ def test_acks_and_configs_flow_while_the_round_trains(tmp_path, mosquitto, notif
         c.loop_stop()
         c.disconnect()
     assert not runner.is_alive()
+
+
+def test_a_finished_training_job_is_taken_again_after_a_restart_not_retrained(tmp_path):
+    # found by tests/faults (a device SIGTERMed while it trained round 1): the job finished and saved
+    # its learner, the daemon stopped before the result reached the machine, and the restarted device
+    # trained round 1 again from a learner that had already trained it, choosing something else
+    import hashlib
+
+    from fedmfs.core.settings import TrainConfig
+    from fedmfs.edge.worker import RESULT, Trainer
+
+    def no_training():
+        raise AssertionError("trained again")
+
+    t = Trainer("d1", tmp_path, TrainConfig(), 0, 0, no_training)
+    rec = RoundRecord("d1", 1, 40, {"a": 0.5}, {"a": 3}, {"a": 1.0}, ("a",), 0.5)
+    (tmp_path / "pending").mkdir()
+    (tmp_path / "pending" / "a.bin").write_bytes(b"AAA")
+    (tmp_path / "pending" / RESULT).write_text(json.dumps(
+        {"round": 1, "chosen": ["a"], "record": rec.to_dict(), "sha256": {"a": hashlib.sha256(b"AAA").hexdigest()}}))
+    job = StartTraining(1, {}, {}, DeviceConfig("d1", SelectionPolicy(gamma=1)))
+    got = t.train(job)
+    assert (got.round, got.chosen, dict(got.payloads), got.record) == (1, ("a",), {"a": b"AAA"}, rec)
+    (tmp_path / "pending" / "a.bin").write_bytes(b"AAB")        # damaged: the result is not taken
+    with pytest.raises(AssertionError, match="trained again"):
+        t.train(job)
+    with pytest.raises(AssertionError, match="trained again"):  # another round's result is not taken
+        t.train(StartTraining(2, {}, {}, DeviceConfig("d1", SelectionPolicy(gamma=1))))
