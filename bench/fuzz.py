@@ -32,7 +32,7 @@ libFuzzer: ``python bench/fuzz.py --replay TARGET FILE...`` (``actionsense`` sti
 data provider). libFuzzer itself stops the target on a hang (``--timeout`` seconds for one input) or on
 memory above ``--rss-mb``.
 
-Results of the last long run: docs/reliability-fuzz.md.
+Results of the last long run: docs/reliability.md, "Fuzzing".
 """
 
 from __future__ import annotations

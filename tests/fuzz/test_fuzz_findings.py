@@ -1,5 +1,5 @@
 """Minimal reproducers of what fuzzing found (bench/fuzz.py, tests/fuzz/test_parsers_fuzz.py; the list and
-the fixes: docs/reliability-fuzz.md). Each failed before its fix.
+the fixes: docs/reliability.md, "Fuzzing"). Each failed before its fix.
 
 The defects first reported in other modules (the wire's chunk reassembly and topic parser, fsio's spec
 documents) are fixed too; their reproducers are plain tests now.

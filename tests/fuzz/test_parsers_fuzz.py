@@ -319,7 +319,8 @@ def test_decode_message_of_every_type(data):
 # ---------------------------------------------------------------------------------------------- topics
 
 TOPIC_SEEDS = [TOPICS.round(), TOPICS.global_model("eye"), TOPICS.config(DEVICE), TOPICS.upload(DEVICE, 12, "emg"),
-               TOPICS.report(DEVICE), TOPICS.ack("a.b-c_d"), TOPICS.status(DEVICE)]
+               TOPICS.report(DEVICE), TOPICS.ack("a.b-c_d"), TOPICS.status(DEVICE), TOPICS.fetch(DEVICE),
+               TOPICS.state(DEVICE), TOPICS.device_global(DEVICE, "eye")]
 
 
 @FAST
@@ -334,9 +335,11 @@ def test_parse_topic_refuses_or_rebuilds(topic):
     rebuilt = {K.ROUND: lambda: t.round(), K.GLOBAL: lambda: t.global_model(p.modality),
                K.UPLOAD: lambda: t.upload(p.device, p.round, p.modality), K.CONFIG: lambda: t.config(p.device),
                K.REPORT: lambda: t.report(p.device), K.ACK: lambda: t.ack(p.device),
-               K.STATUS: lambda: t.status(p.device)}.get(p.kind)
-    if rebuilt is not None:     # (a round may be spelt "06": the same topic; docs/reliability-fuzz.md)
-        assert parse_topic(rebuilt()) == p
+               K.STATUS: lambda: t.status(p.device), K.FETCH: lambda: t.fetch(p.device),
+               K.STATE: lambda: t.state(p.device), K.DEVICE_GLOBAL: lambda: t.device_global(p.device, p.modality)
+               }.get(p.kind)
+    assert rebuilt is not None, p.kind
+    assert rebuilt() == topic          # one spelling per topic (a round "06" was another: fixed, 4b78ad8)
 
 
 # ------------------------------------------------------------------------------------------ data files
