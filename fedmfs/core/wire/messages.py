@@ -99,6 +99,13 @@ class DeviceState(str, Enum):
 
 
 
+def _round_state(d: Mapping) -> RoundState:
+    try:
+        return RoundState(get_field(d, "state", str))
+    except ValueError as e:
+        raise PayloadError(f"unknown round state {d.get('state')!r}") from e
+
+
 @dataclass(frozen=True, slots=True)
 class RoundAnnouncement:
     """Retained on ``round``: the current round, its deadline (unix seconds) and what to train on.
@@ -125,10 +132,7 @@ class RoundAnnouncement:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> RoundAnnouncement:
-        try:
-            state = RoundState(get_field(d, "state", str))
-        except ValueError as e:
-            raise PayloadError(f"unknown round state {d.get('state')!r}") from e
+        state = _round_state(d)
         g = get_field(d, "globals", dict)
         for k, v in g.items():
             validate_modality(k)
@@ -350,10 +354,7 @@ class Fetch:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Fetch:
-        try:
-            state = RoundState(get_field(d, "state", str))
-        except ValueError as e:
-            raise PayloadError(f"unknown round state {d.get('state')!r}") from e
+        state = _round_state(d)
         wants = get_field(d, "globals", list)
         if len(wants) > MAX_FETCH_GLOBALS:
             raise PayloadError(f"a fetch asks for at most {MAX_FETCH_GLOBALS} globals")
