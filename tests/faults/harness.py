@@ -171,7 +171,7 @@ class FleetRun:
             p.write_text(p.read_text().replace(f'url = "{broker.url}"', f'url = "{px.url}"'))
             assert px.url in p.read_text()
         self.procs: dict[str, subprocess.Popen] = {}
-        self.exits: dict[str, list[int]] = {}    # every exit seen per process (kills included)
+        self._signalled: set[int] = set()   # pids the harness stopped: their exit is no failure
         self.t0 = time.monotonic()
 
     @property
@@ -225,10 +225,12 @@ class FleetRun:
         return time.monotonic() - self.t0
 
     def send(self, name: str, sig: int, wait: float | None = 30.0) -> int | None:
-        """Send ``sig``; for a terminating signal wait for the exit (SIGTERM: a clean stop) and record it."""
+        """Send ``sig``; with ``wait``, wait for the exit (SIGTERM: a clean stop) and return its code."""
         p = self.procs[name]
         log = self.work / "logs" / (name + ".log" if name == "coordinator" else f"edge-{name}.log")
         self._note(log, f"===== test harness: signal {signal.Signals(sig).name} to {name} =====")
+        if sig in (signal.SIGTERM, signal.SIGKILL):
+            self._signalled.add(p.pid)
         p.send_signal(sig)
         if wait is None:
             return None
@@ -238,7 +240,6 @@ class FleetRun:
             p.kill()
             rc = p.wait(10)
             raise AssertionError(f"{name} did not stop within {wait} s of signal {sig}") from None
-        self.exits.setdefault(name, []).append(rc)
         return rc
 
     def kill9(self, name: str) -> None:
@@ -303,7 +304,8 @@ class FleetRun:
             return 0
 
     def _failed(self) -> dict[str, int]:
-        return {n: p.returncode for n, p in self.procs.items() if p.poll() not in (None, 0)}
+        return {n: p.returncode for n, p in self.procs.items()
+                if p.poll() not in (None, 0) and p.pid not in self._signalled}
 
     def retained(self, wait: float = 1.5) -> list[str]:
         """The fleet's topics that hold a retained message on the broker now (short names: ``round``,

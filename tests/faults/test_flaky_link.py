@@ -48,7 +48,7 @@ def test_flaky_link_completes_without_redownloading_globals(broker, make_run, re
         if c.down > bound:
             return (f"{FLAKY} downloaded {c.down} bytes after {c.served} connections ({c.cuts} cuts), over the "
                     f"bound {bound} = 2 x (global frames {expected_lacked(ref, v0)} + control {CONTROL_ALLOWANCE}): "
-                    "the retained globals are sent again on every reconnect")
+                    "what it already had was sent to it again after reconnects")
         n = run.refusals(FLAKY, "round_closed")
         if n > MAX_STALE_REFUSALS:
             return (f"{n} round_closed refusals of {FLAKY}'s chunk frames (bound {MAX_STALE_REFUSALS}): stale "
