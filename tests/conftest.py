@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from netutil import free_port, wait_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -27,34 +26,17 @@ class Broker:
         return f"mqtt://{self.host}:{self.port}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 def start_mosquitto(directory: Path) -> Broker:
     if not Path(MOSQUITTO).exists():
         pytest.skip("mosquitto is not installed (Debian package mosquitto)")
     for _ in range(5):
-        port = _free_port()
+        port = free_port()
         conf = directory / "mosquitto.conf"
         log = directory / "mosquitto.log"
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n"
                         f"persistence false\nlog_dest file {log}\n")
         proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if _wait_port(port, 10):
+        if wait_port(port, 10):
             return Broker("127.0.0.1", port, proc, conf, log)
         proc.kill()
         proc.wait(5)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from netutil import free_port
 
 from fedmfs.core.wire.limits import MAX_CHUNK_BYTES, MAX_UPLOAD_BYTES
 
@@ -89,12 +90,6 @@ def _password_line(user: str, password: str) -> str:
     return f"{user}:$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Broker:
     port: int
@@ -125,7 +120,7 @@ def start_broker(d: Path, edit=lambda text: text) -> Broker:
     (d / "data").mkdir()
     log = d / "mosquitto.log"
     for _ in range(5):
-        port = _free_port()
+        port = free_port()
         text = CONF.read_text()
         for old, new in (("listener 8883\n", f"listener {port} 127.0.0.1\n"),
                          ("\ncafile /etc/mosquitto/certs/ca.crt\n", f"\ncafile {pki['ca.crt']}\n"),

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from faults.proxy import FaultProxy
+from netutil import free_port, wait_port
 
 from fedmfs.coordinator.ledger import Ledger
 from fedmfs.core.data.format import Fleet
@@ -47,23 +47,6 @@ def small_fleet(indices=(0, 1, 6)) -> Fleet:
 
 # -- the broker --------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
 class Mosquitto:
     """A Mosquitto on a fixed 127.0.0.1 port that can be stopped (SIGTERM: it saves its persistence
     DB), killed (SIGKILL: it does not) and started again on the same port."""
@@ -75,7 +58,7 @@ class Mosquitto:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.persistence = persistence
         self.autosave_interval = autosave_interval
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.conf = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
@@ -103,7 +86,7 @@ class Mosquitto:
         while True:   # the port may still be held for a moment after a stop
             self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
-            if _wait_port(self.port, 5):
+            if wait_port(self.port, 5):
                 self.starts += 1
                 return self
             self.proc.kill()

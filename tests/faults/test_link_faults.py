@@ -37,7 +37,10 @@ def test_flapping_link(broker, make_run, reference, capsys):
     ref = reference(DEVICES)
     run = make_run(broker, DEVICES, seed=12)
     px = run.proxies[BAD]
+    # 64 KB/s: the device's ~800 KB of globals take ~13 s of link time, so the link flaps several times
+    # during the run however fast the machine (on an idle machine the run otherwise ended before it flapped)
+    px.set("both", rate=64 * 1024)
     run.start_all()
-    px.flap(up=(3, 8), down=(1, 4))
-    _finish(run, ref, capsys, "a link up 3-8 s, down 1-4 s")
+    px.flap(up=(2, 5), down=(1, 3))
+    _finish(run, ref, capsys, "64 KB/s, a link up 2-5 s, down 1-3 s")
     assert px.counters.cuts >= 2, "the link did not flap enough to test anything"
