@@ -24,7 +24,7 @@ __all__ = ["CoordinatorConfig", "ProvisionConfig", "load_coordinator_config", "l
 _TOP = {"fleet": str, "state_dir": str, "spec": str, "fleet_file": str, "signing_key": str, "seed": int,
         "rounds": dict, "broker": dict, "metrics": dict, "log_level": str, "provision": dict}
 _ROUNDS = {"total": int, "seconds": float, "quorum": int, "chunk_bytes": int, "aggregation": str,
-           "max_update_ratio": float, "min_update_rms": float}
+           "max_update_ratio": float, "min_update_rms": float, "fetch_budget": float}
 _METRICS = {"port": int, "host": str}
 _PROVISION = {"password_file": str, "acl_file": str, "host": str, "port": int, "tls_ca": str, "ca_cert": str,
               "ca_key": str, "crl_file": str, "issued_dir": str, "cert_days": int}
@@ -164,8 +164,9 @@ def load_coordinator_config(path: str | os.PathLike) -> CoordinatorConfig:
         # what the file omits takes RoundPolicy's defaults (declared there, once)
         names = {"total": "rounds_total", "seconds": "round_seconds", "quorum": "quorum",
                  "chunk_bytes": "chunk_bytes", "aggregation": "aggregation",
-                 "max_update_ratio": "max_update_ratio", "min_update_rms": "min_update_rms"}
-        floats = ("seconds", "max_update_ratio", "min_update_rms")
+                 "max_update_ratio": "max_update_ratio", "min_update_rms": "min_update_rms",
+                 "fetch_budget": "fetch_budget"}
+        floats = ("seconds", "max_update_ratio", "min_update_rms", "fetch_budget")
         policy = RoundPolicy(**{names[k]: (float(v) if k in floats else v) for k, v in rounds.items()})
     except ValueError as e:
         raise ConfigError(f"{p} [rounds]: {e}") from e
