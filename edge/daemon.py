@@ -25,7 +25,6 @@ import collections
 import dataclasses
 import json
 import logging
-import math
 import os
 import queue
 import signal
@@ -54,6 +53,7 @@ from .machine import (
     JobFailed,
     Publish,
     RebuildPayloads,
+    RefusalLog,
     RunStage2,
     SaveGlobal,
     SaveHistory,
@@ -102,7 +102,7 @@ class EdgeDaemon:
         self.events: queue.Queue = queue.Queue()    # Inbound messages and machine events
         self.clock = MonotonicClock()     # timeouts and retries: a wall-clock step changes none of them
         self.outbox: collections.deque[Publish] = collections.deque()   # chunk frames waiting to be sent
-        self._errors: dict[str, tuple[float, int]] = {}    # recurring error -> (last logged, held back)
+        self.errors = RefusalLog(ERROR_EVERY)    # recurring errors, logged once per ERROR_EVERY seconds each
         self.stop_event = threading.Event()
         self.finished = False
         self.exit_code = 0
@@ -199,13 +199,7 @@ class EdgeDaemon:
     def _error(self, key: str, msg: str, *args) -> None:
         """Log a recurring error (a full disk, a read-only state directory) at most once per ERROR_EVERY
         seconds, with how many were held back: no traceback, no flood of the journal."""
-        now = time.monotonic()
-        last, held = self._errors.get(key, (-math.inf, 0))
-        if now - last < ERROR_EVERY:
-            self._errors[key] = (last, held + 1)
-            return
-        log.error(msg + (f" ({held} more like it in the last {ERROR_EVERY:.0f} s)" if held else ""), *args)
-        self._errors[key] = (now, 0)
+        self.errors.refuse(key, time.monotonic(), msg, *args, level=logging.ERROR)
 
     def _send(self) -> None:
         """Hand chunk frames to the MQTT client while its unacknowledged backlog is under SEND_WINDOW."""
@@ -354,9 +348,9 @@ class EdgeDaemon:
                 tb = tb.tb_next
             where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else "?"
             key = f"bug:{type(e).__name__}:{where}"
-            if key not in self._errors:
+            if key not in self.errors.last:
                 log.exception("handling %r failed", type(arg).__name__)
-                self._errors[key] = (time.monotonic(), 0)
+                self.errors.last[key] = time.monotonic()
             else:
                 self._error(key, "handling %r failed again: %s: %s (at %s)", type(arg).__name__, type(e).__name__, e,
                             where)

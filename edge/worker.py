@@ -218,25 +218,11 @@ class Trainer:
         files = sorted(done.glob("*.npz")) if done is not None and done.is_dir() else []
         if not files:
             return data
-        from fedmfs.core.data.format import load_client
 
-        xs, ys, trains = {m: [v] for m, v in data.x.items()}, [data.y], [data.train]
-        for f in files:
-            try:
-                extra = load_client(f, spec, data.name)
-            except Exception as e:   # merged once, unreadable now: say so, go on without it
-                log.warning("merged spool file %s is unreadable now (%s); left out", f, e)
-                continue
-            if set(extra.x) != set(data.x):
-                log.warning("merged spool file %s has modalities %s, the device has %s; left out", f,
-                            sorted(extra.x), sorted(data.x))
-                continue
-            for m in xs:
-                xs[m].append(extra.x[m])
-            ys.append(extra.y)
-            trains.append(extra.train)
-        return ClientData(data.name, {m: np.concatenate(v) for m, v in xs.items()}, np.concatenate(ys),
-                          np.concatenate(trains))
+        def left_out(f: Path, e: Exception) -> None:   # merged once, unusable now: say so, go on without it
+            log.warning("merged spool file %s is unusable now (%s); left out", f, e)
+
+        return _join_windows(spec, data, files, left_out)[0]
 
     def _merge_spool(self, deploy: dict) -> None:
         """New labelled windows (``*.npz`` in the client-file format) join the local data."""
@@ -246,35 +232,50 @@ class Trainer:
         files = sorted(sp.glob("*.npz"))
         if not files:
             return
-        from fedmfs.core.data.format import load_client
         from fedmfs.learner.learner import Learner
         from fedmfs.learner.store import restore_learner, save_learner
 
+        def refuse(f: Path, e: Exception) -> None:    # a bad spool file is set aside, never fatal
+            log.warning("spool file %s refused: %s", f, e)
+            f.rename(sp / (f.name + ".refused"))
+
         c = self.client(deploy)
-        xs, ys, trains = {m: [v] for m, v in c.data.x.items()}, [c.data.y], [c.data.train]
+        data, taken = _join_windows(c.spec, c.data, files, refuse)
         done = sp / "merged"
         done.mkdir(exist_ok=True)
-        for f in files:
-            try:
-                extra = load_client(f, c.spec, c.data.name)
-                if set(extra.x) != set(c.data.x):
-                    raise PayloadError(f"has modalities {sorted(extra.x)}, the device has {sorted(c.data.x)}")
-            except Exception as e:   # a bad spool file is set aside, never fatal
-                log.warning("spool file %s refused: %s", f, e)
-                f.rename(sp / (f.name + ".refused"))
-                continue
-            for m in xs:
-                xs[m].append(extra.x[m])
-            ys.append(extra.y)
-            trains.append(extra.train)
+        for f in taken:
             f.rename(done / f.name)
-        data = ClientData(c.data.name, {m: np.concatenate(v) for m, v in xs.items()}, np.concatenate(ys),
-                          np.concatenate(trains))
         save_learner(c, self.dir / "client")
         n = Learner(c.spec, data, c.config, c.seed, c.index)
         restore_learner(n, self.dir / "client", deploy)
         self._client = n
         log.info("merged %d spool files: %d windows now", len(files), len(data))
+
+
+def _join_windows(spec: DatasetSpec, data: ClientData, files: list[Path],
+                  refuse: Callable[[Path, Exception], None]) -> tuple[ClientData, list[Path]]:
+    """``data`` with the windows of the client files ``files`` appended, and the files taken; a file that
+    cannot be read, or has other modalities than the device, goes to ``refuse`` and is left out."""
+    from fedmfs.core.data.format import load_client
+
+    xs, ys, trains = {m: [v] for m, v in data.x.items()}, [data.y], [data.train]
+    taken = []
+    for f in files:
+        try:
+            extra = load_client(f, spec, data.name)
+            if set(extra.x) != set(data.x):
+                raise PayloadError(f"has modalities {sorted(extra.x)}, the device has {sorted(data.x)}")
+        except Exception as e:
+            refuse(f, e)
+            continue
+        for m in xs:
+            xs[m].append(extra.x[m])
+        ys.append(extra.y)
+        trains.append(extra.train)
+        taken.append(f)
+    joined = ClientData(data.name, {m: np.concatenate(v) for m, v in xs.items()}, np.concatenate(ys),
+                        np.concatenate(trains))
+    return joined, taken
 
 
 def _kind(job: Job) -> JobKind:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmfs.edge.machine import JobFailed, JobKind, StartTraining, Tick
+from fedmfs.edge.machine import JobFailed, JobKind, RefusalLog, StartTraining, Tick
 from fedmfs.edge.worker import Worker
 
 from .test_edge_machine import machine, of, ready
@@ -75,7 +75,7 @@ def test_saving_progress_on_a_full_tmpfs_logs_one_line_a_minute(tmp_path, caplog
         finally:
             os.close(fd)
         d = object.__new__(EdgeDaemon)       # only the action executor: no config, no link
-        d.dir, d._errors, d.outbox, d.link = Path(mnt), {}, [], None
+        d.dir, d.errors, d.outbox, d.link = Path(mnt), RefusalLog(60.0), [], None
         caplog.set_level(logging.INFO)
         from fedmfs.edge.machine import SaveProgress
         for _ in range(200):

@@ -230,3 +230,23 @@ def test_a_finished_training_job_is_taken_again_after_a_restart_not_retrained(tm
         t.train(job)
     with pytest.raises(AssertionError, match="trained again"):  # another round's result is not taken
         t.train(StartTraining(2, {}, {}, DeviceConfig("d1", SelectionPolicy(gamma=1))))
+
+
+def test_spool_windows_merged_before_a_restart_are_read_back_with_the_data(tmp_path, caplog):
+    from fedmfs.core.data.format import Fleet, save_fleet
+    from fedmfs.core.data.synthetic import make_synthetic
+    from fedmfs.core.settings import TrainConfig
+    from fedmfs.edge.worker import Trainer
+
+    f = make_synthetic("small", 0)
+    c0, c1 = f.clients[0], f.clients[1]        # S00 and S02 have the same modalities
+    save_fleet(Fleet(f.spec, [c1], f.metadata), tmp_path / "extra")
+    merged = tmp_path / "spool" / "merged"
+    merged.mkdir(parents=True)
+    (tmp_path / "extra" / f"{c1.name}.npz").rename(merged / "a.npz")
+    (merged / "b.npz").write_bytes(b"not an npz")
+    t = Trainer(c0.name, tmp_path / "state", TrainConfig(), 0, 0, lambda: (f.spec, c0), spool=tmp_path / "spool")
+    data = t._with_merged_spool(f.spec, c0)
+    assert len(data) == len(c0) + len(c1) and data.name == c0.name
+    assert (data.y[len(c0):] == c1.y).all()
+    assert "merged spool file" in caplog.text and "b.npz" in caplog.text      # left out, said so
