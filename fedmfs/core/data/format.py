@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tokenize
 import zipfile
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,78 @@ from fedmfs.core.fields import NAME
 from fedmfs.core.fsio import atomic_write_with, read_spec_document
 from fedmfs.core.modality import DatasetSpec
 
-__all__ = ["FORMAT_VERSION", "ClientData", "Fleet", "load_client", "load_fleet", "read_fleet_spec", "save_fleet"]
+__all__ = ["FORMAT_VERSION", "ClientData", "Fleet", "Rows", "load_client", "load_fleet", "read_fleet_spec",
+           "save_fleet"]
 
 FORMAT_VERSION = 1
+# rows gathered (or checked) from a memory-mapped array between two drops of its read pages
+_GATHER_BYTES = 8 << 20
+
+
+def _drop(a: np.ndarray) -> None:
+    """Give back the read pages of a memory-mapped array (a no-op for others); a lazy import, as the
+    runtime's helpers are the device's."""
+    if isinstance(a, np.memmap):
+        from fedmfs.core.runtime.memory import drop_pages
+
+        drop_pages(a)
+
+
+def _chunk_rows(a: np.ndarray) -> int:
+    row = max(1, a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)))
+    return max(1, _GATHER_BYTES // row)
+
+
+def gather_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``a[rows]`` as a new array. From a memory-mapped array the rows are copied a few MB at a time and
+    the mapped pages read are given back after each part, so the copy is all that stays resident."""
+    if not isinstance(a, np.memmap):
+        return a[rows]
+    out = np.empty((len(rows), *a.shape[1:]), a.dtype)
+    step = _chunk_rows(a)
+    for i in range(0, len(rows), step):
+        out[i:i + step] = a[rows[i:i + step]]
+        _drop(a)
+    return out
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """``np.isfinite(a).all()``, read a few MB at a time from a memory-mapped array (pages given back)."""
+    if not isinstance(a, np.memmap):
+        return bool(np.isfinite(a).all())
+    step = _chunk_rows(a)
+    for i in range(0, a.shape[0], step):
+        ok = bool(np.isfinite(a[i:i + step]).all())
+        _drop(a)
+        if not ok:
+            return False
+    return True
+
+
+class Rows(Mapping[str, np.ndarray]):
+    """The windows of some rows of a client (its training or test split), per modality, gathered when a
+    modality is asked for and not held: ``rows[m]`` is a new array each time (``x[m][idx]``), so only
+    the modality in use is resident, not a copy of every modality. Read-only."""
+
+    __slots__ = ("_x", "_idx")
+
+    def __init__(self, x: Mapping[str, np.ndarray], idx: np.ndarray):
+        self._x = x
+        self._idx = idx
+
+    def __getitem__(self, modality: str) -> np.ndarray:
+        return gather_rows(self._x[modality], self._idx)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._x)
+
+    def __len__(self) -> int:
+        return len(self._x)
+
+    @property
+    def n(self) -> int:
+        """Rows (windows) in the view."""
+        return len(self._idx)
 
 
 @dataclass(slots=True)
@@ -48,8 +119,15 @@ class ClientData:
         return int(self.y.shape[0])
 
     def split(self, train: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Copies of the training (or test) windows of every modality, and their labels."""
         m = self.train if train else ~self.train
         return {k: v[m] for k, v in self.x.items()}, self.y[m]
+
+    def rows(self, train: bool) -> tuple[Rows, np.ndarray]:
+        """The training (or test) windows as a :class:`Rows` view (no copy is held: a modality's rows are
+        gathered when asked for), and their labels. Same values as :meth:`split`, in the same order."""
+        idx = np.flatnonzero(self.train if train else ~self.train)
+        return Rows(self.x, idx), self.y[idx]
 
     @property
     def n_train(self) -> int:
@@ -79,7 +157,7 @@ class ClientData:
                 problems.append(f"x_{name} must have shape {want}, got {arr.shape}")
             if arr.dtype != np.float32:
                 problems.append(f"x_{name} must be float32, got {arr.dtype}")
-            elif not np.isfinite(arr).all():
+            elif not _all_finite(arr):
                 problems.append(f"x_{name} has NaN or infinite values")
         if not self.x:
             problems.append("the client has no modality")
@@ -205,6 +283,61 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
     return files
 
 
+def _map_member(p: Path, f, info: zipfile.ZipInfo | None) -> np.ndarray | None:
+    """The array of an archive member stored uncompressed (what ``numpy.savez`` and :func:`save_fleet`
+    write) as a read-only memory map of the archive, or None where that cannot be done (compressed,
+    encrypted, an unusual header, a size that does not fit the member): the caller then reads it the
+    usual way, with its checks and errors. The zip CRC of a mapped member is not checked."""
+    if info is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    try:
+        f.seek(info.header_offset)
+        head = f.read(30)
+        if len(head) < 30 or head[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        offset = f.tell()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if dtype.hasobject or nbytes == 0 or offset + nbytes > start + info.compress_size:
+            return None
+        return np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    except _UNREADABLE:
+        return None
+
+
+def _read_npz_mapped(p: Path) -> dict[str, np.ndarray]:
+    """:func:`_read_npz`, the ``x_<modality>`` arrays memory-mapped where they are stored uncompressed."""
+    try:
+        z = np.load(p, allow_pickle=False)
+    except _UNREADABLE as e:
+        raise DataError(f"{p}: not a readable .npz archive ({_first_line(e)}). {_NPZ_FIX}") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataError(f"{p}: not an .npz archive (numpy reads one array from it, a .npy file). {_NPZ_FIX}")
+    files: dict[str, Any] = {}
+    try:
+        with z, open(p, "rb") as f:
+            infos = {i.filename: i for i in z.zip.infolist()} if z.zip is not None else {}
+            for key in z.files:
+                mapped = _map_member(p, f, infos.get(key + ".npy")) if key.startswith("x_") else None
+                files[key] = mapped if mapped is not None else z[key]
+    except _UNREADABLE as e:
+        raise DataError(f"{p}: not a readable .npz archive ({_first_line(e)}). {_NPZ_FIX}") from e
+    raw = sorted(k for k, v in files.items() if not isinstance(v, np.ndarray))
+    if raw:
+        raise DataError(f"{p}: {', '.join(f'{k}.npy' for k in raw)} in the archive {'is' if len(raw) == 1 else 'are'} "
+                        f"not .npy arrays. {_NPZ_FIX}")
+    return files
+
+
 def _labels(p: Path, y: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     """``y`` as int64: integer arrays as they are, floats only when every value is a whole number
     (a fractional label is never rounded or truncated); strings, bools and the rest are refused."""
@@ -225,12 +358,18 @@ def _labels(p: Path, y: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     raise DataError(f"{p}: 'y' must hold integer class labels, got {kind} ({y.dtype}){example}. {fix}")
 
 
-def load_client(path: str | os.PathLike, spec: DatasetSpec, name: str | None = None) -> ClientData:
-    """Load one client's ``.npz`` and validate it against ``spec``; every error names the file."""
+def load_client(path: str | os.PathLike, spec: DatasetSpec, name: str | None = None,
+                mmap: bool = False) -> ClientData:
+    """Load one client's ``.npz`` and validate it against ``spec``; every error names the file.
+
+    ``mmap``: the windows (``x_<modality>``) stay on disk, memory-mapped read-only from the archive where
+    a member is stored uncompressed (a training device: its data need not be resident, see
+    :meth:`ClientData.rows`); compressed members are read. The values are the same either way; the
+    file must not change while it is mapped."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"client file {p} does not exist")
-    files = _read_npz(p)
+    files = _read_npz_mapped(p) if mmap else _read_npz(p)
     for key in ("y", "train"):
         if key not in files:
             raise DataError(f"{p}: missing array {key!r} (expected y, train and x_<modality> arrays)")
