@@ -80,8 +80,10 @@ class Learner:
         self.fusion: FusionModel | None = None
         self.deployed: dict[str, nn.Module] = {}
         self.history = _History()
-        self.xtr, self.ytr = data.split(True)
-        self.xte, self.yte = data.split(False)
+        # views, not copies: a modality's training (test) windows are gathered when used and not held, so
+        # a device holds its data once (memory-mapped on a device: docs/deploy.md) and not three times
+        self.xtr, self.ytr = data.rows(True)
+        self.xte, self.yte = data.rows(False)
         self.fold = self._folds(config.folds)
 
     def _folds(self, k: int) -> np.ndarray:
