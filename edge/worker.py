@@ -69,20 +69,24 @@ class Trainer:
             from fedmfs.core.modality import load_spec
 
             spec = load_spec(cfg.spec)
-            data = load_client(cfg.data, spec, cfg.device)
+            # memory-mapped: the windows stay on disk and a job gathers the modality it works on
+            data = load_client(cfg.data, spec, cfg.device, mmap=True)
             data.check_splits()
             return spec, data
 
         return cls(cfg.device, cfg.state_dir, cfg.train, cfg.seed, cfg.index, load, cfg.spool)
 
     def run(self, job: Job):
-        if isinstance(job, StartTraining):
-            return self.train(job)
-        if isinstance(job, RunStage2):
-            return self.stage2(job)
-        if isinstance(job, RebuildPayloads):
-            return self.rebuild(job)
-        raise TypeError(f"not a job: {job!r}")
+        try:
+            if isinstance(job, StartTraining):
+                return self.train(job)
+            if isinstance(job, RunStage2):
+                return self.stage2(job)
+            if isinstance(job, RebuildPayloads):
+                return self.rebuild(job)
+            raise TypeError(f"not a job: {job!r}")
+        finally:
+            _release_memory()
 
     # -- the learner, created lazily (torch is imported only here) --------------------------------
     def client(self, deploy: dict):
@@ -276,6 +280,18 @@ def _join_windows(spec: DatasetSpec, data: ClientData, files: list[Path],
     joined = ClientData(data.name, {m: np.concatenate(v) for m, v in xs.items()}, np.concatenate(ys),
                         np.concatenate(trains))
     return joined, taken
+
+
+def _release_memory() -> None:
+    """After a job: collect its cycles (autograd graphs, ONNX Runtime sessions of the Shapley engine) and
+    hand the freed heap back to the OS, so the daemon idles between rounds on what it keeps (the models,
+    the mapped data), not on the peak of the last job (glibc keeps freed memory otherwise)."""
+    import gc
+
+    from fedmfs.core.runtime.memory import release_free_heap
+
+    gc.collect()
+    release_free_heap()
 
 
 def _kind(job: Job) -> JobKind:
