@@ -48,11 +48,13 @@ __all__ = [
     "CoalitionFn",
     "ShapleyMethod",
     "ShapleyResult",
+    "TiledCoalitions",
     "coalition_values_from_probs",
     "engine_shapley",
     "exact_from_coalitions",
     "fusion_coalition_fn",
     "graph_coalition_fn",
+    "tiled_coalition_fn",
     "permutation_from_coalitions",
 ]
 
@@ -156,6 +158,167 @@ def graph_coalition_fn(
     return run
 
 
+# a tile's softmax denominators (sums of unshifted exp(logits) over the classes) must lie in
+# [SUMS_MIN, inf): below, the largest logit of a row is under about -69 and exp would lose precision in
+# the subnormal range; above, it overflowed. Such a tile is redone from its logits, shifted by the row
+# maximum (the reference's way). Shifting every row instead would cost a pass over the logits.
+SUMS_MIN = 1e-30
+
+# run(feeds, output names) -> outputs: one call of the coalition graph (graphs.fusion_coalition_onnx)
+TileRunner = Callable[[dict[str, np.ndarray], list[str]], list[np.ndarray]]
+
+
+class TiledCoalitions:
+    """Coalition values through the coalition graph's terms and tile roles
+    (:func:`fedmfs.core.runtime.graphs.fusion_coalition_onnx`): a :data:`CoalitionFn`, and for exact
+    Shapley values :meth:`exact_phi`, which never holds all 2^P coalition values.
+
+    How: the fusion model's first layer is affine, so the pre-activation of a coalition S on the row
+    (explained sample n, background sample b) is ``const + sum_{j in S} x_term[j, n] + sum_{j not in S}
+    bg_term[j, b]``. One call of the terms role gives these terms (float64). For all 2^P coalitions,
+    the players split into a low half P1 and a high half P2 (S = S1 + S2), and so does that sum:
+    ``U1[S1, n, b] + U2[S2, n, b]``, two tables of 2^|P1| and 2^|P2| entries summed in float64 and
+    rounded to float32 once. A tile call then takes ``U2`` for a group of S2 and ``U1[S1]`` and does
+    the rest in ONNX Runtime: one broadcast add (the only float32 rounding of the pre-activation,
+    as in the fusion model's own first layer), ReLU, the H->C layer, exp and the reductions over the
+    classes and the background rows. Only (coalition, explained sample) values come back.
+
+    Memory: a call holds at most ``chunk_elements`` float32 pre-activations (``tile_pre``, and ONNX
+    Runtime's few buffers of that size); the two tables of a tile hold at most twice that; the values
+    of one block of explained samples, 2^P x K x C float64, are reduced to phi before the next block.
+    """
+
+    def __init__(self, run: TileRunner, x: np.ndarray, bg: np.ndarray, players: np.ndarray, mask: np.ndarray,
+                 hidden: int, kind: ValueKind = "prob", y: np.ndarray | None = None,
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        if kind == "loglik" and y is None:
+            raise DataError("the 'loglik' value function needs the true labels y")
+        self.run, self.kind, self.hidden = run, kind, hidden
+        self.n, self.b, self.c = x.shape[0], bg.shape[0], x.shape[2]
+        self.players = np.asarray(players)
+        self.budget = max(1, int(chunk_elements))
+        xt, bt, const = run({"x_probs": np.ascontiguousarray(x, dtype=np.float32),
+                             "bg_probs": np.ascontiguousarray(bg, dtype=np.float32),
+                             "mask": np.ascontiguousarray(mask, dtype=np.float32)},
+                            ["x_terms", "bg_terms", "const_term"])
+        # non-players are absent (mask 0): their terms are zero, so only the players' are kept
+        self.xt, self.bt = xt[self.players], bt[self.players]     # (P,N,H), (P,B,H) float64
+        self.const = const
+        self.onehot = None
+        if kind == "loglik":
+            assert y is not None
+            self.onehot = np.zeros((self.n, self.c, 1), np.float32)
+            self.onehot[np.arange(self.n), np.asarray(y), 0] = 1.0
+            self.y = np.asarray(y)
+
+    # -- the tile: G coalitions x K explained x B' background rows
+    def _tile(self, pre: np.ndarray, shared: np.ndarray, n0: int) -> np.ndarray:
+        """Per-coalition sums over the tile's background rows: (G,K,C) probabilities or (G,K)
+        clipped true-class log-probabilities."""
+        k = pre.shape[1]
+        feeds = {"tile_pre": pre, "tile_shared": shared}
+        if self.kind == "prob":
+            out, sums = self.run(feeds, ["tile_prob", "tile_sums"])
+            value = out[:, :, 0]
+        else:
+            assert self.onehot is not None
+            feeds["tile_onehot"] = self.onehot[n0:n0 + k]
+            out, sums = self.run(feeds, ["tile_loglik", "tile_sums"])
+            value = out[:, :, 0]
+        if not (np.isfinite(sums).all() and sums.min() >= SUMS_MIN):
+            value = self._stable(self.run(feeds, ["tile_logits"])[0], n0)
+        return value
+
+    def _stable(self, logits: np.ndarray, n0: int) -> np.ndarray:
+        """The tile's values from its logits (G,K,B',C), shifted by each row's maximum."""
+        z = logits - logits.max(axis=-1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=-1))
+        if self.kind == "prob":
+            return np.exp(z - lse[..., None]).sum(axis=2)
+        yk = self.y[n0:n0 + logits.shape[1]]
+        zt = np.take_along_axis(z, np.broadcast_to(yk[None, :, None, None], z.shape[:3] + (1,)), axis=3)[..., 0]
+        return np.maximum(zt - lse, np.log(np.float32(1e-12))).sum(axis=2)
+
+    def _blocks(self, groups: int) -> tuple[int, int, int]:
+        """(background rows B', explained rows K, coalitions G) per call within the budget."""
+        h = self.hidden
+        bb = min(self.b, max(1, self.budget // (h * groups)))
+        k = min(self.n, max(1, self.budget // (h * groups * bb)))
+        g = min(groups, max(1, self.budget // (h * k * bb)))
+        return bb, k, g
+
+    def _shape(self) -> tuple[int, ...]:
+        return (self.c,) if self.kind == "prob" else ()
+
+    # -- any coalitions (permutation sampling)
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+        coal = np.asarray(coalitions, dtype=np.float64)
+        s = coal.shape[0]
+        a = np.tensordot(coal, self.xt, 1)                          # (S,N,H)
+        bc = np.tensordot(1.0 - coal, self.bt, 1) + self.const     # (S,B,H)
+        bb, k, g = self._blocks(s)
+        out = np.zeros((s, self.n) + self._shape())
+        shared = np.zeros((k, bb, self.hidden), np.float32)
+        for n0 in range(0, self.n, k):
+            n1 = min(self.n, n0 + k)
+            for b0 in range(0, self.b, bb):
+                b1 = min(self.b, b0 + bb)
+                for s0 in range(0, s, g):
+                    pre = np.add(a[s0:s0 + g, n0:n1, None, :], bc[s0:s0 + g, None, b0:b1, :], dtype=np.float32)
+                    out[s0:s0 + g, n0:n1] += self._tile(pre, shared[:n1 - n0, :b1 - b0], n0)
+        return out / self.b
+
+    # -- all coalitions, reduced to Shapley values on the fly
+    def exact_phi(self, weights: np.ndarray) -> np.ndarray:
+        """Exact Shapley values (P, N[, C]) = ``weights`` (P, 2^P) applied to all coalition values,
+        coalition s = bitmask over the players (bit j: player j)."""
+        p = len(self.players)
+        p1 = p // 2
+        g1, g2 = 1 << p1, 1 << (p - p1)
+        m1, m2 = coalition_masks(p1).astype(np.float64), coalition_masks(p - p1).astype(np.float64)
+        x1, x2 = np.tensordot(m1, self.xt[:p1], 1), np.tensordot(m2, self.xt[p1:], 1)          # (g,N,H)
+        b1_ = np.tensordot(1.0 - m1, self.bt[:p1], 1) + self.const
+        b2_ = np.tensordot(1.0 - m2, self.bt[p1:], 1)                                           # (g,B,H)
+        bb, k, g = self._blocks(g2)
+        h = self.hidden
+        phi = np.zeros((p, self.n) + self._shape())
+        u1 = np.empty((g1, k, bb, h), np.float32)
+        u2 = np.empty((g2, k, bb, h), np.float32)
+        for n0 in range(0, self.n, k):
+            n1 = min(self.n, n0 + k)
+            kk = n1 - n0
+            v = np.zeros((g2, g1, kk) + self._shape())   # coalition s1 + s2 * g1 = row s2, column s1
+            for b0 in range(0, self.b, bb):
+                b1 = min(self.b, b0 + bb)
+                t1, t2 = u1[:, :kk, :b1 - b0], u2[:, :kk, :b1 - b0]
+                # float64 sums rounded to float32 once
+                np.add(x1[:, n0:n1, None, :], b1_[:, None, b0:b1, :], out=t1, casting="same_kind")
+                np.add(x2[:, n0:n1, None, :], b2_[:, None, b0:b1, :], out=t2, casting="same_kind")
+                if not (t1.flags.c_contiguous and t2.flags.c_contiguous):
+                    t1, t2 = np.ascontiguousarray(t1), np.ascontiguousarray(t2)
+                for s1 in range(g1):
+                    for s0 in range(0, g2, g):
+                        v[s0:s0 + g, s1] += self._tile(t2[s0:s0 + g], t1[s1], n0)
+            phi[:, n0:n1] = np.tensordot(weights, v.reshape((g1 * g2,) + v.shape[2:]), axes=(1, 0)) / self.b
+        return phi
+
+
+def tiled_coalition_fn(
+    run: TileRunner,
+    x: np.ndarray,
+    bg: np.ndarray,
+    players: np.ndarray,
+    mask: np.ndarray,
+    hidden: int,
+    kind: ValueKind = "prob",
+    y: np.ndarray | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> TiledCoalitions:
+    """Coalition evaluation through the coalition graph's terms and tile roles (see
+    :class:`TiledCoalitions`)."""
+    return TiledCoalitions(run, x, bg, players, mask, hidden, kind, y, chunk_elements)
+
+
 def coalition_values_from_probs(p: np.ndarray, kind: ValueKind, y: np.ndarray | None) -> np.ndarray:
     """Fusion outputs (S,N,B,C) -> v(S): (S,N,C) mean probabilities for "prob", (S,N) mean
     true-class log-likelihood for "loglik" (probabilities clipped at 1e-12, as the reference)."""
@@ -205,7 +368,9 @@ def engine_shapley(
         if p > EXACT_MAX:
             raise ConfigError(f"exact Shapley over {p} modalities needs 2^{p} coalitions; "
                               f"use method='permutation' (exact is capped at {EXACT_MAX})")
-        phi_p, se_p, count = exact_from_coalitions(evaluate, p), None, 2**p
+        exact_phi = getattr(evaluate, "exact_phi", None)
+        phi_p = exact_phi(_weights(p)) if exact_phi is not None else exact_from_coalitions(evaluate, p)
+        se_p, count = None, 2**p
     else:
         if permutations < 2:
             raise ConfigError(f"permutations must be >= 2 (one antithetic pair), got {permutations}")

@@ -41,6 +41,7 @@ __all__ = [
     "FUSION_OUTPUT",
     "IR_VERSION",
     "OPSET",
+    "TERMS_OUTPUTS",
     "check_state",
     "fusion_coalition_onnx",
     "fusion_hidden_of",
@@ -59,6 +60,8 @@ FUSION_INPUTS = ("probs", "mask")
 FUSION_OUTPUT = "class_probs"
 COALITION_INPUTS = ("x_probs", "bg_probs", "mask", "coalitions")
 COALITION_OUTPUT = "coalition_probs"
+# the coalition graph's terms role (see fusion_coalition_onnx)
+TERMS_OUTPUTS = ("x_terms", "bg_terms", "const_term")
 _PRODUCER = "fedmfs.core.runtime.graphs"
 
 
@@ -222,20 +225,37 @@ def fusion_model_onnx(num_modalities: int, num_classes: int, hidden: int, state:
                   fedmfs_graph="fusion", fusion_hidden=hidden)
 
 
-def fusion_coalition_onnx(num_modalities: int, num_classes: int, hidden: int, state: Mapping[str, np.ndarray]) -> bytes:
+def fusion_coalition_onnx(
+    num_modalities: int, num_classes: int, hidden: int, state: Mapping[str, np.ndarray], tiles: bool = True,
+) -> bytes:
     """ONNX bytes of the fusion model evaluated for many coalitions at once (the Shapley fast path).
 
-    Inputs: ``x_probs`` (N,M,C) explained samples' modality probabilities, ``bg_probs`` (B,M,C)
-    background's, ``mask`` (M,) the client's presence mask (float), ``coalitions`` (S,M) float, 1
-    where modality m takes the explained sample's probabilities and 0 where it takes the background's.
-    Output ``coalition_probs`` (S,N,B,C): the fusion model's class probabilities for every coalition,
+    **Coalition role** (the first coalition graph; export's verification uses it). Inputs ``x_probs``
+    (N,M,C) explained samples' modality probabilities, ``bg_probs`` (B,M,C) background's, ``mask``
+    (M,) the client's presence mask (float), ``coalitions`` (S,M) float, 1 where modality m takes the
+    explained sample's probabilities and 0 where it takes the background's. Output
+    ``coalition_probs`` (S,N,B,C): the fusion model's class probabilities for every coalition,
     explained sample and background sample -- exactly what the plain fusion graph gives on the
-    (S*N*B, M, C) tensor of substituted rows.
+    (S*N*B, M, C) tensor of substituted rows. The first layer is affine, so its pre-activation is a
+    sum of per-modality terms, combined per coalition with one (S,M)@(M,N*H) product.
 
-    Why it is fast: the first layer is affine, so its pre-activation is a sum of per-modality terms.
-    Those are computed once per sample ((N+B)*M small matmuls) and combined per coalition with one
-    (S,M)@(M,N*H) product; only ReLU and the 64->C layer run per (coalition, sample, background) row,
-    instead of the full (M*C+M)->64 layer on a materialised (S*N*B, M, C) tensor.
+    With ``tiles`` (the default) the graph has two more roles, which the runtime's engine
+    (:func:`fedmfs.core.runtime.coalitions.tiled_coalition_fn`) uses instead:
+
+    * **terms**: inputs ``x_probs``, ``bg_probs``, ``mask`` -> ``x_terms`` (M,N,H), ``bg_terms``
+      (M,B,H), ``const_term`` (H,), in float64: each modality's first-layer term per sample (masked as
+      the fusion model masks its input) and the mask columns plus the bias;
+    * **tiles**: inputs ``tile_pre`` (G,K,B',H) and ``tile_shared`` (K,B',H) float32, whose sum is
+      the first layer's pre-activation of G coalitions on K explained x B' background rows ->
+      ``tile_logits`` (G,K,B',C) (ReLU, second layer); ``tile_sums`` (G,K,B',1) the sums of
+      exp(logits) over the classes (the softmax denominators, NOT shifted by the row maximum: the
+      engine checks them and redoes a tile the stable way when one overflows or underflows);
+      ``tile_prob`` (G,K,1,C) the class probabilities summed over the B' background rows; and, with
+      ``tile_onehot`` (K,C,1) the explained samples' true classes, ``tile_loglik`` (G,K,1) the
+      true class's log-probability, clipped at log(1e-12) as the reference clips, summed over B'.
+
+    Every input has a small default (an overridable initializer), so a caller feeds one role's
+    inputs only; the other roles then run on one-row tensors.
     """
     m, c = num_modalities, num_classes
     st = check_state(state, fusion_state_shapes(m, c, hidden), "fusion model")
@@ -247,16 +267,16 @@ def fusion_coalition_onnx(num_modalities: int, num_classes: int, hidden: int, st
         helper.make_node("Unsqueeze", ["mask", "axes_1_2"], ["mask_mc"]),              # (M,1,1)
         helper.make_node("Transpose", ["x_probs"], ["x_t"], perm=[1, 0, 2]),           # (M,N,C)
         helper.make_node("Mul", ["x_t", "mask_mc"], ["x_m"]),
-        helper.make_node("MatMul", ["x_m", "w1p"], ["x_terms"]),                        # (M,N,H)
+        helper.make_node("MatMul", ["x_m", "w1p"], ["x_terms32"]),                      # (M,N,H)
         helper.make_node("Transpose", ["bg_probs"], ["bg_t"], perm=[1, 0, 2]),
         helper.make_node("Mul", ["bg_t", "mask_mc"], ["bg_m"]),
-        helper.make_node("MatMul", ["bg_m", "w1p"], ["bg_terms"]),                      # (M,B,H)
+        helper.make_node("MatMul", ["bg_m", "w1p"], ["bg_terms32"]),                    # (M,B,H)
         # the coalition-independent part: mask features and bias
         helper.make_node("MatMul", ["mask", "w1m_t"], ["mask_term"]),                   # (H,)
         helper.make_node("Add", ["mask_term", "b1"], ["const"]),
         # combine per coalition: (S,M) @ (M, N*H) and (1-S) @ (M, B*H)
-        helper.make_node("Reshape", ["x_terms", "flat2"], ["x_flat"]),                  # (M, N*H)
-        helper.make_node("Reshape", ["bg_terms", "flat2"], ["bg_flat"]),
+        helper.make_node("Reshape", ["x_terms32", "flat2"], ["x_flat"]),                # (M, N*H)
+        helper.make_node("Reshape", ["bg_terms32", "flat2"], ["bg_flat"]),
         helper.make_node("Sub", ["one", "coalitions"], ["complement"]),
         helper.make_node("MatMul", ["coalitions", "x_flat"], ["xs_flat"]),              # (S, N*H)
         helper.make_node("MatMul", ["complement", "bg_flat"], ["bs_flat"]),             # (S, B*H)
@@ -276,15 +296,67 @@ def fusion_coalition_onnx(num_modalities: int, num_classes: int, hidden: int, st
         _init("w1p", w1p), _init("w1m_t", w1m_t), _init("b1", st["net.0.bias"]),
         _init("w2_t", st["net.2.weight"].T.copy()), _init("b2", st["net.2.bias"]),
     ]
-    graph = helper.make_graph(
-        nodes, "fedmfs_fusion_coalitions",
-        [helper.make_tensor_value_info("x_probs", TensorProto.FLOAT, ["n", m, c]),
-         helper.make_tensor_value_info("bg_probs", TensorProto.FLOAT, ["b", m, c]),
-         helper.make_tensor_value_info("mask", TensorProto.FLOAT, [m]),
-         helper.make_tensor_value_info("coalitions", TensorProto.FLOAT, ["s", m])],
-        [helper.make_tensor_value_info(COALITION_OUTPUT, TensorProto.FLOAT, ["s", "n", "b", c])], inits)
+    inputs = [helper.make_tensor_value_info("x_probs", TensorProto.FLOAT, ["n", m, c]),
+              helper.make_tensor_value_info("bg_probs", TensorProto.FLOAT, ["b", m, c]),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, [m]),
+              helper.make_tensor_value_info("coalitions", TensorProto.FLOAT, ["s", m])]
+    outputs = [helper.make_tensor_value_info(COALITION_OUTPUT, TensorProto.FLOAT, ["s", "n", "b", c])]
+    graph_kind = "fusion_coalitions"
+    if tiles:
+        graph_kind = "fusion_coalition_tiles"
+        f64 = TensorProto.DOUBLE
+        nodes += [
+            # terms, in float64 so that the engine's sums over modalities round once
+            helper.make_node("Cast", ["x_m"], ["x_m64"], to=f64),
+            helper.make_node("Cast", ["bg_m"], ["bg_m64"], to=f64),
+            helper.make_node("Cast", ["w1p"], ["w1p64"], to=f64),
+            helper.make_node("MatMul", ["x_m64", "w1p64"], [TERMS_OUTPUTS[0]]),
+            helper.make_node("MatMul", ["bg_m64", "w1p64"], [TERMS_OUTPUTS[1]]),
+            helper.make_node("Cast", ["mask"], ["mask64"], to=f64),
+            helper.make_node("Cast", ["w1m_t"], ["w1m_t64"], to=f64),
+            helper.make_node("Cast", ["b1"], ["b1_64"], to=f64),
+            helper.make_node("MatMul", ["mask64", "w1m_t64"], ["mask_term64"]),
+            helper.make_node("Add", ["mask_term64", "b1_64"], [TERMS_OUTPUTS[2]]),
+            # tiles: ReLU, second layer, unshifted exp and the reductions over the classes and rows
+            helper.make_node("Add", ["tile_pre", "tile_shared"], ["t_pre"]),
+            helper.make_node("Relu", ["t_pre"], ["t_hid"]),
+            helper.make_node("MatMul", ["t_hid", "w2_t"], ["t_logits0"]),
+            helper.make_node("Add", ["t_logits0", "b2"], ["tile_logits"]),
+            helper.make_node("Exp", ["tile_logits"], ["t_exp"]),
+            helper.make_node("MatMul", ["t_exp", "ones_c1"], ["tile_sums"]),             # (G,K,B',1)
+            helper.make_node("Reciprocal", ["tile_sums"], ["t_inv"]),
+            helper.make_node("Transpose", ["t_inv"], ["t_inv_t"], perm=[0, 1, 3, 2]),    # (G,K,1,B')
+            helper.make_node("MatMul", ["t_inv_t", "t_exp"], ["tile_prob"]),             # (G,K,1,C)
+            helper.make_node("MatMul", ["tile_logits", "tile_onehot"], ["t_true"]),      # (G,K,B',1)
+            helper.make_node("Log", ["tile_sums"], ["t_lse"]),
+            helper.make_node("Sub", ["t_true", "t_lse"], ["t_logp"]),
+            helper.make_node("Max", ["t_logp", "log_clip"], ["t_logp_c"]),
+            helper.make_node("ReduceSum", ["t_logp_c", "axis_2"], ["tile_loglik"], keepdims=0),  # (G,K,1)
+        ]
+        inits += [
+            _init("ones_c1", np.ones((c, 1), np.float32)), _ints("axis_2", [2]),
+            _init("log_clip", np.log(np.float32(1e-12)).astype(np.float32)),
+        ]
+        inputs += [helper.make_tensor_value_info("tile_pre", TensorProto.FLOAT, ["g", "k", "bb", hidden]),
+                   helper.make_tensor_value_info("tile_shared", TensorProto.FLOAT, ["k", "bb", hidden]),
+                   helper.make_tensor_value_info("tile_onehot", TensorProto.FLOAT, ["k", c, "one"])]
+        outputs += [helper.make_tensor_value_info(TERMS_OUTPUTS[0], f64, [m, "n", hidden]),
+                    helper.make_tensor_value_info(TERMS_OUTPUTS[1], f64, [m, "b", hidden]),
+                    helper.make_tensor_value_info(TERMS_OUTPUTS[2], f64, [hidden]),
+                    helper.make_tensor_value_info("tile_logits", TensorProto.FLOAT, ["g", "k", "bb", c]),
+                    helper.make_tensor_value_info("tile_sums", TensorProto.FLOAT, ["g", "k", "bb", 1]),
+                    helper.make_tensor_value_info("tile_prob", TensorProto.FLOAT, ["g", "k", 1, c]),
+                    helper.make_tensor_value_info("tile_loglik", TensorProto.FLOAT, ["g", "k", 1])]
+        # defaults: every input overridable and empty (no rows, no true classes), so that a role feeds
+        # only its own inputs and the others cost next to nothing (ONNX Runtime runs every node)
+        inits += [_init("x_probs", np.zeros((0, m, c), np.float32)), _init("bg_probs", np.zeros((0, m, c), np.float32)),
+                  _init("mask", np.zeros(m, np.float32)), _init("coalitions", np.zeros((1, m), np.float32)),
+                  _init("tile_pre", np.zeros((0, 1, 1, hidden), np.float32)),
+                  _init("tile_shared", np.zeros((1, 1, hidden), np.float32)),
+                  _init("tile_onehot", np.zeros((1, c, 0), np.float32))]
+    graph = helper.make_graph(nodes, "fedmfs_fusion_coalitions", inputs, outputs, inits)
     return _model(graph, f"fedmfs fusion model over coalitions: {m} modalities x {c} classes, hidden {hidden}",
-                  fedmfs_graph="fusion_coalitions", fusion_hidden=hidden)
+                  fedmfs_graph=graph_kind, fusion_hidden=hidden)
 
 
 def personalised_model_onnx(

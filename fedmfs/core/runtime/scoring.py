@@ -24,9 +24,10 @@ from fedmfs.core.runtime.coalitions import (
     engine_shapley,
     fusion_coalition_fn,
     graph_coalition_fn,
+    tiled_coalition_fn,
 )
 from fedmfs.core.runtime.memory import FUSION_RSS_SLACK, release_free_heap, resident_bytes
-from fedmfs.core.shapley import ValueKind
+from fedmfs.core.shapley import CoalitionFn, ValueKind
 
 if TYPE_CHECKING:
     from fedmfs.core.runtime.sessions import EdgeRuntime
@@ -103,17 +104,38 @@ def shapley_from_probs(
 
         base = resident_bytes()
 
-        def run_graph(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        def trimmed(out: list[np.ndarray]) -> list[np.ndarray]:
             # the heap fragments over the chunk calls as in EdgeRuntime._modality_logp (from +3 to
             # +18 MB of peak RSS over the 22 calls on ActionSense shapes, varying from process to
             # process); a trim after every call cost +25 ms, so trim only once RSS has grown
-            out = sess.run(["coalition_probs"], feeds)[0]
             if base is not None and (resident_bytes() or 0) > base + FUSION_RSS_SLACK:
                 release_free_heap()
             return out
 
-        evaluate = graph_coalition_fn(run_graph, x_probs, bg_probs, players, mask, rt._coalition_hidden,
-                                      value_kind, y, rt.chunk_elements)
+        if rt._coalition_tiles:
+            steady: list[int] = []
+
+            def run_tiles(feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+                # the same rule, from the RSS after the first tile call: a tile call's buffers (a few
+                # chunk_elements each) are the step's working set; trimming them away before every
+                # call made each call fault them back in (measured 4x slower at M = 10)
+                out = sess.run(names, feeds)
+                rss = resident_bytes()
+                if rss is not None and "tile_pre" in feeds:
+                    if not steady:
+                        steady.append(rss)
+                    elif rss > steady[0] + FUSION_RSS_SLACK:
+                        release_free_heap()
+                return out
+
+            evaluate: CoalitionFn = tiled_coalition_fn(run_tiles, x_probs, bg_probs, players, mask,
+                                                       rt._coalition_hidden, value_kind, y, rt.chunk_elements)
+        else:
+            def run_graph(feeds: dict[str, np.ndarray]) -> np.ndarray:
+                return trimmed(sess.run(["coalition_probs"], feeds))[0]
+
+            evaluate = graph_coalition_fn(run_graph, x_probs, bg_probs, players, mask, rt._coalition_hidden,
+                                          value_kind, y, rt.chunk_elements)
     else:
         evaluate = fusion_coalition_fn(rt.fuse, x_probs, bg_probs, players, mask, value_kind, y, rt.chunk_elements)
     result = engine_shapley(evaluate, players, m, method, permutations, seed)

@@ -91,7 +91,9 @@ def open_session(source: ModelSource, what: str, so: ort.SessionOptions) -> ort.
 def check_io(sess: ort.InferenceSession, what: str, inputs: dict[str, tuple], outputs: dict[str, tuple]) -> None:
     """Check input/output names and static dims (strings/None are dynamic and match anything)."""
     problems = []
-    for kind, have, want in (("input", sess.get_inputs(), inputs), ("output", sess.get_outputs(), outputs)):
+    # inputs with a default value (overridable initializers) are inputs too
+    feeds = list(sess.get_inputs()) + list(sess.get_overridable_initializers())
+    for kind, have, want in (("input", feeds, inputs), ("output", sess.get_outputs(), outputs)):
         got = {a.name: tuple(a.shape) for a in have}
         if set(got) != set(want):
             problems.append(f"{kind}s are {sorted(got)}, need {sorted(want)}")
@@ -155,13 +157,23 @@ class EdgeRuntime:
                       {_FUSION_OUT: (None, c)})
         self._coalitions = None
         self._coalition_hidden = 0
+        self._coalition_tiles = False
         if coalition_model is not None:
             self._coalitions = open_session(coalition_model, "coalition graph", so)
-            check_io(self._coalitions, "coalition graph",
-                      {"x_probs": (None, m, c), "bg_probs": (None, m, c), "mask": (m,), "coalitions": (None, m)},
-                      {"coalition_probs": (None, None, None, c)})
-            # the hidden width sizes the chunks (the builder records it; 256 is a safe default)
             meta = self._coalitions.get_modelmeta().custom_metadata_map
+            # a graph with the terms and tile roles (graphs.fusion_coalition_onnx, tiles=True) lists
+            # its inputs as overridable initializers (each has an empty default)
+            self._coalition_tiles = meta.get("fedmfs_graph") == "fusion_coalition_tiles"
+            coalition_io = {"x_probs": (None, m, c), "bg_probs": (None, m, c), "mask": (m,), "coalitions": (None, m)}
+            coalition_out: dict[str, tuple] = {"coalition_probs": (None, None, None, c)}
+            if self._coalition_tiles:
+                coalition_io.update(tile_pre=(None, None, None, None), tile_shared=(None, None, None),
+                                    tile_onehot=(None, c, None))
+                coalition_out.update(x_terms=(m, None, None), bg_terms=(m, None, None), const_term=(None,),
+                                     tile_logits=(None, None, None, c), tile_sums=(None, None, None, 1),
+                                     tile_prob=(None, None, 1, c), tile_loglik=(None, None, 1))
+            check_io(self._coalitions, "coalition graph", coalition_io, coalition_out)
+            # the hidden width sizes the chunks (the builder records it; 256 is a safe default)
             try:
                 self._coalition_hidden = max(1, int(meta.get("fusion_hidden", "256")))
             except ValueError as e:
