@@ -12,9 +12,13 @@ Two ways to evaluate coalitions (a :data:`CoalitionFn`):
 
 * :func:`fusion_coalition_fn` -- generic: builds the (s*N*B, M, C) tensor of substituted rows with
   ``np.where`` and calls any fusion function (the plain fusion ONNX graph);
-* :func:`graph_coalition_fn` -- fast: calls the coalition graph of
+* :func:`graph_coalition_fn` -- calls the coalition role of the coalition graph of
   :func:`fedmfs.core.runtime.graphs.fusion_coalition_onnx`, which exploits the fusion model's affine first
-  layer.
+  layer (the engine of model sets built before issue 16, and of graphs built with ``tiles=False``);
+* :func:`tiled_coalition_fn` (:class:`TiledCoalitions`) -- the default: the graph's terms and tile
+  roles; for exact values the players split in two halves, so a coalition's first-layer
+  pre-activation is one add of two precomputed tables, and phi is reduced block by block. At
+  M = 12 on ActionSense shapes it is ~1.6x to 2x faster than the coalition role (docs/benchmarks.md).
 
 Exact enumeration for up to :data:`fedmfs.core.shapley.EXACT_MAX` players; beyond, permutation sampling
 with antithetic pairs and a standard error: :func:`fedmfs.core.shapley.permutation_from_coalitions`,
