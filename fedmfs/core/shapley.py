@@ -9,7 +9,12 @@ Players are the modalities a client has. ``v(S)`` is the fusion model's output w
 * ``"loglik"``: the mean log-likelihood of the true class (``phi`` per sample, scored as |phi| summed).
 
 Exact enumeration of all 2^M coalitions for M <= ``EXACT_MAX``; beyond it, permutation sampling with
-antithetic pairs and a standard error. The sampling lives in ONE place,
+antithetic pairs and a standard error. Its error, measured against the exact values at M = 12
+(``bench/shapley_scaling.py``, docs/benchmarks.md): the rms error falls as 1/sqrt(permutations)
+(7.7e-7, 3.9e-7, 1.8e-7, 8.9e-8 at 8, 32, 128, 512 permutations, mean |phi| 6e-5) and the reported
+standard error is calibrated (rms error / stderr 0.87-0.95, ~95 % of values within two stderr from
+32 permutations on); its cost is the distinct coalitions the chains visit (84, 294, 917, 2329 of
+4096 at M = 12). The sampling lives in ONE place,
 :func:`permutation_from_coalitions`, which takes any coalition evaluator (:data:`CoalitionFn`): this
 reference feeds it :func:`coalition_values`, the device's batched evaluators
 (:mod:`fedmfs.core.runtime.coalitions`) feed it ONNX Runtime calls, so both draw the same
