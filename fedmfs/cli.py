@@ -1,4 +1,5 @@
-"""The ``fedmfs`` command: ``simulate`` a fleet on one machine, ``data`` tools, ``methods``."""
+"""The ``fedmfs`` command: ``simulate`` a fleet on one machine, ``compare`` methods over seeds (locally or
+on Ray), ``data`` tools, ``methods``."""
 
 from __future__ import annotations
 
@@ -355,6 +356,227 @@ def _data_parser(sub) -> None:
                    "tactile_right,xsens) [all six]")
 
 
+def _default_preset() -> str:
+    from fedmfs.core.data.synthetic import PRESETS
+
+    return "headroom" if "headroom" in PRESETS else "small"
+
+
+def _compare_parser(sub) -> None:
+    from fedmfs.core.data.synthetic import PRESETS
+    from fedmfs.sim.compare import REPORTING_SEEDS, SPLITS, TUNING_SEEDS, default_variants
+
+    names = [v.name for v in default_variants()]
+    p = sub.add_parser(
+        "compare",
+        help="FedMFS against every baseline and its own sweeps over seeds, as a paper reports it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Run every (variant, seed) of a comparison grid (one in-process FedMFS round driver each, docs/benchmarks.md)
+and print, over the seeds, each variant's final accuracy (mean +- 95% CI, Student t), cumulative upload,
+byte ratio and paired difference to `all`; accuracies at equal cumulative upload (the paper's Table II
+protocol); the project's targets; with --plot a Pareto plot of accuracy vs MB.
+
+Where the runs go: by default each run is a Ray task of one CPU on a local Ray started on demand
+(--workers CPUs, loopback only, stopped at the end); --ray-address HOST:PORT runs them on an existing
+cluster (every node needs fedmfs installed; results are written by this process); --serial (or
+--workers 1) runs them here one after another, the reference, and needs no Ray. Ray is the `cluster`
+extra: pip install 'fedmfs[cluster]'. A run gives the same results wherever it ran.
+
+Results: each run is saved as it finishes to OUT/runs/<variant>.seed<seed>.json, with its settings;
+OUT/summary.json (runs and summary) and OUT/summary.txt are written at the end. The same command again
+on the same OUT resumes a stopped grid: runs saved with the same settings (preset, clients, rounds,
+split, the variant's whole config) are loaded, not rerun. A saved run with other settings is refused
+before anything runs (the file and what differs are named): give another --out, or delete the file.
+
+Tuning and reporting never share seeds or windows: choose defaults with --split validation (seeds
+100-104), report once with --split test (seeds 0-4).
+
+  fedmfs compare --split validation --rounds 20                    # tuning, local Ray
+  fedmfs compare --rounds 20 --plot pareto.png                     # reporting
+  fedmfs compare --preset small --rounds 2 --seeds 0 1 --variants fedmfs all --clients 3 --check-serial
+  fedmfs compare --load runs/compare/headroom-test-r20 --plot pareto.png   # summary of saved runs""")
+    p.add_argument("--preset", default=None, help=f"synthetic preset (default: headroom if defined, else small; "
+                                                  f"known now: {', '.join(PRESETS)})")
+    p.add_argument("--rounds", type=int, default=20, help="federated rounds of every run [20]")
+    p.add_argument("--split", choices=SPLITS, default="test",
+                   help="test: reporting, on the real test windows; validation: tuning, on held-out training "
+                        "windows [test]")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help=f"default: {' '.join(map(str, REPORTING_SEEDS))} with --split test (reporting), "
+                        f"{' '.join(map(str, TUNING_SEEDS))} with --split validation (tuning)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help="variants to run (default: all of them): " + ", ".join(names))
+    p.add_argument("--clients", type=int, default=None, help="keep only the first N clients (smoke runs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="CPUs of the local Ray started on demand, one run per CPU; 1 runs the grid in this "
+                        "process, as --serial [this machine's CPUs]")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="run on this existing Ray cluster (the head's address as `ray start --head` prints "
+                        "it, or auto) instead of a local Ray; its CPUs decide how many runs at once "
+                        "[RAY_ADDRESS if set and neither --serial nor --workers is given, else a local Ray]")
+    p.add_argument("--serial", action="store_true",
+                   help="run the grid in this process, one run after another (the reference; no Ray needed)")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="results directory: a file per run as it finishes, the summary at the end; the same "
+                        "command on the same DIR resumes [runs/compare/<preset>-<split>-r<rounds>[-c<clients>]]")
+    p.add_argument("--check-serial", action="store_true",
+                   help="after the grid, run it again in this process and check every run equals its "
+                        "serial twin (every field but the wall clock); exit 1 if one differs")
+    p.add_argument("--budgets-mb", type=float, nargs="+", default=None,
+                   help="equal-bytes budgets in MB (default: FedMFS's largest total upload over the seeds, and "
+                        "half of it)")
+    p.add_argument("--json", type=Path, help="also write the runs and the summary to this file")
+    p.add_argument("--plot", type=Path, help="write the Pareto plot (accuracy vs cumulative MB) here")
+    p.add_argument("--load", type=Path, nargs="+", metavar="PATH",
+                   help="summarise saved runs instead of running: results directories (--out) or --json files "
+                        "(several: their runs together; they must share preset, rounds and split, and a "
+                        "(variant, seed) may appear once)")
+
+
+def _print_run(row: dict, note: str = "") -> None:
+    acc = row["final_accuracy"]
+    print(f"  {row['variant']:22s} seed {row['seed']:4d}  final accuracy "
+          f"{'-' if acc is None else f'{acc * 100:6.2f}%'}  upload {row['total_upload_bytes'] / 1e6:8.3f} MB"
+          f"  {row['seconds']:6.1f} s{note}", flush=True)
+
+
+def cmd_compare(args) -> int:
+    import json
+    import time
+
+    from fedmfs.core.data.synthetic import PRESETS
+    from fedmfs.core.fsio import atomic_write
+    from fedmfs.sim.compare import (
+        REPORTING_SEEDS,
+        TUNING_SEEDS,
+        SyntheticFleet,
+        default_variants,
+        format_summary,
+        load_runs,
+        pareto_plot,
+        ranking_checks,
+        run_grid,
+        summarize,
+    )
+    from fedmfs.sim.grid import result_differences
+
+    meta: dict = {}
+    out: Path | None = None
+    if args.load:
+        if args.check_serial or args.ray_address or args.serial or args.workers is not None:
+            raise ConfigError("--load summarises saved runs: it runs nothing, so it takes no --serial, --workers, "
+                              "--ray-address or --check-serial")
+        runs, meta = load_runs(args.load)
+    else:
+        variants = default_variants()
+        names = [v.name for v in variants]
+        chosen = variants
+        if args.variants:
+            unknown = [n for n in args.variants if n not in names]
+            if unknown:
+                raise ConfigError(f"--variants: unknown {unknown}; known: {', '.join(names)}")
+            chosen = [v for v in variants if v.name in args.variants]
+        preset = args.preset or _default_preset()
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset}: unknown synthetic preset. Fix: one of {', '.join(PRESETS)}")
+        if args.rounds < 1:
+            raise ConfigError(f"--rounds {args.rounds}: a run has at least 1 round")
+        if args.clients is not None and args.clients < 1:
+            raise ConfigError(f"--clients {args.clients}: keep at least 1 client")
+        serial = args.serial or args.workers == 1
+        # command line > RAY_ADDRESS (Ray's own variable, set on a cluster's machines) > a local Ray
+        if args.ray_address is None and not serial and args.workers is None and os.environ.get("RAY_ADDRESS"):
+            args.ray_address = os.environ["RAY_ADDRESS"]
+        if args.ray_address and (serial or args.workers is not None):
+            raise ConfigError("--ray-address runs the grid on that cluster (its CPUs decide how many runs at "
+                              "once): give it without --serial or --workers")
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers {args.workers}: at least 1 (1 runs the grid in this process)")
+        if args.check_serial and serial:
+            raise ConfigError("--check-serial compares the Ray runs with serial ones: give it without --serial "
+                              "or --workers 1")
+        workers = 1 if serial else (args.workers or os.cpu_count() or 1)
+        seeds = args.seeds or list(REPORTING_SEEDS if args.split == "test" else TUNING_SEEDS)
+        if args.split == "test" and set(seeds) & set(TUNING_SEEDS):
+            print(f"warning: reporting on tuning seeds {sorted(set(seeds) & set(TUNING_SEEDS))}", file=sys.stderr)
+        if args.split == "validation" and set(seeds) & set(REPORTING_SEEDS):
+            print(f"warning: tuning on reporting seeds {sorted(set(seeds) & set(REPORTING_SEEDS))}", file=sys.stderr)
+        out = args.out or Path("runs/compare") / (f"{preset}-{args.split}-r{args.rounds}"
+                                                  + (f"-c{args.clients}" if args.clients else ""))
+        where = ("in this process" if serial else f"on the Ray cluster at {args.ray_address}" if args.ray_address
+                 else f"on a local Ray of {workers} CPUs")
+        meta = {"preset": preset, "rounds": args.rounds, "split": args.split, "seeds": seeds,
+                "variants": [v.name for v in chosen], "clients": args.clients,
+                "runner": "serial" if serial else ("ray " + args.ray_address if args.ray_address else
+                                                   f"local ray, {workers} workers")}
+        print(f"preset {preset}, rounds {args.rounds}, split {args.split}, seeds {seeds}, "
+              f"{len(chosen)} variants x {len(seeds)} seeds, {where}; results in {out}", flush=True)
+
+        def on_resume(rows: list[dict]) -> None:
+            print(f"  resuming: {len(rows)} of {len(chosen) * len(seeds)} runs already saved in {out} "
+                  f"with these settings", flush=True)
+
+        fleet = SyntheticFleet(preset, args.clients)
+        t0 = time.monotonic()
+        runs = run_grid(fleet, chosen, seeds, args.rounds, args.split, workers=workers,
+                        ray_address=args.ray_address, out=out, on_run=_print_run, on_resume=on_resume)
+        grid_s = time.monotonic() - t0
+        if args.check_serial:
+            print("\nthe same grid in this process, one run after another (--check-serial):", flush=True)
+            t0 = time.monotonic()
+            serial_runs = run_grid(fleet, chosen, seeds, args.rounds, args.split, workers=1,
+                                   on_run=lambda r: _print_run(r, "  (serial)"))
+            serial_s = time.monotonic() - t0
+            diffs = result_differences(runs, serial_runs)
+            same = len(runs) - len({d.split(":")[0] for d in diffs})
+            new = sum(1 for r in runs if r.get("ran_on") != "this process")
+            print(f"\nserial check: {same} of {len(runs)} runs equal their serial run in every field but the wall "
+                  f"clock (accuracies, per-round rows, bytes, config, Shapley scores); {len(diffs)} differences")
+            for d in diffs:
+                print(f"  {d}")
+            print(f"wall clock: grid {where} {grid_s:.1f} s for {new} runs (the other {len(runs) - new} loaded), "
+                  f"serial {serial_s:.1f} s for {len(runs)}: ratio serial/grid {serial_s / max(grid_s, 1e-9):.2f}")
+            if diffs:
+                return 1
+    budgets = None if args.budgets_mb is None else [b * 1e6 for b in args.budgets_mb]
+    summary = summarize(runs, budgets=budgets)
+    if meta:
+        print(f"\npreset {meta.get('preset')}, clients {meta.get('clients') or 'all'}")
+    print(format_summary(summary))
+    preset = meta.get("preset")
+    if preset in PRESETS and PRESETS[preset].noise_widths:
+        # the default runs' scores against the preset's Shapley truth (noise modalities last?)
+        from fedmfs.core.data.synthetic import make_synthetic
+
+        cache: dict[int, dict] = {}
+
+        def metadata_of(seed: int) -> dict:
+            if seed not in cache:
+                cache[seed] = make_synthetic(preset, seed).metadata
+            return cache[seed]
+
+        ranks = ranking_checks(runs, metadata_of)
+        summary["ranking"] = ranks
+        print("\nModality scores after the last round against the preset's Shapley truth:")
+        for name, rk in ranks.items():
+            sp = rk["spearman"]
+            print(f"  {name:22s} noise below every informative modality at {rk['separated'] * 100:.0f}% of "
+                  f"{rk['clients']} client runs; Spearman {sp['mean']:+.3f} ± {sp['ci']:.3f}")
+            for miss in rk["misses"]:
+                print(f"    miss: {miss}")
+    doc = (json.dumps({"args": meta, "runs": runs, "summary": summary}, indent=1) + "\n").encode()
+    if out is not None:
+        atomic_write(out / "summary.json", doc, mode=0o644)
+        atomic_write(out / "summary.txt", (format_summary(summary) + "\n").encode(), mode=0o644)
+        print(f"summary: {out / 'summary.json'}")
+    if args.json:
+        atomic_write(args.json, doc, mode=0o644)
+    if args.plot:
+        print(f"plot: {pareto_plot(summary, args.plot)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="fedmfs",
@@ -366,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the selection methods and baselines")
     m.set_defaults()
     _data_parser(sub)
+    _compare_parser(sub)
     return ap
 
 
@@ -375,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"simulate": cmd_simulate, "methods": cmd_methods, "data": cmd_data}[args.cmd](args)
+        return {"simulate": cmd_simulate, "methods": cmd_methods, "data": cmd_data,
+                "compare": cmd_compare}[args.cmd](args)
     except FedMFSError as e:
         print(f"fedmfs: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -1,14 +1,17 @@
 """Methods compared as a paper reports them: seeds, confidence intervals, equal rounds and equal bytes.
 
-``bench/compare.py`` is the command line over this module; everything it prints is computed here.
+``fedmfs compare`` (and its wrapper ``bench/compare.py``) is the command line over this module; everything
+it prints is computed here. Running the grid (in this process or as Ray tasks, results saved as each
+run ends, resumable) is :mod:`fedmfs.sim.grid`.
 
 The protocol (docs/benchmarks.md):
 
 * **Seeds.** Every (variant, seed) pair is one run of :func:`fedmfs.sim.driver.run_simulation` over
-  the ``inproc`` transport on the fleet ``fleet_factory(seed)`` with ``SimConfig.seed = seed``.
-  Defaults are tuned on :data:`TUNING_SEEDS` on the validation split (:meth:`Fleet.validation_view`:
-  a stratified quarter of each client's *training* windows is held out; its test windows are never
-  read); figures are reported on :data:`REPORTING_SEEDS` on the real test split, run once.
+  the ``inproc`` transport (:func:`fedmfs.sim.grid.run_job`) on the fleet ``fleet_factory(seed)``
+  with ``SimConfig.seed = seed``. Defaults are tuned on :data:`TUNING_SEEDS` on the validation
+  split (:meth:`Fleet.validation_view`: a stratified quarter of each client's *training* windows is
+  held out; its test windows are never read); figures are reported on :data:`REPORTING_SEEDS` on
+  the real test split, run once.
 * **Equal rounds.** Each variant's final-round accuracy after the same number of rounds: mean over
   seeds with a Student-t 95% confidence interval (:func:`mean_ci`), and its paired difference to the
   ``all`` baseline, seed by seed (:func:`paired_diff_ci`).
@@ -24,9 +27,7 @@ The protocol (docs/benchmarks.md):
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,10 +218,17 @@ def default_variants() -> list[Variant]:
 @dataclass(frozen=True)
 class SyntheticFleet:
     """A fleet factory for :func:`run_grid`: ``make_synthetic(preset, seed)``, cut to its first
-    ``clients`` clients if given (smoke runs). A class, so worker processes can receive it."""
+    ``clients`` clients if given (smoke runs). A class, so Ray tasks can receive it and a results
+    directory can record it (its fields are part of a saved run's settings)."""
 
     preset: str
     clients: int | None = None
+
+    def spec(self) -> DatasetSpec:
+        """The preset's spec, without making a fleet (every seed's fleet has it)."""
+        from fedmfs.core.data.synthetic import PRESETS
+
+        return PRESETS[self.preset].spec()
 
     def __call__(self, seed: int) -> Fleet:
         from fedmfs.core.data import make_synthetic
@@ -233,90 +241,85 @@ class SyntheticFleet:
 
 # ------------------------------------------------------------------------------------ running
 
-@dataclass(frozen=True)
-class _Job:
-    fleet_factory: Callable[[int], Fleet]
-    variant: Variant
-    seed: int
-    rounds: int
-    split: str
-    validation_fraction: float
-
-
-def _run_job(job: _Job) -> dict[str, Any]:
-    from fedmfs.sim.config import SimConfig
-    from fedmfs.sim.driver import run_simulation
-
-    fleet = job.fleet_factory(job.seed)
-    if job.split == "validation":
-        fleet = fleet.validation_view(job.validation_fraction, seed=job.seed)
-    cfg = SimConfig.build(job.variant.method, rounds=job.rounds, seed=job.seed, **job.variant.sim_kwargs(fleet.spec))
-    t0 = time.perf_counter()
-    rep = run_simulation(fleet, cfg, "inproc")
-    rows = [{"round": r["round"], "accuracy": r["accuracy"], "upload_bytes": int(r["upload_bytes"]),
-             "cumulative_bytes": int(r["cumulative_bytes"])} for r in rep["rounds"]]
-    return {"variant": job.variant.name, "method": cfg.method, "family": job.variant.family, "seed": job.seed,
-            "split": job.split, "config": cfg.to_dict(), "rounds": rows, "final_accuracy": rep["final_accuracy"],
-            "total_upload_bytes": int(rep["total_upload_bytes"]), "seconds": time.perf_counter() - t0,
-            # what the scores were after the last round (ranking checks against the preset's truth)
-            "last_shapley": {d: c.get("shapley", {}) for d, c in rep["rounds"][-1].get("clients", {}).items()}
-            if rep["rounds"] else {}}
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+def _spec_of(fleet_factory: Callable[[int], Fleet], seed: int) -> DatasetSpec:
+    spec = getattr(fleet_factory, "spec", None)
+    return spec() if callable(spec) else fleet_factory(seed).spec
 
 
 def run_grid(fleet_factory: Callable[[int], Fleet], variants: Sequence[Variant], seeds: Sequence[int], rounds: int,
-             split: str = "test", *, workers: int = 1, validation_fraction: float = VALIDATION_FRACTION,
-             on_run: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+             split: str = "test", *, workers: int = 1, ray_address: str | None = None, out: str | Path | None = None,
+             validation_fraction: float = VALIDATION_FRACTION, on_run: Callable[[dict[str, Any]], None] | None = None,
+             on_resume: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Run every (variant, seed) for ``rounds`` rounds; return one row per run, variant-major in the
     given orders: ``variant``, ``method``, ``family``, ``seed``, ``split``, ``config``, ``rounds`` (per
     round: ``accuracy``, ``upload_bytes``, ``cumulative_bytes``), ``final_accuracy``,
-    ``total_upload_bytes``, ``seconds``.
+    ``total_upload_bytes``, ``last_shapley``, and where and how fast it ran (``seconds``, ``ran_on``).
 
     ``split="test"`` runs on the fleet as made (reporting); ``split="validation"`` on its
-    :meth:`~Fleet.validation_view` (tuning). ``workers`` > 1 runs the grid in that many spawned
-    processes of one torch thread each (``fleet_factory`` must then be picklable, e.g.
-    :class:`SyntheticFleet`); 1 runs it here. ``on_run(row)`` is told of each run as it ends."""
+    :meth:`~Fleet.validation_view` (tuning). ``workers`` <= 1 without ``ray_address`` runs the grid
+    here, one run after another (the reference); otherwise each run is a Ray task of one CPU, on a
+    local Ray of ``workers`` CPUs started on demand or on the cluster at ``ray_address``
+    (:mod:`fedmfs.sim.grid`; ``fleet_factory`` must then be picklable, e.g. :class:`SyntheticFleet`).
+    Both call the same :func:`fedmfs.sim.grid.run_job`, so they give the same rows but for
+    ``seconds`` and ``ran_on``. ``out``: the results directory: each run saved there as it ends, runs
+    saved with the same settings loaded instead of run (``on_resume(rows)``), a saved run with other
+    settings refused. ``on_run(row)`` is told of each new run as it ends."""
+    from fedmfs.sim.config import SimConfig
+    from fedmfs.sim.grid import Job, execute
+
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must be unique, got {names}")
-    jobs = [_Job(fleet_factory, v, int(s), int(rounds), split, validation_fraction) for v in variants for s in seeds]
-    out: dict[int, dict[str, Any]] = {}
-    if workers <= 1:
-        for i, job in enumerate(jobs):
-            out[i] = _run_job(job)
-            if on_run is not None:
-                on_run(out[i])
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    specs: dict[int, DatasetSpec] = {}
+    jobs = []
+    for v in variants:
+        for s in seeds:
+            seed = int(s)
+            if seed not in specs:
+                specs[seed] = _spec_of(fleet_factory, seed)
+            cfg = SimConfig.build(v.method, rounds=int(rounds), seed=seed, **v.sim_kwargs(specs[seed]))
+            jobs.append(Job(fleet_factory, v.name, v.family, seed, int(rounds), split, validation_fraction, cfg))
+    return execute(jobs, workers=workers, ray_address=ray_address, out=out, on_run=on_run, on_resume=on_resume)
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_init_worker) as pool:
-            futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
-            for fut in as_completed(futures):
-                out[futures[fut]] = fut.result()
-                if on_run is not None:
-                    on_run(out[futures[fut]])
-    return [out[i] for i in range(len(jobs))]
+
+def _saved_grid(path: Path) -> tuple[dict, list[dict]]:
+    """(arguments, runs) of one saved grid: a ``--json`` file, or a results directory (its run files,
+    in :func:`default_variants` order, then by name and seed)."""
+    from fedmfs.core.errors import PayloadError
+    from fedmfs.core.safejson import loads
+    from fedmfs.sim.grid import read_run_file
+
+    if path.is_dir():
+        docs = [read_run_file(f) for f in sorted((path / "runs").glob("*.json")) if not f.name.startswith(".")]
+        if not docs:
+            raise ValueError(f"{path}: no saved runs in {path / 'runs'}")
+        order = {v.name: i for i, v in enumerate(default_variants())}
+        docs.sort(key=lambda d: (order.get(d["run"]["variant"], len(order)), d["run"]["variant"], d["run"]["seed"]))
+        st = docs[0]["settings"]
+        fleet = st.get("fleet", {})
+        return ({"preset": fleet.get("preset"), "clients": fleet.get("clients"), "rounds": st.get("rounds"),
+                 "split": st.get("split")}, [d["run"] for d in docs])
+    try:
+        saved = loads(path.read_bytes(), str(path))
+    except PayloadError as e:
+        raise ValueError(str(e)) from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("runs"), list):
+        raise ValueError(f"{path}: not a saved grid (an object with runs)")
+    return dict(saved.get("args", {})), saved["runs"]
 
 
 def load_runs(paths: Sequence[str | Path]) -> tuple[list[dict], dict]:
-    """The runs of several saved grids (``--json`` files of bench/compare.py) as one, and their
-    arguments: the grids must agree on preset, rounds and split, and hold each (variant, seed) once."""
+    """The runs of several saved grids (``--json`` files or results directories of ``fedmfs
+    compare``) as one, and their arguments: the grids must agree on preset, rounds and split, and hold
+    each (variant, seed) once. Read as JSON within bounds (:mod:`fedmfs.core.safejson`)."""
     runs: list[dict] = []
     meta: dict = {}
     seen: dict[tuple[str, int], Path] = {}
     files = [Path(p) for p in paths]
     for path in files:
-        saved = json.loads(path.read_text())
-        m = saved.get("args", {})
+        m, saved_runs = _saved_grid(path)
         if meta:
             differ = [k for k in ("preset", "rounds", "split") if m.get(k) != meta.get(k)]
             if differ:
@@ -325,7 +328,7 @@ def load_runs(paths: Sequence[str | Path]) -> tuple[list[dict], dict]:
                                  "summarise such grids apart")
         else:
             meta = dict(m)
-        for r in saved["runs"]:
+        for r in saved_runs:
             key = (r["variant"], int(r["seed"]))
             if key in seen:
                 raise ValueError(f"{path}: {key[0]} seed {key[1]} is also in {seen[key]}: keep one of them")
