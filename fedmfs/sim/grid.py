@@ -278,7 +278,8 @@ def ray_session(workers: int, address: str | None = None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
-    loopback = True
+    # a local Ray, or a cluster on 127.0.0.1: loopback addresses stay loopback; "auto" is Ray's own lookup
+    loopback = address is None
     if address is not None and address != "auto":
         host, port = _host_port(address)
         loopback = _is_loopback(host)
