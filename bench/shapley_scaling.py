@@ -7,15 +7,22 @@ repeated to reach M; 50 explained + 50 background samples; ONE thread (ORT intra
 * one forward pass: every modality model once on the 100 rows (one call each) + the fusion model on
   the 100 rows;
 * exact Shapley, total: ``EdgeRuntime.shapley`` (modality models on the 50 + 50 rows, then the
-  fusion over all 2^M coalitions), with the tiled engine (the coalition graph's terms and tile
-  roles, the default) and with the old path (the plain coalition graph, ``tiles=False``), in the
-  same run; each vs the numpy reference ``fedmfs.core.shapley.exact_shapley`` (fusion in ORT).
+  fusion over all 2^M coalitions), with three engines in the same run: "split" (the default: the
+  coalition graph's split role, ``fusion_coalition_onnx(...)``), "tiled" (its terms and tile roles
+  only, ``split=False``: the engine of model sets built before the split role) and "old" (the plain
+  coalition graph, ``tiles=False``); each vs the numpy reference ``fedmfs.core.shapley.exact_shapley``
+  (fusion in ORT);
+* the same in CPU time of this process (one thread: what the step costs on an idle core; the
+  machine is shared, so wall times carry other jobs' load).
 
-Times are minima over repeats (a shared 2-core machine). Then, at M = 12, the permutation
-estimator against the exact values: its error and its reported standard error, and its cost.
+Times are minima over repeats (a shared 2-core machine). Then the arithmetic floor: the FLOPs of one
+dense exact evaluation against the throughput of ORT's MatMul and Exp measured here; then, at M = 12,
+the permutation estimator against the exact values: its error and its reported standard error, and
+its cost.
 
-    python bench/shapley_scaling.py             # ~2 minutes
+    python bench/shapley_scaling.py             # ~4 minutes
     python bench/shapley_scaling.py --quick     # M = 6 and 10 only, fewer repeats
+    python bench/shapley_scaling.py --no-old    # without the old path (its M = 12 run takes ~10 s)
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ torch.set_num_threads(1)
 from fedmfs.core import shapley as ref
 from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec, ModalitySpec
 from fedmfs.core.runtime.graphs import fusion_coalition_onnx, model_set_onnx
-from fedmfs.core.runtime.sessions import EdgeRuntime
+from fedmfs.core.runtime.sessions import EdgeRuntime, session_options
 from fedmfs.learner.models import FusionModel, ModalityModel, state_to_numpy
 
 N, B, C, T, H = 50, 50, 20, 100, 64
@@ -52,15 +59,17 @@ def spec_for(m: int) -> DatasetSpec:
     return DatasetSpec(tuple(mods[:m]), C, T)
 
 
-def best(f, repeats: int, warm: bool = True) -> float:
+def best(f, repeats: int, warm: bool = True) -> tuple[float, float]:
+    """(min wall time, min CPU time of this process) over ``repeats`` calls of ``f``."""
     if warm:
         f()
-    ts = []
+    ts, cs = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         f()
+        cs.append(time.process_time() - c)
         ts.append(time.perf_counter() - t)
-    return min(ts)
+    return min(ts), min(cs)
 
 
 def setup(m: int):
@@ -71,19 +80,27 @@ def setup(m: int):
     for p in fus.parameters():
         p.data.mul_(3.0)  # sharper than at init, as bench/onnx_shapley.py
     fstate = state_to_numpy(fus)
-    models, fusion, tiles = model_set_onnx(spec, mods, fstate, H)
-    new = EdgeRuntime(spec, models, fusion, threads=1, coalition_model=tiles)
-    old = EdgeRuntime(spec, models, fusion, threads=1,
-                      coalition_model=fusion_coalition_onnx(m, C, H, fstate, tiles=False))
+    models, fusion, split = model_set_onnx(spec, mods, fstate, H)
+    engines = {
+        "split": EdgeRuntime(spec, models, fusion, threads=1, coalition_model=split),
+        "tiled": EdgeRuntime(spec, models, fusion, threads=1,
+                             coalition_model=fusion_coalition_onnx(m, C, H, fstate, split=False)),
+        "old": EdgeRuntime(spec, models, fusion, threads=1,
+                           coalition_model=fusion_coalition_onnx(m, C, H, fstate, tiles=False)),
+    }
     rng = np.random.default_rng(1)
     x = {ms.name: rng.standard_normal((N, T, *ms.feature_shape), dtype=np.float32) for ms in spec.modalities}
     bg = {ms.name: rng.standard_normal((B, T, *ms.feature_shape), dtype=np.float32) for ms in spec.modalities}
-    return spec, new, old, x, bg
+    return spec, engines, x, bg
 
 
-def measure(m: int, reps: int):
-    """One row of the table: forward, new and old exact Shapley, their diffs to the reference."""
-    spec, new, old, x, bg = setup(m)
+def measure(m: int, reps: int, with_old: bool):
+    """One row of the table: forward, exact Shapley per engine (total and fusion step, wall and CPU
+    time), the diffs to the reference."""
+    spec, engines, x, bg = setup(m)
+    new = engines["split"]
+    if not with_old:
+        del engines["old"]
     both = {k: np.concatenate([x[k], bg[k]]) for k in x}
     ones = np.ones(m, np.float32)
 
@@ -95,33 +112,91 @@ def measure(m: int, reps: int):
 
     px, mask = new.modality_probs(x)
     pb, _ = new.modality_probs(bg)
-    t_fwd, t_new, t_old, t_fus = (float("inf"),) * 4
-    old_reps = 1 if m >= 12 else reps
-    for _ in range(2):  # interleaved rounds: a burst of load from other jobs hits both alike
-        t_fwd = min(t_fwd, best(forward, reps))
-        t_new = min(t_new, best(lambda: new.shapley(x, bg), reps))
-        t_fus = min(t_fus, best(lambda: new.shapley_from_probs(px, pb, mask), reps))
-        t_old = min(t_old, best(lambda: old.shapley(x, bg), old_reps, warm=m < 12))
+    inf = (float("inf"), float("inf"))
+    fwd = inf
+    tot = dict.fromkeys(engines, inf)
+    fus = dict.fromkeys(engines, inf)
+
+    def low(a, b):
+        return (min(a[0], b[0]), min(a[1], b[1]))
+
+    for _ in range(2):  # interleaved rounds: a burst of load from other jobs hits all alike
+        fwd = low(fwd, best(forward, reps))
+        for name, rt in engines.items():
+            slow = name == "old" and m >= 12
+            r = 1 if slow else reps
+            tot[name] = low(tot[name], best(lambda rt=rt: rt.shapley(x, bg), r, warm=not slow))
+            if not slow:
+                fus[name] = low(fus[name], best(lambda rt=rt: rt.shapley_from_probs(px, pb, mask), r))
     want = ref.exact_shapley(new.fuse, px, pb, mask)
-    d_new = np.abs(new.shapley(x, bg).phi - want).max()
-    d_old = np.abs(old.shapley(x, bg).phi - want).max()
-    print(f"{m:>3} {t_fwd * 1e3:7.1f}ms {t_new * 1e3:8.1f}ms {t_new / t_fwd:5.2f}x {t_fus * 1e3:7.1f}ms "
-          f"{t_old * 1e3:8.1f}ms {t_old / t_fwd:5.2f}x {t_new / t_old:7.3f}x {d_new:9.1e} {d_old:9.1e}", flush=True)
+    y = np.arange(N) % C
+    want_ll = ref.exact_shapley(new.fuse, px, pb, mask, "loglik", y)
+    cells = [f"{m:>3}", f"{fwd[0] * 1e3:7.1f} / {fwd[1] * 1e3:5.1f}"]
+    for name, rt in engines.items():
+        d = np.abs(rt.shapley_from_probs(px, pb, mask).phi - want).max()
+        d_ll = np.abs(rt.shapley_from_probs(px, pb, mask, kind="loglik", y=y).phi - want_ll).max()
+        fusion = (f"{fus[name][0] * 1e3:6.1f} / {fus[name][1] * 1e3:6.1f}ms" if fus[name][0] < float("inf")
+                  else "(not run)")
+        cells.append(f"{name}: {tot[name][0] * 1e3:7.1f}ms {tot[name][0] / fwd[0]:5.2f}x | cpu {tot[name][1] / fwd[1]:5.2f}x"
+                     f" | fusion {fusion} | diff {d:.1e} {d_ll:.1e}")
+    print(cells[0], "forward", cells[1], "ms (wall / cpu)")
+    for c in cells[2:]:
+        print("      ", c, flush=True)
     return m, new, px, pb, mask, want
+
+
+def arithmetic_floor(m: int) -> None:
+    """FLOPs of one dense exact evaluation at ``m`` and ORT's measured MatMul / Exp throughput."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rows = 1 << 13
+    coal = 2 ** m
+    per_row = 2 * H + 2 * H * C + C          # add + ReLU, H x C multiply-adds, C exps (as flops)
+    total = coal * N * B * per_row
+    f32 = TensorProto.FLOAT
+    so = session_options(1)
+    so.enable_cpu_mem_arena = True
+
+    def one(op: str, a: str, b: str | None, shape: list[int]):
+        ins = [helper.make_tensor_value_info(a, f32, shape)]
+        if b is not None:
+            ins.append(helper.make_tensor_value_info(b, f32, [H, C]))
+        g = helper.make_graph([helper.make_node(op, [a] + ([b] if b else []), ["z"])], "floor", ins,
+                              [helper.make_tensor_value_info("z", f32, None)])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    h = np.random.default_rng(0).random((rows, H), dtype=np.float32)
+    w = np.random.default_rng(1).standard_normal((H, C)).astype(np.float32) * 0.1
+    z = h[:, :C].copy()
+    mm, ex = one("MatMul", "h", "w", [rows, H]), one("Exp", "h", None, [rows, C])
+    _, t_mm = best(lambda: mm.run(["z"], {"h": h, "w": w}), 20)
+    _, t_exp = best(lambda: ex.run(["z"], {"h": z}), 20)
+    gflops = 2 * rows * H * C / t_mm / 1e9
+    exps = rows * C / t_exp / 1e9
+    mm_floor = coal * N * B * 2 * H * C / (gflops * 1e9)
+    print(f"\narithmetic floor at M = {m}: {coal} coalitions x {N * B} rows x ({2 * H} add/ReLU + {2 * H * C} "
+          f"MatMul flops + {C} exp) = {total / 1e9:.1f} GFLOP;")
+    print(f"ORT MatMul ({rows} x {H}) @ ({H} x {C}), one thread, CPU time: {gflops:.0f} GFLOPS, Exp {exps:.1f} G/s;"
+          f" the dense H->C MatMul alone: {mm_floor * 1e3:.0f} ms, {mm_floor / coal * 1e6:.0f} us per coalition")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-old", action="store_true", help="leave out the old path (plain coalition graph)")
     args = ap.parse_args()
     sizes = (6, 10) if args.quick else (6, 8, 10, 12)
     reps = 2 if args.quick else 3
     print(f"N = {N} explained + B = {B} background, C = {C}, fusion hidden {H}, one thread; times: min over repeats")
-    print(f"{'M':>3} {'forward':>9} {'new total':>10} {'ratio':>6} {'(fusion)':>9} {'old total':>10} {'ratio':>6}"
-          f" {'new/old':>8} {'diff new':>9} {'diff old':>9}")
+    print("per engine: total (modality models + fusion) wall time and ratio to one forward pass, the same ratio in"
+          " CPU time, the fusion step alone (wall / CPU), max abs diff to the reference ('prob', 'loglik')")
     keep = None
     for m in sizes:
-        keep = measure(m, reps)
+        keep = measure(m, reps, not args.no_old)
+    arithmetic_floor(max(sizes))
 
     # the permutation estimator against the exact values at the largest M
     m, rt, px, pb, mask, exact = keep

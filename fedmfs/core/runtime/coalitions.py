@@ -52,12 +52,14 @@ __all__ = [
     "CoalitionFn",
     "ShapleyMethod",
     "ShapleyResult",
+    "SplitCoalitions",
     "TiledCoalitions",
     "coalition_values_from_probs",
     "engine_shapley",
     "exact_from_coalitions",
     "fusion_coalition_fn",
     "graph_coalition_fn",
+    "split_coalition_fn",
     "tiled_coalition_fn",
     "permutation_from_coalitions",
 ]
@@ -307,6 +309,159 @@ class TiledCoalitions:
         return phi
 
 
+# a group of coalitions takes the split role while its largest count of mixed hidden units (ReLU
+# neither always on nor always off over the rows) is at most this share of the hidden width; above it
+# the group goes through the dense tile role (at J = H the split role's (G,C,J)@(G,J,K*B) product and
+# the (G,J,K,B) ReLU cost ~185 us per coalition of 50 x 50 rows, the tile role ~155 us)
+SPLIT_MAX_MIXED = 0.5
+
+
+class SplitCoalitions(TiledCoalitions):
+    """Coalition values through the coalition graph's split role (and its tile role where the split
+    does not pay): a :data:`CoalitionFn` with :meth:`exact_phi`, like :class:`TiledCoalitions`.
+
+    How: for coalition S the first-layer pre-activation of hidden unit h on the row (explained n,
+    background b) is ``a_S[n, h] + c_S[b, h]`` (the terms role's float64 terms summed over S and over
+    its complement). Over all the rows, ``min_n a + min_b c > 0`` makes the unit's ReLU the identity
+    ("on") and ``max_n a + max_b c <= 0`` makes it zero ("off"); both are decided exactly in float64.
+    The on units' share of the logits is affine, ``W2_on a_S[n] + W2_on c_S[b]``: two small (C,)
+    vectors per explained and per background sample, computed in numpy (float64, then shifted by
+    their maxima over the classes, which leaves every softmax unchanged and keeps the float32 sums
+    small), instead of H x C multiply-adds per row. Only the J "mixed" units go through the ReLU
+    and a (C,J) product per row, in ONNX Runtime, with the broadcast add of the two vectors, exp,
+    the class sums and the reduction over the background rows. How many units are mixed depends on
+    the data: how far the modality outputs move the pre-activations against their offset (on the
+    benchmark's random weights 3-8 % at M = 10-12; with sharp modality outputs most). A group whose
+    J exceeds ``SPLIT_MAX_MIXED`` x H goes through the tile role instead, so the worst case is the
+    tiled engine's. Values are accumulated into phi group by group (phi += W[:, group] @ v(group)),
+    so no more than one group's values exist at a time.
+
+    Memory: a call holds at most ``chunk_elements`` float32 elements per (G,C,K,B') or (G,J,K,B')
+    tensor (ONNX Runtime's few buffers of that size), the numpy side a group's (G,N,H) and (G,B,H)
+    float64 terms.
+    """
+
+    def __init__(self, run: TileRunner, x: np.ndarray, bg: np.ndarray, players: np.ndarray, mask: np.ndarray,
+                 hidden: int, kind: ValueKind = "prob", y: np.ndarray | None = None,
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+        super().__init__(run, x, bg, players, mask, hidden, kind, y, chunk_elements)
+        w2t, b2 = run({}, ["out_weight", "out_bias"])
+        self.w2t = np.asarray(w2t, np.float64)                 # (H,C)
+        self.b2 = np.asarray(b2, np.float64)
+        self.jmax = max(1, int(SPLIT_MAX_MIXED * hidden))
+        width = max(self.c, self.jmax)
+        self.bb = min(self.b, max(1, self.budget // width))
+        self.k = min(self.n, max(1, self.budget // (width * self.bb)))
+        self.g = max(1, self.budget // (width * self.k * self.bb))
+        # coalitions whose numpy side is done at once: their (S,N,H) and (S,B,H) float64 terms, sized
+        # to stay in a 2 MB L2 cache (at 4x that every numpy pass over them took twice as long)
+        self.batch = max(self.g, self.budget // (4 * max(self.n, self.b) * hidden))
+        self.split_onehot = None
+        if kind == "loglik":
+            self.split_onehot = np.zeros((1, self.c, self.n, 1), np.float32)
+            self.split_onehot[0, self.y, np.arange(self.n), 0] = 1.0
+        self.mode = np.array([kind == "prob"])
+        self.dense_groups = self.split_groups = 0      # how the groups went (the benchmark prints them)
+        self.mixed_units = 0
+
+    def _group(self, coal: np.ndarray) -> np.ndarray:
+        """Values (S, N[, C]) of the coalitions ``coal`` (S,P) float64, summed over the background.
+        The numpy work is done for all S at once (the caller bounds S); ONNX Runtime is called for
+        groups of ``self.g`` coalitions, sorted by their count of mixed units so that a group's
+        zero-padding is small."""
+        s = coal.shape[0]
+        a = np.tensordot(coal, self.xt, 1)                          # (S,N,H)
+        c = np.tensordot(1.0 - coal, self.bt, 1) + self.const     # (S,B,H)
+        on = a.min(axis=1) + c.min(axis=1) > 0
+        mixed = ~on & (a.max(axis=1) + c.max(axis=1) > 0)
+        counts = mixed.sum(axis=1)
+        out = np.zeros((s, self.n) + self._shape())
+        dense = np.nonzero(counts > self.jmax)[0]
+        if dense.size:
+            self.dense_groups += 1
+            out[dense] = self._dense(a[dense], c[dense])
+        sparse = np.nonzero(counts <= self.jmax)[0]
+        if not sparse.size:
+            return out
+        self.split_groups += 1
+        self.mixed_units += int(counts[sparse].sum())
+        h, cc = self.hidden, self.c
+        # the always-on units' affine share of the logits, per explained and per background sample
+        won = on[:, None, :]
+        la = ((a * won).reshape(-1, h) @ self.w2t).reshape(s, self.n, cc)
+        lc = ((c * won).reshape(-1, h) @ self.w2t).reshape(s, self.b, cc) + self.b2
+        # per-row constants cancel in every softmax: keep the float32 logits near 0
+        la -= la.max(axis=2, keepdims=True)
+        lc -= lc.max(axis=2, keepdims=True)
+        jall = max(1, int(counts[sparse].max()))
+        idx = np.argsort(~mixed, axis=1, kind="stable")[:, :jall]           # the mixed units first
+        valid = np.take_along_axis(mixed, idx, axis=1)
+        aj = np.take_along_axis(a, idx[:, None, :], axis=2)                  # (S,N,J)
+        cj = np.take_along_axis(c, idx[:, None, :], axis=2)                  # (S,B,J)
+        wj = np.where(valid[:, None, :], self.w2t.T[:, idx].transpose(1, 0, 2), 0.0)   # (S,C,J)
+        # the ORT groups in order of their count of mixed units: little zero-padding
+        sparse = sparse[np.argsort(counts[sparse], kind="stable")]
+        counts = counts[sparse]
+        la32 = np.ascontiguousarray(la[sparse].transpose(0, 2, 1), np.float32)    # (S',C,N)
+        lc32 = np.ascontiguousarray(lc[sparse].transpose(0, 2, 1), np.float32)    # (S',C,B)
+        aj = np.ascontiguousarray(aj[sparse].transpose(0, 2, 1), np.float32)      # (S',J,N)
+        cj = np.ascontiguousarray(cj[sparse].transpose(0, 2, 1), np.float32)      # (S',J,B)
+        wj = np.ascontiguousarray(wj[sparse], np.float32)                         # (S',C,J)
+        vals = np.zeros((len(sparse), self.n) + self._shape())
+        for s0 in range(0, len(sparse), self.g):
+            s1 = min(len(sparse), s0 + self.g)
+            j = max(1, int(counts[s1 - 1]))
+            for n0 in range(0, self.n, self.k):
+                n1 = min(self.n, n0 + self.k)
+                for b0 in range(0, self.b, self.bb):
+                    b1 = min(self.b, b0 + self.bb)
+                    feeds = {"split_a": aj[s0:s1, :j, n0:n1, None], "split_c": cj[s0:s1, :j, None, b0:b1],
+                             "split_w": wj[s0:s1, :, :j], "split_la": la32[s0:s1, :, n0:n1, None],
+                             "split_lc": lc32[s0:s1, :, None, b0:b1], "split_prob_mode": self.mode}
+                    if self.split_onehot is not None:
+                        feeds["split_onehot"] = self.split_onehot[:, :, n0:n1]
+                    feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+                    value, sums = self.run(feeds, ["split_value", "split_sums"])
+                    if not (np.isfinite(sums).all() and sums.min() >= SUMS_MIN):
+                        logits = self.run(feeds, ["split_logits"])[0]             # (G,C,K,B')
+                        vals[s0:s1, n0:n1] += self._stable(logits.transpose(0, 2, 3, 1), n0)
+                    elif self.kind == "prob":
+                        vals[s0:s1, n0:n1] += value.transpose(0, 2, 1)             # (G,C,K) -> (G,K,C)
+                    else:
+                        vals[s0:s1, n0:n1] += value
+        out[sparse] = vals
+        return out
+
+    def _dense(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Values of a group through the tile role (every hidden unit), summed over the background."""
+        s = a.shape[0]
+        bb, k, g = self._blocks(s)
+        out = np.zeros((s, self.n) + self._shape())
+        shared = np.zeros((k, bb, self.hidden), np.float32)
+        for n0 in range(0, self.n, k):
+            n1 = min(self.n, n0 + k)
+            for b0 in range(0, self.b, bb):
+                b1 = min(self.b, b0 + bb)
+                for s0 in range(0, s, g):
+                    pre = np.add(a[s0:s0 + g, n0:n1, None, :], c[s0:s0 + g, None, b0:b1, :], dtype=np.float32)
+                    out[s0:s0 + g, n0:n1] += self._tile(pre, shared[:n1 - n0, :b1 - b0], n0)
+        return out
+
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+        coal = np.asarray(coalitions, dtype=np.float64)
+        out = [self._group(coal[s0:s0 + self.batch]) for s0 in range(0, coal.shape[0], self.batch)]
+        return np.concatenate(out) / self.b
+
+    def exact_phi(self, weights: np.ndarray) -> np.ndarray:
+        p = len(self.players)
+        masks = coalition_masks(p).astype(np.float64)
+        phi = np.zeros((p, self.n) + self._shape())
+        for s0 in range(0, masks.shape[0], self.batch):
+            v = self._group(masks[s0:s0 + self.batch])
+            phi += np.tensordot(weights[:, s0:s0 + self.batch], v, axes=(1, 0))
+        return phi / self.b
+
+
 def tiled_coalition_fn(
     run: TileRunner,
     x: np.ndarray,
@@ -388,3 +543,18 @@ def engine_shapley(
         se[players] = se_p
         stderr = np.moveaxis(se, 0, 1)
     return ShapleyResult(phi, stderr, modality_scores(phi), method, count)
+
+
+def split_coalition_fn(
+    run: TileRunner,
+    x: np.ndarray,
+    bg: np.ndarray,
+    players: np.ndarray,
+    mask: np.ndarray,
+    hidden: int,
+    kind: ValueKind = "prob",
+    y: np.ndarray | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> SplitCoalitions:
+    """Coalition evaluation through the coalition graph's split role (see :class:`SplitCoalitions`)."""
+    return SplitCoalitions(run, x, bg, players, mask, hidden, kind, y, chunk_elements)

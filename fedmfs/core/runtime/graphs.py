@@ -41,6 +41,8 @@ __all__ = [
     "FUSION_OUTPUT",
     "IR_VERSION",
     "OPSET",
+    "SPLIT_INPUTS",
+    "SPLIT_OUTPUTS",
     "TERMS_OUTPUTS",
     "check_state",
     "fusion_coalition_onnx",
@@ -62,6 +64,9 @@ COALITION_INPUTS = ("x_probs", "bg_probs", "mask", "coalitions")
 COALITION_OUTPUT = "coalition_probs"
 # the coalition graph's terms role (see fusion_coalition_onnx)
 TERMS_OUTPUTS = ("x_terms", "bg_terms", "const_term")
+# the coalition graph's split role and the second layer's weights it needs (see fusion_coalition_onnx)
+SPLIT_INPUTS = ("split_a", "split_c", "split_w", "split_la", "split_lc", "split_onehot", "split_prob_mode")
+SPLIT_OUTPUTS = ("split_value", "split_sums", "split_logits", "out_weight", "out_bias")
 _PRODUCER = "fedmfs.core.runtime.graphs"
 
 
@@ -225,8 +230,74 @@ def fusion_model_onnx(num_modalities: int, num_classes: int, hidden: int, state:
                   fedmfs_graph="fusion", fusion_hidden=hidden)
 
 
+def _split_role(c: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], list[onnx.ValueInfoProto],
+                                  list[onnx.ValueInfoProto]]:
+    """Nodes, initializers, inputs and outputs of the coalition graph's split role (see
+    :func:`fusion_coalition_onnx`). Layout (G, C or J, K, B): every broadcast is along an axis whose
+    inner span is a whole (K, B) plane or a row of B, which ONNX Runtime's broadcasting loops handle
+    at memory speed (on (G, K, B, C) with C innermost they were 4x slower: docs/benchmarks.md)."""
+    f32 = TensorProto.FLOAT
+    nodes = [
+        helper.make_node("Add", ["split_a", "split_c"], ["sp_pre"]),                  # (G,J,K,B)
+        helper.make_node("Relu", ["sp_pre"], ["sp_hid"]),
+        helper.make_node("Shape", ["sp_pre"], ["sp_gj"], end=2),
+        helper.make_node("Shape", ["sp_pre"], ["sp_k"], start=2, end=3),
+        helper.make_node("Shape", ["sp_pre"], ["sp_b"], start=3),
+        helper.make_node("Mul", ["sp_k", "sp_b"], ["sp_kb"]),
+        helper.make_node("Concat", ["sp_gj", "sp_kb"], ["sp_shape3"], axis=0),
+        helper.make_node("Reshape", ["sp_hid", "sp_shape3"], ["sp_hid3"]),             # (G,J,K*B)
+        helper.make_node("MatMul", ["split_w", "sp_hid3"], ["sp_mix3"]),               # (G,C,K*B)
+        helper.make_node("Shape", ["split_w"], ["sp_gc"], end=2),
+        helper.make_node("Concat", ["sp_gc", "sp_k", "sp_b"], ["sp_shape4"], axis=0),
+        helper.make_node("Reshape", ["sp_mix3", "sp_shape4"], ["sp_mix"]),             # (G,C,K,B)
+        helper.make_node("Add", ["split_la", "split_lc"], ["sp_lin"]),
+        helper.make_node("Add", ["sp_mix", "sp_lin"], ["split_logits"]),
+        helper.make_node("Exp", ["split_logits"], ["sp_exp"]),
+        helper.make_node("ReduceSum", ["sp_exp", "sp_axis1"], ["split_sums"], keepdims=1),  # (G,1,K,B)
+    ]
+    # only the value kind asked for runs: "prob" sums the probabilities over B -> (G,C,K);
+    # "loglik" sums the clipped true-class log-probabilities over B -> (G,K)
+    prob = helper.make_graph(
+        [helper.make_node("Div", ["sp_exp", "split_sums"], ["sp_p"]),
+         helper.make_node("ReduceSum", ["sp_p", "sp_axis3"], ["sp_prob"], keepdims=0)],
+        "split_prob", [], [helper.make_tensor_value_info("sp_prob", f32, None)])
+    loglik = helper.make_graph(
+        [helper.make_node("Mul", ["split_logits", "split_onehot"], ["sp_tl"]),
+         helper.make_node("ReduceSum", ["sp_tl", "sp_axis1"], ["sp_true"], keepdims=1),
+         helper.make_node("Log", ["split_sums"], ["sp_lse"]),
+         helper.make_node("Sub", ["sp_true", "sp_lse"], ["sp_logp"]),
+         helper.make_node("Max", ["sp_logp", "log_clip"], ["sp_logp_c"]),
+         helper.make_node("ReduceSum", ["sp_logp_c", "sp_axes13"], ["sp_loglik"], keepdims=0)],
+        "split_loglik", [], [helper.make_tensor_value_info("sp_loglik", f32, None)])
+    nodes += [
+        helper.make_node("If", ["split_prob_mode"], ["split_value"], then_branch=prob, else_branch=loglik),
+        helper.make_node("Identity", ["w2_t"], ["out_weight"]),
+        helper.make_node("Identity", ["b2"], ["out_bias"]),
+    ]
+    inits = [
+        _ints("sp_axis1", [1]), _ints("sp_axis3", [3]), _ints("sp_axes13", [1, 3]),
+        # defaults: no coalitions, so the other roles' calls pass through this one at no cost
+        _init("split_a", np.zeros((0, 1, 1, 1), np.float32)), _init("split_c", np.zeros((0, 1, 1, 1), np.float32)),
+        _init("split_w", np.zeros((0, c, 1), np.float32)), _init("split_la", np.zeros((0, c, 1, 1), np.float32)),
+        _init("split_lc", np.zeros((0, c, 1, 1), np.float32)), _init("split_onehot", np.zeros((1, c, 1, 1), np.float32)),
+        _init("split_prob_mode", np.ones(1, bool)),
+    ]
+    inputs = [helper.make_tensor_value_info("split_a", f32, ["g", "j", "k", 1]),
+              helper.make_tensor_value_info("split_c", f32, ["g", "j", 1, "bb"]),
+              helper.make_tensor_value_info("split_w", f32, ["g", c, "j"]),
+              helper.make_tensor_value_info("split_la", f32, ["g", c, "k", 1]),
+              helper.make_tensor_value_info("split_lc", f32, ["g", c, 1, "bb"]),
+              helper.make_tensor_value_info("split_onehot", f32, [1, c, "k", 1]),
+              helper.make_tensor_value_info("split_prob_mode", TensorProto.BOOL, [1])]
+    outputs = [helper.make_tensor_value_info("split_value", f32, None),
+               helper.make_tensor_value_info("split_sums", f32, ["g", 1, "k", "bb"]),
+               helper.make_tensor_value_info("split_logits", f32, ["g", c, "k", "bb"])]
+    return nodes, inits, inputs, outputs
+
+
 def fusion_coalition_onnx(
     num_modalities: int, num_classes: int, hidden: int, state: Mapping[str, np.ndarray], tiles: bool = True,
+    split: bool = True,
 ) -> bytes:
     """ONNX bytes of the fusion model evaluated for many coalitions at once (the Shapley fast path).
 
@@ -253,6 +324,20 @@ def fusion_coalition_onnx(
       ``tile_prob`` (G,K,1,C) the class probabilities summed over the B' background rows; and, with
       ``tile_onehot`` (K,C,1) the explained samples' true classes, ``tile_loglik`` (G,K,1) the
       true class's log-probability, clipped at log(1e-12) as the reference clips, summed over B'.
+
+    With ``tiles`` and ``split`` (the default since the split engine) one more role, and the second
+    layer's weights ``out_weight`` (H,C) and ``out_bias`` (C,) as outputs of any call:
+
+    * **split**: for G coalitions on K explained x B' background rows, only the hidden units whose
+      ReLU is neither always on nor always off over the rows (the "mixed" ones, J of them, zero-padded)
+      go through the ReLU and a (G,C,J)@(G,J,K*B') MatMul; the always-on units' part is affine and
+      comes in as ``split_la`` (G,C,K,1) + ``split_lc`` (G,C,1,B') (the second layer's bias
+      included), the always-off units' is zero. Inputs ``split_a`` (G,J,K,1) and ``split_c``
+      (G,J,1,B') the mixed units' pre-activation parts, ``split_w`` (G,C,J) their second-layer
+      columns, ``split_onehot`` (1,C,K,1) the true classes for "loglik", ``split_prob_mode`` (bool).
+      Outputs ``split_logits`` (G,C,K,B'), ``split_sums`` (G,1,K,B') the unshifted softmax
+      denominators, and ``split_value``: the probabilities summed over B' (G,C,K) when
+      ``split_prob_mode``, else the clipped true-class log-probabilities summed over B' (G,K).
 
     Every input has a small default (an overridable initializer), so a caller feeds one role's
     inputs only; the other roles then run on one-row tensors.
@@ -354,6 +439,14 @@ def fusion_coalition_onnx(
                   _init("tile_pre", np.zeros((0, 1, 1, hidden), np.float32)),
                   _init("tile_shared", np.zeros((1, 1, hidden), np.float32)),
                   _init("tile_onehot", np.zeros((1, c, 0), np.float32))]
+        if split:
+            graph_kind = "fusion_coalition_split"
+            sp_nodes, sp_inits, sp_inputs, sp_outputs = _split_role(c)
+            nodes += sp_nodes
+            inits += sp_inits
+            inputs += sp_inputs
+            outputs += sp_outputs + [helper.make_tensor_value_info("out_weight", TensorProto.FLOAT, [hidden, c]),
+                                     helper.make_tensor_value_info("out_bias", TensorProto.FLOAT, [c])]
     graph = helper.make_graph(nodes, "fedmfs_fusion_coalitions", inputs, outputs, inits)
     return _model(graph, f"fedmfs fusion model over coalitions: {m} modalities x {c} classes, hidden {hidden}",
                   fedmfs_graph=graph_kind, fusion_hidden=hidden)

@@ -24,6 +24,7 @@ from fedmfs.core.runtime.coalitions import (
     engine_shapley,
     fusion_coalition_fn,
     graph_coalition_fn,
+    split_coalition_fn,
     tiled_coalition_fn,
 )
 from fedmfs.core.runtime.memory import FUSION_RSS_SLACK, release_free_heap, resident_bytes
@@ -121,15 +122,16 @@ def shapley_from_probs(
                 # call made each call fault them back in (measured 4x slower at M = 10)
                 out = sess.run(names, feeds)
                 rss = resident_bytes()
-                if rss is not None and "tile_pre" in feeds:
+                if rss is not None and ("tile_pre" in feeds or "split_a" in feeds):
                     if not steady:
                         steady.append(rss)
                     elif rss > steady[0] + FUSION_RSS_SLACK:
                         release_free_heap()
                 return out
 
-            evaluate: CoalitionFn = tiled_coalition_fn(run_tiles, x_probs, bg_probs, players, mask,
-                                                       rt._coalition_hidden, value_kind, y, rt.chunk_elements)
+            engine = split_coalition_fn if rt._coalition_split else tiled_coalition_fn
+            evaluate: CoalitionFn = engine(run_tiles, x_probs, bg_probs, players, mask, rt._coalition_hidden,
+                                           value_kind, y, rt.chunk_elements)
         else:
             def run_graph(feeds: dict[str, np.ndarray]) -> np.ndarray:
                 return trimmed(sess.run(["coalition_probs"], feeds))[0]
@@ -138,6 +140,9 @@ def shapley_from_probs(
                                           value_kind, y, rt.chunk_elements)
     else:
         evaluate = fusion_coalition_fn(rt.fuse, x_probs, bg_probs, players, mask, value_kind, y, rt.chunk_elements)
-    result = engine_shapley(evaluate, players, m, method, permutations, seed)
+    try:
+        result = engine_shapley(evaluate, players, m, method, permutations, seed)
+    finally:
+        rt.shrink_coalition_arena()
     release_free_heap()
     return result

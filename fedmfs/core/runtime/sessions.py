@@ -41,6 +41,7 @@ ModelSource = bytes | str | os.PathLike
 _FUSION_IN = ("probs", "mask")
 _FUSION_OUT = "class_probs"
 _COALITION_IN = ("x_probs", "bg_probs", "mask", "coalitions")
+_COALITION_OUT = "coalition_probs"
 
 # Bound on the float32 elements ORT allocates in one modality-model call (its time-major copy of the
 # input and the LSTM workspace, see EdgeRuntime._rows_per_call): 2^19 = 2 MiB, i.e. 3 tactile windows
@@ -88,8 +89,9 @@ def open_session(source: ModelSource, what: str, so: ort.SessionOptions) -> ort.
         raise PayloadError(f"{what}: not a loadable ONNX model: {e}") from e
 
 
-def check_io(sess: ort.InferenceSession, what: str, inputs: dict[str, tuple], outputs: dict[str, tuple]) -> None:
-    """Check input/output names and static dims (strings/None are dynamic and match anything)."""
+def check_io(sess: ort.InferenceSession, what: str, inputs: dict[str, tuple], outputs: dict[str, tuple | None]) -> None:
+    """Check input/output names and static dims (strings/None are dynamic and match anything; a
+    wanted shape None: any rank)."""
     problems = []
     # inputs with a default value (overridable initializers) are inputs too
     feeds = list(sess.get_inputs()) + list(sess.get_overridable_initializers())
@@ -100,6 +102,8 @@ def check_io(sess: ort.InferenceSession, what: str, inputs: dict[str, tuple], ou
             continue
         for name, shape in want.items():
             g = got[name]
+            if shape is None:
+                continue
             if len(g) != len(shape) or any(isinstance(w, int) and isinstance(d, int) and d != w
                                            for d, w in zip(g, shape, strict=True)):
                 problems.append(f"{kind} {name!r} has shape {list(g)}, need {list(shape)}")
@@ -158,20 +162,35 @@ class EdgeRuntime:
         self._coalitions = None
         self._coalition_hidden = 0
         self._coalition_tiles = False
+        self._coalition_split = False
         if coalition_model is not None:
-            self._coalitions = open_session(coalition_model, "coalition graph", so)
+            # the coalition graph's calls allocate and free the same few multi-MB buffers thousands of
+            # times per Shapley call; without an arena every call faulted them in afresh (measured
+            # 3x slower on the split role's 1.2 MB tiles), so this session keeps an arena, and
+            # scoring shrinks it back after each Shapley call (shrink_coalition_arena)
+            cso = session_options(threads)
+            cso.enable_cpu_mem_arena = True
+            self._coalitions = open_session(coalition_model, "coalition graph", cso)
             meta = self._coalitions.get_modelmeta().custom_metadata_map
             # a graph with the terms and tile roles (graphs.fusion_coalition_onnx, tiles=True) lists
             # its inputs as overridable initializers (each has an empty default)
-            self._coalition_tiles = meta.get("fedmfs_graph") == "fusion_coalition_tiles"
+            # (graphs built before the split role: "fusion_coalition_tiles"; with it: "fusion_coalition_split")
+            self._coalition_split = meta.get("fedmfs_graph") == "fusion_coalition_split"
+            self._coalition_tiles = self._coalition_split or meta.get("fedmfs_graph") == "fusion_coalition_tiles"
             coalition_io = {"x_probs": (None, m, c), "bg_probs": (None, m, c), "mask": (m,), "coalitions": (None, m)}
-            coalition_out: dict[str, tuple] = {"coalition_probs": (None, None, None, c)}
+            coalition_out: dict[str, tuple | None] = {"coalition_probs": (None, None, None, c)}
             if self._coalition_tiles:
                 coalition_io.update(tile_pre=(None, None, None, None), tile_shared=(None, None, None),
                                     tile_onehot=(None, c, None))
                 coalition_out.update(x_terms=(m, None, None), bg_terms=(m, None, None), const_term=(None,),
                                      tile_logits=(None, None, None, c), tile_sums=(None, None, None, 1),
                                      tile_prob=(None, None, 1, c), tile_loglik=(None, None, 1))
+            if self._coalition_split:
+                coalition_io.update(split_a=(None, None, None, 1), split_c=(None, None, 1, None),
+                                    split_w=(None, c, None), split_la=(None, c, None, 1), split_lc=(None, c, 1, None),
+                                    split_onehot=(1, c, None, 1), split_prob_mode=(1,))
+                coalition_out.update(split_value=None, split_sums=(None, 1, None, None),
+                                     split_logits=(None, c, None, None), out_weight=(None, c), out_bias=(c,))
             check_io(self._coalitions, "coalition graph", coalition_io, coalition_out)
             # the hidden width sizes the chunks (the builder records it; 256 is a safe default)
             try:
@@ -205,6 +224,17 @@ class EdgeRuntime:
             # large batches may take the chunked per-modality path only when every model is there
             self._personalised_chunked = all(k in self._sessions for k in names)
             self._session_options = so
+
+    def shrink_coalition_arena(self) -> None:
+        """Give the coalition session's arena memory back (one empty call that shrinks it)."""
+        if self._coalitions is None:
+            return
+        m, c = len(self.spec.modalities), self.spec.num_classes
+        ro = ort.RunOptions()
+        ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        one = {"x_probs": np.zeros((1, m, c), np.float32), "bg_probs": np.zeros((1, m, c), np.float32),
+               "mask": np.zeros(m, np.float32), "coalitions": np.zeros((1, m), np.float32)}
+        self._coalitions.run([_COALITION_OUT], one, run_options=ro)
 
     # ------------------------------------------------------------------ properties
     @property
