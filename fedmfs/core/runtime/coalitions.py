@@ -15,8 +15,11 @@ Two ways to evaluate coalitions (a :data:`CoalitionFn`):
 * :func:`graph_coalition_fn` -- calls the coalition role of the coalition graph of
   :func:`fedmfs.core.runtime.graphs.fusion_coalition_onnx`, which exploits the fusion model's affine first
   layer (the engine of model sets built before issue 16, and of graphs built with ``tiles=False``);
-* :func:`tiled_coalition_fn` (:class:`TiledCoalitions`) -- the default: the graph's terms and tile
-  roles; for exact values the players split in two halves, so a coalition's first-layer
+* :func:`split_coalition_fn` (:class:`SplitCoalitions`) -- the default for graphs with the split
+  role: hidden units always on or off over a coalition's rows become an affine part, only the mixed
+  ones go through the ReLU and the second layer (dense groups take the tile role);
+* :func:`tiled_coalition_fn` (:class:`TiledCoalitions`) -- graphs with terms and tile roles only:
+  for exact values the players split in two halves, so a coalition's first-layer
   pre-activation is one add of two precomputed tables, and phi is reduced block by block. At
   M = 12 on ActionSense shapes it is ~1.6x to 2x faster than the coalition role (docs/benchmarks.md).
 
