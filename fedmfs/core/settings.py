@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from fedmfs.core.errors import ConfigError
 
-__all__ = ["TrainConfig", "VALUE_KINDS"]
+__all__ = ["TrainConfig", "VALUE_KINDS", "ENGINES"]
 
 VALUE_KINDS = ("prob", "loglik", "gain", "gain_lcb")
+ENGINES = ("batched", "reference")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,10 @@ class TrainConfig:
     # "onnx": the ONNX Runtime engine (the device's path); "numpy": the reference. Hard labels use numpy.
     shapley_backend: str = "onnx"
     threads: int = 1
+    # "batched": every modality model (and, in a simulated fleet, every device's) trains in the same
+    # batched steps (fedmfs.learner.batched: the same training, to float tolerance, at a fraction of
+    # the per-call overhead); "reference": one nn.LSTM at a time with torch.optim (the reference path)
+    engine: str = "batched"
 
     def __post_init__(self) -> None:
         if self.value_kind not in VALUE_KINDS:
@@ -72,6 +77,8 @@ class TrainConfig:
             raise ConfigError(f"score_smoothing must be in [0, 1), got {self.score_smoothing}")
         if self.folds < 2:
             raise ConfigError(f"folds must be >= 2, got {self.folds}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {self.engine!r}")
         if self.shapley_backend not in ("onnx", "numpy"):
             raise ConfigError(f"shapley_backend must be 'onnx' or 'numpy', got {self.shapley_backend!r}")
         for k in ("min_steps", "patience"):

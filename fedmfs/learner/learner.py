@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmfs.core.data.format import ClientData
+from fedmfs.core.data.format import ClientData, gather_rows
 from fedmfs.core.modality import DatasetSpec
 from fedmfs.core.payload import Codec, ModelHeader, encode_model, state_digest
 from fedmfs.core.records import RoundRecord
@@ -20,10 +20,11 @@ from fedmfs.core.seeds import seed_for
 from fedmfs.core.selection import SelectionInput, SelectionPolicy
 from fedmfs.core.settings import TrainConfig
 from fedmfs.core.shapley import modality_gains
+from fedmfs.learner.batched import FusionJob, ModalityJob, fit_fusion_reference, fit_fusions, train_modalities
 from fedmfs.learner.models import FusionModel, ModalityModel, numpy_to_state, state_to_numpy
 from fedmfs.learner.training import sgd_epochs
 
-__all__ = ["LocalUpdate", "Choice", "Learner"]
+__all__ = ["LocalUpdate", "Choice", "Learner", "RoundPlan"]
 
 State = dict[str, np.ndarray]
 
@@ -41,6 +42,20 @@ class LocalUpdate:
     codec: str                # of the payloads (the policy's, as the coordinator sent it)
     # the encoded upload of every modality (what ``sizes`` measures), encoded once
     payloads: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RoundPlan:
+    """A round in progress between :meth:`Learner.begin_round` and :meth:`Learner.end_round`: the
+    held-out (validation) fold, the rows trained on and validated on (indices into the training
+    windows), and the scoring rows with their modality outputs once trained."""
+
+    round_index: int
+    held: np.ndarray
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    score_rows: np.ndarray | None = None
+    probs: np.ndarray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +99,8 @@ class Learner:
         # a device holds its data once (memory-mapped on a device: docs/deploy.md) and not three times
         self.xtr, self.ytr = data.rows(True)
         self.xte, self.yte = data.rows(False)
+        self.train_index = np.flatnonzero(data.train)     # training window i is data.x[m][train_index[i]]
+        self.test_index = np.flatnonzero(~data.train)
         self.fold = self._folds(config.folds)
 
     def _folds(self, k: int) -> np.ndarray:
@@ -102,42 +119,39 @@ class Learner:
     def _train_modality(self, m: str, round_index: int, rows: np.ndarray, val_rows: np.ndarray) -> int:
         cfg = self.config
         model = self.models[m]
-        x = torch.from_numpy(self.xtr[m][rows])
+        x = torch.from_numpy(gather_rows(self.data.x[m], self.train_index[rows]))
         y = torch.from_numpy(self.ytr[rows])
         rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, self.spec.index(m)))
         loss_fn = nn.NLLLoss()
         val = None
         if len(val_rows):
-            xv, yv = torch.from_numpy(self.xtr[m][val_rows]), torch.from_numpy(self.ytr[val_rows])
+            xv = torch.from_numpy(gather_rows(self.data.x[m], self.train_index[val_rows]))
+            yv = torch.from_numpy(self.ytr[val_rows])
             val = lambda: float(loss_fn(model(xv), yv))
         return sgd_epochs(model, lambda b: loss_fn(model(x[b]), y[b]), len(y), cfg, rng, val_loss=val)
 
-    def _probs(self, models: dict[str, nn.Module], x: dict[str, np.ndarray]) -> np.ndarray:
-        """(N, M, C) modality outputs as fusion inputs (zeros for absent modalities)."""
-        n = len(next(iter(x.values())))
+    def _probs(self, models: dict[str, nn.Module], idx: np.ndarray) -> np.ndarray:
+        """(N, M, C) modality outputs as fusion inputs (zeros for absent modalities) for the device's
+        windows ``idx`` (indices into its data, e.g. :attr:`train_index`). One modality at a time, in
+        row chunks of about 8 MB: never a copy of every modality's windows at once."""
+        n = len(idx)
         out = np.zeros((n, len(self.spec.names), self.spec.num_classes), np.float32)
         with torch.no_grad():
             for m in self.present:
-                p = _to_probs(models[m](torch.from_numpy(x[m])), self.config.hard_labels)
-                out[:, self.spec.index(m)] = p.numpy()
+                xm = self.data.x[m]
+                step = max(1, (8 << 20) // max(1, 4 * int(np.prod(xm.shape[1:]))))
+                for i in range(0, n, step):
+                    part = gather_rows(xm, idx[i:i + step])
+                    p = _to_probs(models[m](torch.from_numpy(part)), self.config.hard_labels)
+                    out[i:i + step, self.spec.index(m)] = p.numpy()
         return out
 
-    def _fit_fusion(self, probs: np.ndarray, y: np.ndarray, tag: int) -> FusionModel:
-        cfg = self.config
+    def fusion_job(self, probs: np.ndarray, y: np.ndarray, tag: int) -> FusionJob:
+        """A fresh fusion model (seeded by ``tag``) to fit on ``probs`` (N, M, C) and labels ``y``."""
         torch.manual_seed(seed_for(self.seed, self.index, tag))
-        f = FusionModel(len(self.spec.names), self.spec.num_classes, cfg.fusion_hidden)
-        opt = torch.optim.Adam(f.parameters(), lr=cfg.fusion_lr)
-        p = torch.from_numpy(probs)
+        f = FusionModel(len(self.spec.names), self.spec.num_classes, self.config.fusion_hidden)
         mk = torch.from_numpy(np.broadcast_to(self.mask.astype(np.float32), probs.shape[:2]).copy())
-        yt = torch.from_numpy(y)
-        loss_fn = nn.NLLLoss()
-        f.train()
-        for _ in range(cfg.fusion_steps):
-            opt.zero_grad()
-            loss_fn(f(p, mk), yt).backward()
-            opt.step()
-        f.eval()
-        return f
+        return FusionJob(f, torch.from_numpy(probs), mk, torch.from_numpy(y))
 
     def _fusion_accuracy(self, f: FusionModel, probs: np.ndarray, y: np.ndarray) -> float:
         mk = torch.from_numpy(np.broadcast_to(self.mask.astype(np.float32), probs.shape[:2]).copy())
@@ -145,9 +159,10 @@ class Learner:
             pred = f(torch.from_numpy(probs), mk).argmax(-1).numpy()
         return float((pred == y).mean()) if len(y) else 0.0
 
-    def _shapley(self, f: FusionModel, x: dict[str, np.ndarray], y: np.ndarray, probs: np.ndarray,
+    def _shapley(self, f: FusionModel, rows: np.ndarray, y: np.ndarray, probs: np.ndarray,
                  round_index: int) -> np.ndarray:
-        """Per-modality impact (M,) on a subsample of the scoring rows, against a background of
+        """Per-modality impact (M,) on a subsample of the scoring rows ``rows`` (indices into the
+        device's windows; ``y`` and ``probs`` are theirs), against a background of
         ``shapley_background`` of those rows."""
         cfg = self.config
         rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, 0x5A))
@@ -166,8 +181,9 @@ class Learner:
                 {m: state_to_numpy(self.models[m]) for m in self.present},
                 state_to_numpy(f), cfg.fusion_hidden, threads=cfg.threads,
             )
-            xs = {m: x[m][idx] for m in self.present}
-            res = rt.shapley(xs, {m: x[m][bg] for m in self.present}, kind=kind, y=y[idx], method="exact")
+            xs = {m: gather_rows(self.data.x[m], rows[idx]) for m in self.present}
+            res = rt.shapley(xs, {m: gather_rows(self.data.x[m], rows[bg]) for m in self.present}, kind=kind,
+                             y=y[idx], method="exact")
             if cfg.value_kind in ("gain", "gain_lcb"):
                 return modality_gains(np.asarray(res.phi, dtype=np.float64), lower_bound=cfg.value_kind == "gain_lcb")
             return np.asarray(res.scores, dtype=np.float64)
@@ -183,9 +199,9 @@ class Learner:
             return modality_gains(phi, lower_bound=cfg.value_kind == "gain_lcb")
         return modality_scores(phi)
 
-    def local_round(self, round_index: int, globals: dict[str, State], codec: str) -> LocalUpdate:
-        """Train every modality model from the current globals, fit Stage #1 fusion, score modalities,
-        and encode every modality's upload with ``codec`` (its size is part of the choice)."""
+    def begin_round(self, round_index: int, globals: dict[str, State]) -> RoundPlan:
+        """Start round ``round_index``: every local model starts from its global where that is new; the
+        rows to train on and the validation rows."""
         cfg = self.config
         if cfg.score_on in ("holdout", "crossfit") or cfg.patience > 0:
             # the validation part: one fixed fold of the training windows the modality models never
@@ -193,8 +209,6 @@ class Learner:
             held = self.fold == 0
         else:
             held = np.zeros(len(self.ytr), bool)
-        train_rows = np.nonzero(~held)[0]
-        val_rows = np.nonzero(held)[0] if cfg.patience > 0 else np.zeros(0, np.int64)
         for m in self.present:
             if m in globals:
                 d = state_digest(globals[m])
@@ -203,34 +217,75 @@ class Learner:
                     # which started from that global and has trained since
                     numpy_to_state(self.models[m], globals[m])
                     self.history.synced[m] = d
-            self._train_modality(m, round_index, train_rows, val_rows)
-        if cfg.score_on == "train":
-            held = np.zeros(len(self.ytr), bool)  # the paper's: fitted and scored on the training windows
-        score_rows = np.nonzero(held)[0] if held.any() else np.arange(len(self.ytr))
-        xs = {m: v[score_rows] for m, v in self.xtr.items()}
-        ys = self.ytr[score_rows]
-        probs = self._probs(self.models, xs)
+        train_rows = np.nonzero(~held)[0]
+        val_rows = np.nonzero(held)[0] if cfg.patience > 0 else np.zeros(0, np.int64)
+        return RoundPlan(round_index, held, train_rows, val_rows)
+
+    def training_jobs(self, plan: RoundPlan) -> list[ModalityJob]:
+        """The round's training of every modality model, for :func:`~fedmfs.learner.batched.train_modalities`
+        (this device's alone, or with a simulated fleet's): the device's windows as they are (no copy),
+        with the rows to train on and to validate on."""
+        idx = self.train_index
+        y = np.asarray(self.data.y, dtype=np.int64)
+        return [ModalityJob(self.models[m], self.data.x[m], y,
+                            np.random.default_rng(seed_for(self.seed, self.index, plan.round_index, self.spec.index(m))),
+                            idx[plan.train_rows], idx[plan.val_rows]) for m in self.present]
+
+    def stage1_fit(self, plan: RoundPlan) -> FusionJob:
+        """After training: the Stage #1 fusion model to fit (and the scoring rows' modality outputs,
+        kept in ``plan`` for :meth:`end_round`)."""
+        cfg = self.config
+        held = plan.held if cfg.score_on != "train" else np.zeros(len(self.ytr), bool)
+        # the paper's score_on="train": fitted and scored on the training windows
+        plan.score_rows = np.nonzero(held)[0] if held.any() else np.arange(len(self.ytr))
+        plan.probs = self._probs(self.models, self.train_index[plan.score_rows])
+        ys = self.ytr[plan.score_rows]
         if cfg.score_on == "crossfit" and held.any():
             # the fusion is fitted where the modality models trained, as the deployed one will be,
             # and judged on the held-out windows: what a modality memorised does not carry over
-            xf = {m: v[train_rows] for m, v in self.xtr.items()}
-            f1 = self._fit_fusion(self._probs(self.models, xf), self.ytr[train_rows], seed_for(round_index, 1))
-        else:
-            f1 = self._fit_fusion(probs, ys, seed_for(round_index, 1))
-        scores = self._shapley(f1, xs, ys, probs, round_index)
+            return self.fusion_job(self._probs(self.models, self.train_index[plan.train_rows]), self.ytr[plan.train_rows],
+                                   seed_for(plan.round_index, 1))
+        return self.fusion_job(plan.probs, ys, seed_for(plan.round_index, 1))
+
+    def end_round(self, plan: RoundPlan, f1: FusionModel, codec: str) -> LocalUpdate:
+        """Score the modalities with the fitted Stage #1 fusion ``f1`` and encode every modality's upload
+        with ``codec`` (its size is part of the choice)."""
+        assert plan.probs is not None and plan.score_rows is not None, "stage1_fit comes first"
+        ys = self.ytr[plan.score_rows]
+        scores = self._shapley(f1, self.train_index[plan.score_rows], ys, plan.probs, plan.round_index)
         states = {m: state_to_numpy(self.models[m]) for m in self.present}
-        payloads = {m: self._encode(states[m], m, round_index, self.data.n_train, codec) for m in self.present}
+        r = plan.round_index
+        payloads = {m: self._encode(states[m], m, r, self.data.n_train, codec) for m in self.present}
         return LocalUpdate(
-            round_index=round_index,
+            round_index=r,
             states=states,
             # the real payload bytes (header with this round and sample count included)
             sizes={m: len(b) for m, b in payloads.items()},
             shapley=self._smooth({m: float(scores[self.spec.index(m)]) for m in self.present}),
             samples=self.data.n_train,
-            stage1_accuracy=self._fusion_accuracy(f1, probs, ys),
+            stage1_accuracy=self._fusion_accuracy(f1, plan.probs, ys),
             payloads=payloads,
             codec=codec,
         )
+
+    def local_round(self, round_index: int, globals: dict[str, State], codec: str) -> LocalUpdate:
+        """Train every modality model from the current globals, fit Stage #1 fusion, score modalities,
+        and encode every modality's upload with ``codec`` (its size is part of the choice).
+        :func:`fedmfs.learner.fleet.local_rounds` runs the same phases for many devices at once."""
+        plan = self.begin_round(round_index, globals)
+        if self.config.engine == "reference":
+            for m in self.present:
+                self._train_modality(m, round_index, plan.train_rows, plan.val_rows)
+        else:
+            train_modalities(self.training_jobs(plan), self.config)
+        return self.end_round(plan, self._fit(self.stage1_fit(plan)), codec)
+
+    def _fit(self, job: FusionJob) -> FusionModel:
+        if self.config.engine == "reference":
+            fit_fusion_reference(job, self.config.fusion_steps, self.config.fusion_lr)
+        else:
+            fit_fusions([job], self.config.fusion_steps, self.config.fusion_lr)
+        return job.model
 
     def _smooth(self, scores: dict[str, float]) -> dict[str, float]:
         """The round's scores blended with the previous ones (exponential smoothing, weight
@@ -305,17 +360,21 @@ class Learner:
                 out[m] = self.models[m]
         return out
 
+    def stage2_fit(self, globals: dict[str, State], round_index: int) -> FusionJob:
+        """Deploy the global models; the personalised fusion to fit on their predictions (its fitted
+        model goes to :attr:`fusion`)."""
+        self.deployed = self.deployed_models(globals)
+        return self.fusion_job(self._probs(self.deployed, self.train_index), self.ytr, seed_for(round_index, 2))
+
     def stage2(self, globals: dict[str, State], round_index: int) -> None:
         """Deploy the global models and refit the personalised fusion on their predictions."""
-        self.deployed = self.deployed_models(globals)
-        probs = self._probs(self.deployed, self.xtr)
-        self.fusion = self._fit_fusion(probs, self.ytr, seed_for(round_index, 2))
+        self.fusion = self._fit(self.stage2_fit(globals, round_index))
 
     def evaluate(self) -> float:
         """Accuracy of the personalised model (deployed modality models + fusion) on the test split."""
         if self.fusion is None:
             raise RuntimeError("stage2 has not run yet")
-        probs = self._probs(self.deployed, self.xte)
+        probs = self._probs(self.deployed, self.test_index)
         return self._fusion_accuracy(self.fusion, probs, self.yte)
 
     def personalised_states(self) -> tuple[dict[str, State], State]:

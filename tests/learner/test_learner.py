@@ -484,23 +484,38 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
     assert took2 == 6 * per_epoch
 
 
-def test_the_validation_part_is_fixed_and_never_trained_on(fleet, client):
+@pytest.mark.parametrize("engine", ["reference", "batched"])
+def test_the_validation_part_is_fixed_and_never_trained_on(fleet, client, engine):
     """Issue 8: the held-out fold rotated over rounds, so by round 2 the fold scored on had been trained
     on (a pure-noise model had memorised it and scored as informative). Now one fixed fold of the
-    training windows is the validation part: the modality models never see it."""
-    cfg = TrainConfig(min_steps=0, epochs=1, fusion_steps=5, shapley_samples=8, score_on="crossfit", patience=1)
+    training windows is the validation part: the modality models never see it (either engine)."""
+    cfg = TrainConfig(min_steps=0, epochs=1, fusion_steps=5, shapley_samples=8, score_on="crossfit", patience=1,
+                      engine=engine)
     lr = new_learner(fleet, client, config=cfg)
     held = set(np.nonzero(lr.fold == 0)[0].tolist())
     assert 0 < len(held) < len(lr.ytr) / 3
     seen: list[set[int]] = []
-    orig = lr._train_modality
+    if engine == "reference":
+        orig = lr._train_modality
 
-    def spy(m, r, rows, val_rows):
-        seen.append(set(rows.tolist()))
-        assert set(val_rows.tolist()) == held
-        return orig(m, r, rows, val_rows)
+        def spy(m, r, rows, val_rows):
+            seen.append(set(rows.tolist()))
+            assert set(val_rows.tolist()) == held
+            return orig(m, r, rows, val_rows)
 
-    lr._train_modality = spy
+        lr._train_modality = spy
+    else:
+        orig_jobs = lr.training_jobs
+        position = {int(g): i for i, g in enumerate(lr.train_index)}   # data row -> training window
+
+        def spy_jobs(plan):
+            jobs = orig_jobs(plan)
+            for j in jobs:
+                seen.append({position[int(g)] for g in j.rows})
+                assert {position[int(g)] for g in j.val_rows} == held
+            return jobs
+
+        lr.training_jobs = spy_jobs
     for r in range(3):
         lr.local_round(r, {}, "fp32")
     assert seen and all(not (s & held) and len(s) + len(held) == len(lr.ytr) for s in seen)
