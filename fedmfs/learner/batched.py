@@ -62,8 +62,12 @@ def _params(model: ModalityModel) -> list[torch.Tensor]:
 
 
 class _Pool:
-    """The chosen rows of every run's windows of one input width, copied once into one tensor (plus a
-    zero row that pads short batches), so that a step gathers each width's batch in one call."""
+    """The chosen rows of every run's windows of one input width, for gathering batches.
+
+    In memory (a simulation), the rows are copied once into one tensor with a zero row that pads short
+    batches, so that a step gathers each width's batch in one call. Memory-mapped (a device's client
+    file), nothing is copied: each step reads just its batch's windows from the file (a copy of a
+    device's training windows would be most of its RAM: 208 MB on paper-size data)."""
 
     def __init__(self, parts: Sequence[tuple[np.ndarray, np.ndarray]]):
         sizes = [len(rows) for _, rows in parts]
@@ -71,17 +75,25 @@ class _Pool:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.zero = int(sum(sizes))
         self.tail = (int(x0.shape[1]), int(np.prod(x0.shape[2:])))
+        self.parts: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.data: torch.Tensor | None = None
+        if any(isinstance(x, np.memmap) for x, _ in parts):
+            self.parts = list(parts)
+            return
         data = np.zeros((self.zero + 1, *self.tail), np.float32)
         for (x, rows), off in zip(parts, self.offsets):
-            # a few MB at a time: from a memory-mapped file only the part being copied is resident
-            step = max(1, (4 << 20) // (4 * self.tail[0] * self.tail[1]))
-            for i in range(0, len(rows), step):
-                part = gather_rows(x, rows[i:i + step])
-                data[off + i:off + i + len(part)] = part.reshape(len(part), *self.tail)
+            data[off:off + len(rows)] = np.asarray(x)[rows].reshape(len(rows), *self.tail)
         self.data = torch.from_numpy(data)
 
     def gather(self, slots: Sequence[int], rows: Sequence[np.ndarray], length: int) -> torch.Tensor:
         """(len(slots), length, T, F): run ``slots[k]``'s rows ``rows[k]``, padded with zeros."""
+        if self.parts is not None:
+            out = np.zeros((len(slots), length, *self.tail), np.float32)
+            for k, (slot, r) in enumerate(zip(slots, rows)):
+                x, chosen = self.parts[slot]
+                out[k, :len(r)] = gather_rows(x, chosen[r]).reshape(len(r), *self.tail)
+            return torch.from_numpy(out)
+        assert self.data is not None
         idx = np.full((len(slots), length), self.zero, dtype=np.int64)
         for k, (slot, r) in enumerate(zip(slots, rows)):
             idx[k, :len(r)] = self.offsets[slot] + r

@@ -85,7 +85,7 @@ def test_models_of_other_hidden_sizes_train_together():
     jobs = []
     for i, ms in enumerate(spec.modalities):
         torch.manual_seed(i)
-        x = rng.standard_normal((40, 6, *ms.feature_shape)).astype(np.float32) + y[:, None, None]
+        x = (rng.standard_normal((40, 6, *ms.feature_shape)) + y[:, None, None]).astype(np.float32)
         jobs.append(ModalityJob(ModalityModel(ms, 4), x, y, np.random.default_rng(i), np.arange(30), np.arange(30, 40)))
     cfg = TrainConfig(min_steps=10, batch_size=8)
     refs = [_reference(j, cfg) for j in jobs]
@@ -134,3 +134,23 @@ def test_the_written_out_adam_is_torchs_bit_for_bit():
         opt.step()
         mine.step()
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_memory_mapped_windows_train_the_same_models(headroom, tmp_path):
+    """A device's client file is memory-mapped and its windows are read a batch at a time (no copy of
+    the training rows): the models are those trained from windows in memory, bit for bit."""
+    client = headroom.clients[0]
+    in_memory, mapped = [], []
+    idx = np.flatnonzero(client.train)
+    for i, m in enumerate(("eye", "tactile_left", "noise64")):
+        np.save(tmp_path / f"{m}.npy", client.x[m])
+        torch.manual_seed(i)
+        model = ModalityModel(headroom.spec[m], headroom.spec.num_classes)
+        in_memory.append(ModalityJob(model, client.x[m], client.y, np.random.default_rng(i), idx[9:], idx[:9]))
+        mm = np.load(tmp_path / f"{m}.npy", mmap_mode="r")
+        assert isinstance(mm, np.memmap)
+        mapped.append(ModalityJob(copy.deepcopy(model), mm, client.y, np.random.default_rng(i), idx[9:], idx[:9]))
+    cfg = TrainConfig(min_steps=30)
+    assert train_modalities(in_memory, cfg) == train_modalities(mapped, cfg)
+    for a, b in zip(in_memory, mapped, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True))
