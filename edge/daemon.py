@@ -86,11 +86,13 @@ def _write_json(path: Path, obj) -> None:
 class EdgeDaemon:
     """One device. ``link_factory`` makes its broker link (an :class:`~fedmfs.adapters.mqtt.MqttLink`;
     the in-process simulator passes a loopback one); ``trainer`` defaults to the one ``cfg`` describes;
-    ``inline`` runs jobs on the caller's thread instead of a worker thread (the simulator's
+    ``worker_factory(trainer, post)`` makes the worker that runs its jobs (the in-process simulator's
+    pools them across devices); ``inline`` runs jobs on the caller's thread instead of a worker thread (the simulator's
     synchronous mode: :meth:`start`, then :meth:`pump` until :attr:`finished`)."""
 
     def __init__(self, cfg: EdgeConfig, exit_when_done: bool = False, notifier: Notifier | None = None,
-                 link_factory=MqttLink, trainer: Trainer | None = None, inline: bool = False):
+                 link_factory=MqttLink, trainer: Trainer | None = None, inline: bool = False,
+                 worker_factory=None):
         self.cfg = cfg
         self.exit_when_done = exit_when_done
         self.dir = cfg.state_dir
@@ -120,6 +122,7 @@ class EdgeDaemon:
         self._overdue_logged = False
         self.trainer = trainer or Trainer.from_config(cfg)
         self.inline = inline
+        self.worker_factory = worker_factory
         self.worker: Worker | InlineWorker | None = None
         t = self.topics
         offline = encode_message(DeviceStatus(cfg.device, DeviceState.OFFLINE))
@@ -284,7 +287,9 @@ class EdgeDaemon:
     # -- the loop ----------------------------------------------------------------------------------
     def start(self, connect_timeout: float = 60.0) -> None:
         """Start the worker and connect (READY to systemd once connected)."""
-        if self.inline:
+        if self.worker_factory is not None:
+            self.worker = self.worker_factory(self.trainer, self.events.put)
+        elif self.inline:
             self.worker = InlineWorker(self.trainer.run, self.events.put)
         else:
             self.worker = Worker(self.trainer.run, self.events.put)

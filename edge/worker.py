@@ -31,7 +31,7 @@ from fedmfs.core.settings import TrainConfig
 from .config import EdgeConfig
 from .machine import JobFailed, JobKind, RebuildPayloads, Rebuilt, RunStage2, Stage2Done, StartTraining, Trained
 
-__all__ = ["RESULT", "Trainer", "Worker", "InlineWorker"]
+__all__ = ["RESULT", "Job", "Trainer", "Worker", "InlineWorker", "job_kind"]
 
 RESULT = "result.json"     # pending/: the finished training job's choice and round record
 
@@ -115,16 +115,32 @@ class Trainer:
         The result is durable before the learner that trained is saved (``pending/result.json`` beside
         the payload files): a daemon stopped after the job finished but before its result reached the
         round machine takes that result again instead of training the round a second time, from a
-        learner that has already trained it (which chose and uploaded something else)."""
-        from fedmfs.learner.store import save_learner
+        learner that has already trained it (which chose and uploaded something else).
 
+        In three steps, so that a simulator can train many devices' rounds together
+        (:func:`fedmfs.learner.fleet.local_rounds`): :meth:`begin_training` (a finished result, or the
+        learner to train), the learner's ``local_round``, :meth:`end_training`."""
+        begun = self.begin_training(job)
+        if isinstance(begun, Trained):
+            return begun
+        t0 = time.perf_counter()
+        upd = begun.local_round(job.round, dict(job.starts), job.config.policy.codec)
+        return self.end_training(job, upd, time.perf_counter() - t0)
+
+    def begin_training(self, job: StartTraining):
+        """The result of ``job`` if it finished before a restart, else the learner that is to train it
+        (spooled windows merged first)."""
         done = self._finished(job)
         if done is not None:
             return done
         self._merge_spool(dict(job.deploy))
-        c, policy, r = self.client(dict(job.deploy)), job.config.policy, job.round
-        t0 = time.perf_counter()
-        upd = c.local_round(r, dict(job.starts), policy.codec)
+        return self.client(dict(job.deploy))
+
+    def end_training(self, job: StartTraining, upd, seconds: float) -> Trained:
+        """Choose from the round's update ``upd``, make the choice durable, save the learner."""
+        from fedmfs.learner.store import save_learner
+
+        c, policy, r = self._client, job.config.policy, job.round
         choice = c.choose(upd, policy)
         c.mark_uploaded(choice.modalities, r)
         payloads = {m: c.payload(upd, m) for m in choice.modalities}
@@ -136,7 +152,7 @@ class Trainer:
                   "sha256": {m: hashlib.sha256(p).hexdigest() for m, p in payloads.items()}}
         atomic_write(self.dir / "pending" / RESULT, json.dumps(result, sort_keys=True).encode())
         save_learner(c, self.dir / "client")
-        log.info("round %d: trained in %.1f s; %s chosen (%s, %s)", r, time.perf_counter() - t0,
+        log.info("round %d: trained in %.1f s; %s chosen (%s, %s)", r, seconds,
                  ", ".join(choice.modalities) or "nothing", policy.method, policy.codec)
         return Trained(r, tuple(choice.modalities), payloads, record, time.time())
 
@@ -181,11 +197,20 @@ class Trainer:
         return Rebuilt(job.round, out, time.time())
 
     def stage2(self, job: RunStage2) -> Stage2Done:
+        """Stage #2 on the round's globals: :meth:`begin_stage2` (the learner), its ``stage2``,
+        :meth:`end_stage2` (evaluation, export, save); a simulator pools the middle step
+        (:func:`fedmfs.learner.fleet.stage2_all`)."""
+        c = self.begin_stage2(job)
+        c.stage2(dict(job.deploy), job.round)
+        return self.end_stage2(job)
+
+    def begin_stage2(self, job: RunStage2):
+        return self.client(dict(job.deploy))
+
+    def end_stage2(self, job: RunStage2) -> Stage2Done:
         from fedmfs.learner.store import save_learner
 
-        deploy = dict(job.deploy)
-        c = self.client(deploy)
-        c.stage2(deploy, job.round)
+        c = self._client
         acc = c.evaluate()
         if self.export_model:
             self._export_model(job.round)
@@ -294,7 +319,8 @@ def _release_memory() -> None:
     release_free_heap()
 
 
-def _kind(job: Job) -> JobKind:
+def job_kind(job: Job) -> JobKind:
+    """The machine's name of a job's kind."""
     if isinstance(job, RebuildPayloads):
         return JobKind.REBUILD
     return JobKind.TRAIN if isinstance(job, StartTraining) else JobKind.STAGE2
@@ -349,21 +375,27 @@ class Worker:
                 self._current = None
             self._post(result)
 
-    def _execute(self, job: Job) -> object:
-        """The job's completion event, or a JobFailed saying whether a retry may cure it."""
+    def _execute(self, job: Job, run: Callable[[Job], object] | None = None) -> object:
+        """The job's completion event (``run``, by default the worker's, carried out), or a JobFailed
+        saying whether a retry may cure it."""
         try:
-            return self._run(job)
-        except OSError as e:   # a full disk, a read-only state dir: one line (the machine rate-limits repeats)
+            return (run or self._run)(job)
+        except BaseException as e:
+            return self._execute_failed(job, e)
+
+    def _execute_failed(self, job: Job, e: BaseException) -> JobFailed:
+        """The JobFailed of ``job`` failing with ``e`` (called where ``e`` is being handled)."""
+        if isinstance(e, OSError):   # a full disk, a read-only state dir: one line (the machine rate-limits repeats)
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            return JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e.strerror or e}{where}", True,
+            return JobFailed(job_kind(job), job.round, f"{type(e).__name__}: {e.strerror or e}{where}", True,
                              time.time())
-        except self.RETRYABLE as e:
-            log.exception("%s job failed", _kind(job).value)
-            return JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e}", True, time.time())
-        except BaseException as e:   # reported to the loop, which stops the daemon
-            log.exception("%s job failed", _kind(job).value)
-            code = e.exit_code if isinstance(e, FedMFSError) else 1
-            return JobFailed(_kind(job), job.round, f"{type(e).__name__}: {e}", False, time.time(), code)
+        if isinstance(e, self.RETRYABLE):
+            log.exception("%s job failed", job_kind(job).value)
+            return JobFailed(job_kind(job), job.round, f"{type(e).__name__}: {e}", True, time.time())
+        # reported to the loop, which stops the daemon
+        log.exception("%s job failed", job_kind(job).value)
+        code = e.exit_code if isinstance(e, FedMFSError) else 1
+        return JobFailed(job_kind(job), job.round, f"{type(e).__name__}: {e}", False, time.time(), code)
 
     def stop(self, timeout: float) -> bool:
         """Ask the thread to end after its current job; True if it ended within ``timeout``."""

@@ -5,14 +5,31 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     from fedmfs.core.modality import DatasetSpec
 
-__all__ = ["atomic_write", "atomic_write_with", "read_spec_document"]
+__all__ = ["atomic_write", "atomic_write_with", "read_spec_document", "fsync_skipped"]
+
+# Off only inside fsync_skipped(): a simulation's throwaway directory, where a crash loses the run anyway.
+_FSYNC = True
+
+
+@contextmanager
+def fsync_skipped() -> Iterator[None]:
+    """Writes in this block are still atomic (temp file, rename) but not fsynced: for the in-process
+    simulator, whose services write their state into a temporary directory (an fsync is ~5 ms, and a
+    simulated round writes hundreds of files). Never for a real device or coordinator."""
+    global _FSYNC
+    before, _FSYNC = _FSYNC, False
+    try:
+        yield
+    finally:
+        _FSYNC = before
 
 
 def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, mode: int | None = None,
@@ -42,12 +59,13 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], objec
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if _FSYNC:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if sync_dir:
+    if sync_dir and _FSYNC:
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)

@@ -34,15 +34,21 @@ _IDLE_SECONDS = 120.0
 
 
 def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
-               on_round: Callable[[int], None] | None = None) -> Path:
+               on_round: Callable[[int], None] | None = None, pooled: bool = True) -> Path:
     """Run ``config`` with every service in this process over a loopback bus; return the coordinator's
-    state directory (its ledger holds the run). ``on_round(closed)`` is told each time a round closes."""
+    state directory (its ledger holds the run). ``on_round(closed)`` is told each time a round closes.
+
+    ``pooled``: the devices' jobs of a round run together once every device has asked
+    (:class:`~fedmfs.sim.pool.JobPool`: the same models, to float tolerance, in a fraction of the
+    time); False runs each device's job when it asks, alone (the per-device reference)."""
     from fedmfs.adapters.loopback import LoopbackBus
     from fedmfs.coordinator.config import load_coordinator_config
     from fedmfs.coordinator.service import CoordinatorService
+    from fedmfs.core.fsio import fsync_skipped
     from fedmfs.edge.config import load_edge_config
     from fedmfs.edge.daemon import EdgeDaemon
     from fedmfs.edge.worker import Trainer
+    from fedmfs.sim.pool import JobPool
     from fedmfs.sim.processes import write_fleet_configs
 
     work = Path(workdir)
@@ -59,11 +65,15 @@ def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
     coord = CoordinatorService(load_coordinator_config(files["coordinator"]), exit_when_done=True,
                                link_factory=bus.link)
     edges = []
+    pool = JobPool() if pooled else None
     for p in files["edges"].values():
         cfg = load_edge_config(p)
         trainer = Trainer.from_config(cfg)
         trainer.export_model = False     # the report needs the accuracy, not the ONNX model set
-        edges.append(EdgeDaemon(cfg, exit_when_done=True, link_factory=bus.link, trainer=trainer, inline=True))
+        edges.append(EdgeDaemon(cfg, exit_when_done=True, link_factory=bus.link, trainer=trainer, inline=True,
+                                worker_factory=None if pool is None else pool.worker))
+    skip = fsync_skipped()        # the workdir is the run's own scratch space: atomic writes, no fsync
+    skip.__enter__()
     try:
         coord.start(writer_thread=False)
         for e in edges:
@@ -84,6 +94,8 @@ def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
                 if n != closed:
                     closed = n
                     on_round(closed)
+            if not moved and pool is not None:
+                moved = pool.run()       # every device that trains has asked: run the round's jobs together
             if moved:
                 idle_since = None
                 continue
@@ -97,14 +109,16 @@ def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
         for e in edges:
             e.stop()
         coord.close()
+        skip.__exit__(None, None, None)
         for lg, level in zip(quiet, levels, strict=True):
             lg.setLevel(level)
     return work / "coordinator"
 
 
 def run_simulation(fleet: Fleet, config: SimConfig, transport: str = "inproc", broker_url: str | None = None,
-                   workdir: str | Path | None = None, progress: bool = False) -> dict:
-    """Run ``config`` on ``fleet`` over ``transport`` (``inproc`` or ``mqtt``); return the report."""
+                   workdir: str | Path | None = None, progress: bool = False, pooled: bool = True) -> dict:
+    """Run ``config`` on ``fleet`` over ``transport`` (``inproc`` or ``mqtt``); return the report.
+    ``pooled`` (inproc only): the devices' jobs of a round run together (:func:`run_inproc`)."""
     fleet.check_runnable()     # every problem of the data before any work, not in evaluation
     if config.baseline == "holistic":
         from fedmfs.sim.holistic import run_holistic
@@ -129,7 +143,8 @@ def run_simulation(fleet: Fleet, config: SimConfig, transport: str = "inproc", b
         bar = tqdm(total=config.rounds, desc=config.method, unit="round", leave=False)
     t0 = time.monotonic()
     try:
-        state = run_inproc(fleet, config, workdir, None if bar is None else lambda n: bar.update(n - bar.n))
+        state = run_inproc(fleet, config, workdir, None if bar is None else lambda n: bar.update(n - bar.n),
+                           pooled=pooled)
         report = build_report(fleet, config, state, "inproc")
     finally:
         if bar is not None:
