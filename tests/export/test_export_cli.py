@@ -52,7 +52,9 @@ def test_cli_exports_verifies_and_writes_a_loadable_set(state_set, capsys):
     assert np.abs(load_model_set(tmp / "onnx").predict(x) - want).max() <= 1e-5
 
 
-@pytest.mark.parametrize("how,ratio", [("fp16", 0.7), ("int8", 0.6)])
+# int8 quantises the modality models only (the fusion graphs stay fp32 by policy, export/quantize.py); the
+# coalition graph's Shapley roles (issue 16) add a fixed ~2 KB of fp32 that weighs on this toy set (0.616)
+@pytest.mark.parametrize("how,ratio", [("fp16", 0.7), ("int8", 0.66)])
 def test_cli_quantize(state_set, capsys, how, ratio):
     tmp, *_ = state_set
     assert main([str(tmp / "models"), "-o", str(tmp / how), "--quantize", how, "--data", str(tmp / "fleet"),
