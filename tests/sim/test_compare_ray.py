@@ -170,6 +170,27 @@ def test_fedmfs_compare_command_refuses_loads_and_explains(resumed, tmp_path, ca
     assert "--ray-address runs the grid on that cluster" in capsys.readouterr().err
 
 
+def test_fedmfs_compare_on_a_cluster_checks_itself_against_a_serial_run(cluster, tmp_path, capsys):
+    """The command end to end on the two-node cluster: one run (the command's own default training),
+    saved, summarised, then run again here by --check-serial and found equal."""
+    from fedmfs.cli import main
+
+    out = tmp_path / "grid"
+    rc = main(["compare", "--preset", "small", "--clients", "3", "--rounds", "1", "--seeds", "0", "--variants",
+               "fedmfs", "--ray-address", cluster.address, "--out", str(out), "--check-serial"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert f"on the Ray cluster at {cluster.address}" in printed
+    assert "serial check: 1 of 1 runs equal their serial run in every field but the wall clock" in printed
+    assert "; 0 differences" in printed
+    saved = json.loads((out / "runs" / "fedmfs.seed0.json").read_text())
+    assert saved["run"]["ran_on"].startswith("ray node ") and saved["settings"]["config"]["train"]["min_steps"] == \
+        TrainConfig().min_steps
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["runs"] == [saved["run"]] and summary["summary"]["seeds"] == [0]
+    assert (out / "summary.txt").read_text().startswith("seeds [0], rounds [1], split test")
+
+
 def test_local_ray_is_started_on_demand_on_loopback_and_stopped(tmp_path):
     """The default runner: a local Ray of ``workers`` CPUs, loopback only, gone after the grid."""
     import ray
