@@ -519,8 +519,14 @@ def cmd_compare(args) -> int:
 
         fleet = SyntheticFleet(preset, args.clients)
         t0 = time.monotonic()
-        runs = run_grid(fleet, chosen, seeds, args.rounds, args.split, workers=workers,
-                        ray_address=args.ray_address, out=out, on_run=_print_run, on_resume=on_resume)
+        try:
+            runs = run_grid(fleet, chosen, seeds, args.rounds, args.split, workers=workers,
+                            ray_address=args.ray_address, out=out, on_run=_print_run, on_resume=on_resume)
+        except KeyboardInterrupt:
+            saved = len(list((out / "runs").glob("*.json"))) if (out / "runs").is_dir() else 0
+            print(f"\nstopped: {saved} runs saved in {out / 'runs'}; the same command resumes the grid",
+                  file=sys.stderr)
+            return 130
         grid_s = time.monotonic() - t0
         if args.check_serial:
             print("\nthe same grid in this process, one run after another (--check-serial):", flush=True)
