@@ -82,7 +82,7 @@ def setup(m: int):
     fstate = state_to_numpy(fus)
     models, fusion, split = model_set_onnx(spec, mods, fstate, H)
     engines = {
-        "split": EdgeRuntime(spec, models, fusion, threads=1, coalition_model=split),
+        "split": EdgeRuntime(spec, models, fusion, threads=1, coalition_model=split, shapley_engine="split"),
         "tiled": EdgeRuntime(spec, models, fusion, threads=1,
                              coalition_model=fusion_coalition_onnx(m, C, H, fstate, split=False)),
         "old": EdgeRuntime(spec, models, fusion, threads=1,

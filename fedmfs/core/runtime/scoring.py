@@ -129,7 +129,8 @@ def shapley_from_probs(
                         release_free_heap()
                 return out
 
-            engine = split_coalition_fn if rt._coalition_split else tiled_coalition_fn
+            split = rt._coalition_split and rt.shapley_engine == "split"
+            engine = split_coalition_fn if split else tiled_coalition_fn
             evaluate: CoalitionFn = engine(run_tiles, x_probs, bg_probs, players, mask, rt._coalition_hidden,
                                            value_kind, y, rt.chunk_elements)
         else:
