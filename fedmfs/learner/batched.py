@@ -64,12 +64,13 @@ def _params(model: ModalityModel) -> list[torch.Tensor]:
 class _Pool:
     """The chosen rows of every run's windows of one input width, for gathering batches.
 
-    In memory (a simulation), the rows are copied once into one tensor with a zero row that pads short
-    batches, so that a step gathers each width's batch in one call. Memory-mapped (a device's client
-    file), nothing is copied: each step reads just its batch's windows from the file (a copy of a
-    device's training windows would be most of its RAM: 208 MB on paper-size data)."""
+    Copied (``copy``: windows in memory, a simulation, or small ones), the rows go once into one tensor
+    with a zero row that pads short batches, so that a step gathers each width's batch in one call.
+    Not copied (a device's large memory-mapped client file), each step reads just its batch's windows
+    from the file (a copy of a device's training windows would be most of its RAM: 208 MB on
+    paper-size data)."""
 
-    def __init__(self, parts: Sequence[tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, parts: Sequence[tuple[np.ndarray, np.ndarray]], copy: bool):
         sizes = [len(rows) for _, rows in parts]
         x0 = parts[0][0]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -77,7 +78,7 @@ class _Pool:
         self.tail = (int(x0.shape[1]), int(np.prod(x0.shape[2:])))
         self.parts: list[tuple[np.ndarray, np.ndarray]] | None = None
         self.data: torch.Tensor | None = None
-        if any(isinstance(x, np.memmap) for x, _ in parts):
+        if not copy:
             self.parts = list(parts)
             return
         data = np.zeros((self.zero + 1, *self.tail), np.float32)
@@ -333,10 +334,17 @@ def _stacks(runs: Sequence[_Run]) -> list[_Stack]:
     return [_Stack(rs) for _, rs in sorted(by_hidden.items())]
 
 
-def train_modalities(jobs: Sequence[ModalityJob], cfg: TrainConfig) -> list[int]:
+# memory-mapped training windows up to this size are copied into memory for training (faster steps)
+COPY_LIMIT = 64 << 20
+
+
+def train_modalities(jobs: Sequence[ModalityJob], cfg: TrainConfig, copy_limit: int | None = COPY_LIMIT) -> list[int]:
     """Train every job's model in place as :func:`fedmfs.learner.training.sgd_epochs` trains it alone
     (with ``cfg``), all of them in the same batched steps; returns each job's optimiser steps. The
-    models may differ in input width and hidden size; all windows must have the same number of steps."""
+    models may differ in input width and hidden size; all windows must have the same number of steps.
+
+    Windows in memory are copied (their training rows, once); memory-mapped ones only if their
+    training rows take at most ``copy_limit`` bytes (None: always), else read a batch at a time."""
     runs = []
     for job in jobs:
         n = int(job.x.shape[0])
@@ -354,10 +362,12 @@ def train_modalities(jobs: Sequence[ModalityJob], cfg: TrainConfig) -> list[int]
     for r in runs:
         r.job.model.train()
         by_width.setdefault(r.width, []).append(r)
+    mapped = sum(len(r.rows) * r.job.x[:1].nbytes for r in runs if isinstance(r.job.x, np.memmap))
+    copy = copy_limit is None or mapped <= copy_limit
     for group in by_width.values():
-        pool = _Pool([(r.job.x, r.rows) for r in group])
+        pool = _Pool([(r.job.x, r.rows) for r in group], copy)
         early = [r for r in group if r.stop_early]
-        val_pool = _Pool([(r.job.x, r.val_rows) for r in early]) if early else None
+        val_pool = _Pool([(r.job.x, r.val_rows) for r in early], copy) if early else None
         for slot, r in enumerate(group):
             r.slot, r.pool = slot, pool
         for slot, r in enumerate(early):
