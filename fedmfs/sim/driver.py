@@ -70,6 +70,7 @@ def run_inproc(fleet: Fleet, config: SimConfig, workdir: str | Path,
         cfg = load_edge_config(p)
         trainer = Trainer.from_config(cfg)
         trainer.export_model = False     # the report needs the accuracy, not the ONNX model set
+        trainer.release_memory = False   # one process for the whole fleet: no per-job collection
         edges.append(EdgeDaemon(cfg, exit_when_done=True, link_factory=bus.link, trainer=trainer, inline=True,
                                 worker_factory=None if pool is None else pool.worker))
     skip = fsync_skipped()        # the workdir is the run's own scratch space: atomic writes, no fsync
