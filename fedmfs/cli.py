@@ -65,6 +65,11 @@ def _simulate_parser(sub) -> None:
                    "--transport mqtt; it beats FEDMFS_BROKER). A password goes to a mode-600 file in the work "
                    "directory, never into the configs, the command lines or report.json (shown as ***); "
                    "default: an in-process amqtt broker on 127.0.0.1")
+    p.add_argument("--per-device", action="store_true",
+                   help="with --transport inproc: each device trains its round alone when it asks (the reference "
+                        "path) instead of every device's round in the same batched steps (the same models to 1e-5, "
+                        "docs/benchmarks.md); set [train] engine = \"reference\" in --config for the per-model "
+                        "nn.LSTM loop too")
     p.add_argument("--out", type=Path, default=None, help="output directory [runs/<method>]")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -201,7 +206,11 @@ def cmd_simulate(args) -> int:
         fleet = data.load_fleet(conf["data"])
     else:
         fleet = data.make_synthetic(conf["preset"], seed=cfg.seed)
-    report = driver.run_simulation(fleet, cfg, conf["transport"], conf.get("broker"), progress=not args.quiet)
+    if args.per_device and conf["transport"] != "inproc":
+        raise ConfigError("--per-device is an option of --transport inproc (over MQTT every device is its own "
+                          "process and always trains alone)")
+    report = driver.run_simulation(fleet, cfg, conf["transport"], conf.get("broker"), progress=not args.quiet,
+                                   pooled=not args.per_device)
     path = write_report(report, out, plots=not args.no_plots)
     acc = report["final_accuracy"]
     print(f"final accuracy {'-' if acc is None else f'{acc * 100:.2f}%'}  total upload "
