@@ -290,61 +290,81 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="two sizes per factor, 2 rounds, one held-out point")
     ap.add_argument("--json", type=Path, help="write the measurements and fits here")
     ap.add_argument("--plot", type=Path, help="draw the three curves with their fits to this PNG")
+    ap.add_argument("--load", type=Path, help="fit, print and plot the measurements of a --json file, without running")
     args = ap.parse_args(argv)
     if args.rounds < 2:
         ap.error("--rounds must be >= 2 (round 0 and at least one later round)")
     logging.disable(logging.WARNING)
-    rounds = 2 if args.quick else args.rounds
+    doc = json.loads(args.load.read_text()) if args.load else measure(args.preset, 2 if args.quick else args.rounds,
+                                                                      args.quick)
+    analyse(doc, args.plot)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(args.json)
+        print(f"wrote {args.json}")
+    return 0
 
+
+def measure(preset: str, rounds: int, quick: bool) -> dict:
+    """Run every point; the measurements as a JSON-ready document."""
     pool: dict = {}
-    base = preset_fleet(args.preset, 0, 1.0)
+    base = preset_fleet(preset, 0, 1.0)
     pool[(0, 1.0)] = base
     k0, m0 = len(base.clients), len(base.spec.modalities)
     preset_windows = float(np.mean([len(c) for c in base.clients]))
     ms = sorted({max(2, round(m0 * 0.4)), max(2, round(m0 * 0.7)), m0})
     ks, ws, held = K_SIZES, W_SCALES, HELD_OUT
-    if args.quick:
+    if quick:
         ks, ms, ws, held = (3, k0), [ms[0], m0], (0.5, 1.0), HELD_OUT[:1]
     held = [(k, min(m, m0), w) for k, m, w in held]
     plan = ([("K", (k, m0, 1.0)) for k in ks] + [("M", (k0, m, 1.0)) for m in ms]
             + [("W", (k0, m0, w)) for w in ws])
-    points: dict[tuple, dict] = {}
-    for _, key in plan:
-        points.setdefault(key, {"curves": []})
+    points: dict[tuple, list[str]] = {}
     for f, key in plan:
-        points[key]["curves"].append(f)
+        points.setdefault(key, []).append(f)
     # measure in an interleaved order (K, M, W, K, ...), so a drift of the shared machine's load is not
     # read as a factor's effect; the preset's point first and again last (their difference: the drift)
-    order = [key for key in points if key != (k0, m0, 1.0)]
-    by_factor = {f: [key for key in order if f in points[key]["curves"]] for f in "KMW"}
+    rest = [key for key in points if key != (k0, m0, 1.0)]
+    by_factor = {f: [key for key in rest if f in points[key]] for f in "KMW"}
     order = [key for group in itertools.zip_longest(*by_factor.values()) for key in group if key is not None]
     order = [(k0, m0, 1.0), *order, *held, (k0, m0, 1.0)]
 
-    print(f"preset {args.preset}: {k0} clients, {m0} modalities "
+    print(f"preset {preset}: {k0} clients, {m0} modalities "
           f"({', '.join(f'{m.name}:{m.features}' for m in base.spec.modalities)}), "
           f"{preset_windows:.0f} windows a client; T={base.spec.steps}, hidden {base.spec.modalities[0].hidden}; "
-          f"{rounds} rounds a point; {len(order)} runs; load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"{rounds} rounds a point; {len(order)} runs; {git_head()}; load average {os.getloadavg()[0]:.2f}",
+          flush=True)
     # warm-up (imports, first calls): not measured
-    run_point(build_fleet(pool, args.preset, min(3, k0), ms[0], 1.0), 2)
+    run_point(build_fleet(pool, preset, min(3, k0), ms[0], 1.0), 2)
 
     runs = []
     t_all = time.perf_counter()
     for i, key in enumerate(order):
         k, m, w = key
-        fleet = build_fleet(pool, args.preset, k, m, w)
+        fleet = build_fleet(pool, preset, k, m, w)
         size = describe(fleet, preset_windows)
         load = os.getloadavg()[0]
         r = run_point(fleet, rounds)
-        kind = "held-out" if key in held and i not in (0, len(order) - 1) else "curve"
-        row = {"key": list(key), "kind": kind, "curves": points.get(key, {}).get("curves", []), **size,
-               **r, "load_before": load}
-        runs.append(row)
+        kind = "held-out" if key in held and key not in points else "curve"
+        runs.append({"key": list(key), "kind": kind, "curves": points.get(key, []), **size, **r, "load_before": load})
         c, wl = r["cpu"], r["wall"]
         print(f"[{i + 1:2d}/{len(order)}] K={k:2d} M={m:2d} W={size['W']:.2f}x ({size['windows_per_client']:.0f} win)"
               f"  start-up {c['startup']:5.2f}s  round 0 {c['round0']:6.2f}s  later {c['later']:6.2f}s CPU"
               f"  (wall {wl['startup']:5.2f} / {wl['round0']:6.2f} / {wl['later']:6.2f})  load {load:.1f}",
               flush=True)
-    elapsed = time.perf_counter() - t_all
+    return {"benchmark": "cost_model", "preset": preset, "rounds": rounds, "quick": quick, "commit": git_head(),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+            "base": {"K": k0, "M": m0, "windows_per_client": preset_windows,
+                     "widths": {ms.name: ms.features for ms in base.spec.modalities}},
+            "elapsed_seconds": time.perf_counter() - t_all, "runs": runs}
+
+
+def analyse(doc: dict, plot_path: Path | None) -> None:
+    """Per-factor fits, the combined formula, the held-out predictions; printed, added to ``doc``, plotted."""
+    runs, rounds = doc["runs"], doc["rounds"]
+    k0, m0, preset_windows = doc["base"]["K"], doc["base"]["M"], doc["base"]["windows_per_client"]
 
     # one row per point: the preset's point measured twice -> the mean of its two runs
     def merged(key) -> dict:
@@ -358,7 +378,7 @@ def main(argv=None) -> int:
         out["repeats"] = len(rows)
         return out
 
-    curve_keys = list(points)
+    curve_keys = list(dict.fromkeys(tuple(r["key"]) for r in runs if r["kind"] == "curve"))
     table = {key: merged(key) for key in curve_keys}
     fits: dict = {}
     for f, xname in (("K", "K"), ("M", "M"), ("M", "sum_widths"), ("W", "W")):
@@ -368,17 +388,17 @@ def main(argv=None) -> int:
         fits[f"{f}:{xname}"]["wall_later"] = linfit([r[xname] for r in rows], [r["wall"]["later"] for r in rows])
 
     sizes = [table[key] for key in curve_keys]
-    y = [r["cpu"]["later"] for r in sizes]
-    forms = {form: {"loo_rel_rms": loo_error(form, sizes, y),
-                    "coef": [float(c) for c in fit_form(form, sizes, y)]} for form in FORMS}
-    best = min(forms, key=lambda f: forms[f]["loo_rel_rms"])
-    coef = np.array(forms[best]["coef"])
-    y0 = [r["cpu"]["round0"] for r in sizes]
-    coef0 = fit_form(best, sizes, y0)
-    ys = [r["cpu"]["startup"] for r in sizes]
-    coefs = fit_form("a + b*models", sizes, ys)
+    # per quantity (later round, round 0, start-up): every candidate form, the best by leave-one-out error
+    forms: dict = {}
+    best: dict = {}
+    for q in ("later", "round0", "startup"):
+        y = [r["cpu"][q] for r in sizes]
+        forms[q] = {form: {"loo_rel_rms": loo_error(form, sizes, y),
+                           "coef": [float(c) for c in fit_form(form, sizes, y)]} for form in FORMS}
+        best[q] = min(forms[q], key=lambda f, q=q: forms[q][f]["loo_rel_rms"])
+    coef = {q: np.array(forms[q][best[q]]["coef"]) for q in best}
 
-    print(f"\n{len(order)} runs in {elapsed / 60:.1f} min; {git_head()}")
+    print(f"\n{len(runs)} runs in {doc['elapsed_seconds'] / 60:.1f} min; {doc['commit']}")
     print("\nCPU seconds (wall in brackets); 'later' = mean of rounds 1..; the preset's point = mean of "
           f"{table[(k0, m0, 1.0)]['repeats']} runs")
     print(f"{'factor':6s} {'K':>3s} {'M':>3s} {'W':>5s} {'win':>4s} {'sumF':>5s} {'models':>6s}  "
@@ -400,20 +420,20 @@ def main(argv=None) -> int:
               f"round 0 {r0['a']:7.3f} + {r0['b']:8.4f}*{x}  (R^2 {r0['r2']:.3f});  "
               f"start-up {st['a']:6.3f} + {st['b']:7.4f}*{x}  (R^2 {st['r2']:.3f})")
     print("\ncombined forms over every curve point (leave-one-out relative RMS error):")
-    for form, v in sorted(forms.items(), key=lambda kv: kv[1]["loo_rel_rms"]):
+    for form, v in sorted(forms["later"].items(), key=lambda kv: kv[1]["loo_rel_rms"]):
         print(f"  {v['loo_rel_rms'] * 100:6.1f}%  {formula(form, np.array(v['coef']))}")
     print(f"\nprediction (CPU seconds; K clients, M modalities, W = windows per client / {preset_windows:.0f}; "
           "models = sum over clients of their modalities, model_widths = sum over them of the input widths):")
-    print(f"  a later round: {formula(best, coef)}")
-    print(f"  round 0:       {formula(best, coef0)}")
-    print(f"  start-up:      {formula('a + b*models', coefs)}")
+    for q, name in (("later", "a later round"), ("round0", "round 0"), ("startup", "start-up")):
+        loo = forms[q][best[q]]["loo_rel_rms"]
+        print(f"  {name + ':':14s} {formula(best[q], coef[q])}   (leave-one-out {loo * 100:.1f}%)")
     print("  a run of R rounds = start-up + round 0 + (R - 1) * later round")
 
     heldout = []
     for r in runs:
         if r["kind"] != "held-out":
             continue
-        p_later, p0, pst = predict(best, coef, r), predict(best, coef0, r), predict("a + b*models", coefs, r)
+        p_later, p0, pst = (predict(best[q], coef[q], r) for q in ("later", "round0", "startup"))
         p_run10 = pst + p0 + 9 * p_later
         m_run10 = r["cpu"]["startup"] + r["cpu"]["round0"] + 9 * r["cpu"]["later"]
         heldout.append({"key": r["key"], "predicted": {"later": p_later, "round0": p0, "startup": pst},
@@ -431,34 +451,24 @@ def main(argv=None) -> int:
         print(f"\ndrift: the preset's point, first and last run: later round {d0[0]['cpu']['later']:.2f} vs "
               f"{d0[1]['cpu']['later']:.2f} s CPU ({d0[0]['wall']['later']:.2f} vs {d0[1]['wall']['later']:.2f} wall)")
 
-    if args.json:
-        doc = {"benchmark": "cost_model", "preset": args.preset, "rounds": rounds, "quick": args.quick,
-               "commit": git_head(), "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                "torch": torch.__version__},
-               "preset_windows_per_client": preset_windows, "elapsed_seconds": elapsed,
-               "runs": runs, "fits": fits, "forms": forms, "best_form": best,
-               "best": {"later": [float(c) for c in coef], "round0": [float(c) for c in coef0],
-                        "startup_form": "a + b*models", "startup": [float(c) for c in coefs]},
-               "held_out": heldout}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(args.json)
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(args.plot, table, curve_keys, fits, args.preset, k0, m0, rounds)
-        print(f"wrote {args.plot}")
-    return 0
+    doc.update({"fits": fits, "forms": forms, "held_out": heldout,
+                "best": {q: {"form": best[q], "coef": [float(c) for c in coef[q]], "formula": formula(best[q], coef[q])}
+                         for q in best}})
+    if plot_path:
+        plot(plot_path, table, curve_keys, fits, doc["preset"], k0, m0, rounds,
+             lambda r: predict(best["later"], coef["later"], r), formula(best["later"], coef["later"]))
+        print(f"wrote {plot_path}")
 
 
-def plot(path: Path, table: dict, keys: list, fits: dict, preset: str, k0: int, m0: int, rounds: int) -> None:
+def plot(path: Path, table: dict, keys: list, fits: dict, preset: str, k0: int, m0: int, rounds: int,
+         combined, combined_text: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
-    for ax, (f, x, label) in zip(axes, (("K", "K", "clients K"), ("M", "sum_widths", "sum of modality widths (M labelled)"),
+    for ax, (f, x, label) in zip(axes, (("K", "K", "clients K"), ("M", "M", "modalities M (sum of widths labelled)"),
                                         ("W", "W", "windows per client (x the preset's)"))):
         rows = sorted((table[k] for k in keys if f in table[k]["curves"]), key=lambda r: r[x])
         xs = np.array([r[x] for r in rows], float)
@@ -469,10 +479,11 @@ def plot(path: Path, table: dict, keys: list, fits: dict, preset: str, k0: int, 
             grid = np.linspace(0, xs.max() * 1.05, 50)
             ax.plot(grid, fit["a"] + fit["b"] * grid, "-", color=colour, lw=1,
                     label=f"fit {fit['a']:.2f} + {fit['b']:.3g}x (R² {fit['r2']:.2f})")
+        ax.plot(xs, [combined(r) for r in rows], "k--", lw=1, label="combined formula, later round")
         if f == "M":
             for r in rows:
-                ax.annotate(f"M={r['M']}", (r[x], r["cpu"]["later"]), textcoords="offset points", xytext=(4, -12),
-                            fontsize=8)
+                ax.annotate(f"sum {r['sum_widths']}", (r[x], r["cpu"]["later"]), textcoords="offset points",
+                            xytext=(4, -12), fontsize=8)
         ax.set_xlabel(label)
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
@@ -480,7 +491,8 @@ def plot(path: Path, table: dict, keys: list, fits: dict, preset: str, k0: int, 
         ax.legend(fontsize=6.5, loc="upper left")
     axes[0].set_ylabel("seconds (CPU: dots, wall: crosses)")
     fig.suptitle(f"fedmfs inproc simulation, preset {preset}: time per round around K={k0}, M={m0}, W=1x "
-                 f"({rounds} rounds a point, one torch thread)", fontsize=10)
+                 f"({rounds} rounds a point, one torch thread)\ncombined: CPU s per later round = {combined_text}",
+                 fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
