@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedmfs.core.data.format import gather_rows
+from fedmfs.core.data.format import row_chunks
 from fedmfs.core.settings import TrainConfig
 from fedmfs.learner.models import FusionModel, ModalityModel
 from fedmfs.learner.training import epoch_budget
@@ -87,18 +87,24 @@ class _Pool:
         self.data = torch.from_numpy(data)
 
     def gather(self, slots: Sequence[int], rows: Sequence[np.ndarray], length: int) -> torch.Tensor:
-        """(len(slots), length, T, F): run ``slots[k]``'s rows ``rows[k]``, padded with zeros."""
+        """(len(slots), T, length, F), time-major (what the input projection multiplies): run
+        ``slots[k]``'s rows ``rows[k]``, padded with zeros. Read from the file, each part of the rows
+        goes straight to its place (no row-major copy of the batch beside it: a tactile pair's batch
+        is 26 MB on paper-size data)."""
+        steps, width = self.tail
         if self.parts is not None:
-            out = np.zeros((len(slots), length, *self.tail), np.float32)
+            out = np.zeros((len(slots), steps, length, width), np.float32)
             for k, (slot, r) in enumerate(zip(slots, rows)):
                 x, chosen = self.parts[slot]
-                out[k, :len(r)] = gather_rows(x, chosen[r]).reshape(len(r), *self.tail)
+                for i, part in row_chunks(x, chosen[r]):
+                    out[k, :, i:i + len(part)] = part.reshape(len(part), steps, width).transpose(1, 0, 2)
             return torch.from_numpy(out)
         assert self.data is not None
         idx = np.full((len(slots), length), self.zero, dtype=np.int64)
         for k, (slot, r) in enumerate(zip(slots, rows)):
             idx[k, :len(r)] = self.offsets[slot] + r
-        return self.data.index_select(0, torch.from_numpy(idx.reshape(-1))).view(len(slots), length, *self.tail)
+        x = self.data.index_select(0, torch.from_numpy(idx.reshape(-1))).view(len(slots), length, steps, width)
+        return x.transpose(1, 2).contiguous()
 
 
 @dataclass(eq=False)
@@ -151,6 +157,44 @@ class _Run:
         return self.stale >= patience
 
 
+def _steps(gx: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor, keep: bool
+           ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The LSTM recurrence's forward steps (see :class:`_Recurrence`): the last h (A, H, R), and with
+    ``keep`` the states of every step (gates, tanh(c), c, h), step-major, for the backward pass.
+    Without ``keep`` (a loss without gradient: validation), one buffer of each is reused from step to
+    step (two of c): the same operations on the same values, without the (T, A, 4H, R) gates (31 MB
+    for a paper-size device's validation rows)."""
+    a, four_h, steps, rows = gx.shape
+    hid = four_h // 4
+    n, n_c = (steps, steps) if keep else (1, 2)
+    gates = torch.empty(n, a, four_h, rows)      # activated: i, f, g, o
+    tanh_c = torch.empty(n, a, hid, rows)
+    cells = torch.empty(n_c, a, hid, rows)
+    hs = torch.empty(n, a, hid, rows)
+    h = c = None
+    g_blk = slice(2 * hid, 3 * hid)
+    for t in range(steps):
+        s = gates[t % n]
+        torch.add(gx[:, :, t], bias, out=s)
+        if h is not None:
+            s.baddbmm_(w_hh, h)
+        s[:, g_blk].mul_(2.0)
+        torch.sigmoid(s, out=s)
+        s[:, g_blk].mul_(2.0).sub_(1.0)
+        i_g, f_g, g_g, o_g = s[:, :hid], s[:, hid:2 * hid], s[:, g_blk], s[:, 3 * hid:]
+        cell = cells[t % n_c]
+        torch.mul(i_g, g_g, out=cell)
+        if c is not None:
+            cell.addcmul_(f_g, c)
+        tc = tanh_c[t % n]
+        torch.sigmoid(cell * 2.0, out=tc)
+        tc.mul_(2.0).sub_(1.0)
+        h = torch.mul(o_g, tc, out=hs[t % n])
+        c = cell
+    assert h is not None
+    return h.clone(), ((gates, tanh_c, cells, hs) if keep else ())
+
+
 class _Recurrence(torch.autograd.Function):
     """The LSTM recurrence of A stacked models, with its backward pass written out (backpropagation
     through time) instead of recorded op by op: at 16-64 units the per-op bookkeeping of autograd
@@ -166,35 +210,9 @@ class _Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gx: torch.Tensor, bias: torch.Tensor, w_hh: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        a, four_h, steps, rows = gx.shape
-        hid = four_h // 4
-        gates = torch.empty(steps, a, four_h, rows)      # activated: i, f, g, o
-        tanh_c = torch.empty(steps, a, hid, rows)
-        cells = torch.empty(steps, a, hid, rows)
-        hs = torch.empty(steps, a, hid, rows)
-        h = c = None
-        g_blk = slice(2 * hid, 3 * hid)
-        for t in range(steps):
-            s = gates[t]
-            torch.add(gx[:, :, t], bias, out=s)
-            if h is not None:
-                s.baddbmm_(w_hh, h)
-            s[:, g_blk].mul_(2.0)
-            torch.sigmoid(s, out=s)
-            s[:, g_blk].mul_(2.0).sub_(1.0)
-            i_g, f_g, g_g, o_g = s[:, :hid], s[:, hid:2 * hid], s[:, g_blk], s[:, 3 * hid:]
-            cell = cells[t]
-            torch.mul(i_g, g_g, out=cell)
-            if c is not None:
-                cell.addcmul_(f_g, c)
-            tc = tanh_c[t]
-            torch.sigmoid(cell * 2.0, out=tc)
-            tc.mul_(2.0).sub_(1.0)
-            h = torch.mul(o_g, tc, out=hs[t])
-            c = cell
-        ctx.save_for_backward(w_hh, gates, tanh_c, cells, hs)
-        assert h is not None
-        return h.clone()
+        h, saved = _steps(gx, bias, w_hh, keep=True)
+        ctx.save_for_backward(w_hh, *saved)
+        return h
 
     @staticmethod
     def backward(ctx, dh_last: torch.Tensor):  # type: ignore[override]
@@ -235,18 +253,26 @@ class _Recurrence(torch.autograd.Function):
         return dgx, dgx.sum((2, 3)).unsqueeze(2), dw_hh
 
 
-def _lstm_logp(xs: Sequence[torch.Tensor], w_ih: Sequence[torch.Tensor], b_ih: torch.Tensor, w_hh: torch.Tensor,
+def _lstm_logp(xs: list[torch.Tensor], w_ih: Sequence[torch.Tensor], b_ih: torch.Tensor, w_hh: torch.Tensor,
                b_hh: torch.Tensor, head_w: torch.Tensor, head_b: torch.Tensor) -> torch.Tensor:
     """``ModalityModel.forward`` of A stacked models on their own windows: ``xs`` per input width
-    (A_w, rows, T, F_w) with that width's ``w_ih`` (A_w, 4H, F_w), the A = sum A_w models in that
-    order; the other weights stacked (A, ...). Returns log-probabilities (A, rows, C)."""
-    a, rows, steps = int(b_ih.shape[0]), int(xs[0].shape[1]), int(xs[0].shape[2])
+    (A_w, T, rows, F_w), time-major (:meth:`_Pool.gather`), with that width's ``w_ih`` (A_w, 4H, F_w),
+    the A = sum A_w models in that order; the other weights stacked (A, ...). Returns
+    log-probabilities (A, rows, C). ``xs`` is emptied (its batches are not kept)."""
+    a, steps, rows = int(b_ih.shape[0]), int(xs[0].shape[1]), int(xs[0].shape[2])
     hidden = int(w_hh.shape[2])
     # W_ih x for every (step, row) column at once: (A, 4H, T, rows), each step's rows contiguous
-    parts = [torch.bmm(w, x.transpose(1, 2).reshape(x.shape[0], steps * rows, x.shape[3]).transpose(1, 2))
+    parts = [torch.bmm(w, x.reshape(x.shape[0], steps * rows, x.shape[3]).transpose(1, 2))
              for x, w in zip(xs, w_ih)]
+    xs.clear()   # the projection keeps what its gradient needs (not in validation): the batches go
     gx = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(a, 4 * hidden, steps, rows)
-    h = _Recurrence.apply(gx, (b_ih + b_hh).unsqueeze(2), w_hh)                      # (A, H, rows)
+    del parts
+    bias = (b_ih + b_hh).unsqueeze(2)
+    if torch.is_grad_enabled():
+        h = _Recurrence.apply(gx, bias, w_hh)                                          # (A, H, rows)
+    else:
+        h = _steps(gx, bias, w_hh, keep=False)[0]
+    del gx
     logits = torch.baddbmm(head_b.unsqueeze(2), head_w, h)                          # (A, C, rows)
     return torch.log_softmax(logits, dim=1).transpose(1, 2)
 

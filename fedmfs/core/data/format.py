@@ -28,8 +28,8 @@ from fedmfs.core.fields import NAME
 from fedmfs.core.fsio import atomic_write_with, read_spec_document
 from fedmfs.core.modality import DatasetSpec
 
-__all__ = ["FORMAT_VERSION", "ClientData", "Fleet", "Rows", "load_client", "load_fleet", "read_fleet_spec",
-           "save_fleet"]
+__all__ = ["FORMAT_VERSION", "ClientData", "Fleet", "Rows", "gather_rows", "load_client", "load_fleet",
+           "read_fleet_spec", "row_chunks", "save_fleet"]
 
 FORMAT_VERSION = 1
 # rows gathered (or checked) from a memory-mapped array between two drops of its read pages
@@ -50,16 +50,27 @@ def _chunk_rows(a: np.ndarray) -> int:
     return max(1, _GATHER_BYTES // row)
 
 
+def row_chunks(a: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """``(i, a[rows[i:i + k]])`` for consecutive parts of ``rows``: one part for an array in memory; from
+    a memory-mapped array a few MB at a time, the mapped pages read given back after each part (so a
+    caller that copies each part where it belongs never holds more than one part beside its output)."""
+    if not isinstance(a, np.memmap):
+        yield 0, a[rows]
+        return
+    step = _chunk_rows(a)
+    for i in range(0, len(rows), step):
+        yield i, a[rows[i:i + step]]
+        _drop(a)
+
+
 def gather_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``a[rows]`` as a new array. From a memory-mapped array the rows are copied a few MB at a time and
     the mapped pages read are given back after each part, so the copy is all that stays resident."""
     if not isinstance(a, np.memmap):
         return a[rows]
     out = np.empty((len(rows), *a.shape[1:]), a.dtype)
-    step = _chunk_rows(a)
-    for i in range(0, len(rows), step):
-        out[i:i + step] = a[rows[i:i + step]]
-        _drop(a)
+    for i, part in row_chunks(a, rows):
+        out[i:i + len(part)] = part
     return out
 
 
