@@ -67,6 +67,15 @@ class TrainConfig:
     # batched steps (fedmfs.learner.batched: the same training, to float tolerance, at a fraction of
     # the per-call overhead); "reference": one nn.LSTM at a time with torch.optim (the reference path)
     engine: str = "batched"
+    # A device (Learner.local_round) trains its modality models in groups, one group after the other:
+    # smallest first, a group's models together while one step's batch of their windows (batch_size x
+    # steps x features float32) stays within this many MiB; a model whose batch alone is larger trains
+    # by itself. The same models either way (each model's steps are its own); what it trades is memory
+    # against per-step overhead: on the actionsense preset (two 32x32 tactile grids, T=100) 8 MiB
+    # trains each tactile model alone and the four small ones together: peak RSS of the training
+    # +124 MiB instead of +234 MiB with all six pooled, at the same CPU time (each model alone: +99 MiB,
+    # +28% CPU). docs/deploy.md. A simulated fleet pools every device's models regardless.
+    pool_batch_mb: float = 8.0
 
     def __post_init__(self) -> None:
         if self.value_kind not in VALUE_KINDS:
@@ -79,6 +88,8 @@ class TrainConfig:
             raise ConfigError(f"folds must be >= 2, got {self.folds}")
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(map(repr, ENGINES))}, got {self.engine!r}")
+        if not self.pool_batch_mb >= 0:
+            raise ConfigError(f"pool_batch_mb must be >= 0, got {self.pool_batch_mb}")
         if self.shapley_backend not in ("onnx", "numpy"):
             raise ConfigError(f"shapley_backend must be 'onnx' or 'numpy', got {self.shapley_backend!r}")
         for k in ("min_steps", "patience"):

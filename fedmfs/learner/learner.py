@@ -277,8 +277,27 @@ class Learner:
             for m in self.present:
                 self._train_modality(m, round_index, plan.train_rows, plan.val_rows)
         else:
-            train_modalities(self.training_jobs(plan), self.config)
+            for group in self.training_groups(self.training_jobs(plan)):
+                train_modalities(group, self.config)
         return self.end_round(plan, self._fit(self.stage1_fit(plan)), codec)
+
+    def training_groups(self, jobs: list[ModalityJob]) -> list[list[ModalityJob]]:
+        """``jobs`` in the groups this device trains one after the other (``TrainConfig.pool_batch_mb``):
+        smallest batch first, together while a step's batch of windows stays within the budget. Each
+        model trains the same in any group; the groups bound the memory of a step (a paper-size
+        device's two tactile models pooled hold 2 x 13 MB of batch and their activations at once)."""
+        budget = self.config.pool_batch_mb * (1 << 20)
+        size = {id(j): self.config.batch_size * 4 * int(np.prod(j.x.shape[1:])) for j in jobs}
+        groups: list[list[ModalityJob]] = []
+        used = 0.0
+        for j in sorted(jobs, key=lambda j: size[id(j)]):
+            if groups and used + size[id(j)] <= budget:
+                groups[-1].append(j)
+                used += size[id(j)]
+            else:
+                groups.append([j])
+                used = size[id(j)]
+        return groups
 
     def _fit(self, job: FusionJob) -> FusionModel:
         if self.config.engine == "reference":
