@@ -331,10 +331,11 @@ def measure(preset: str, rounds: int, quick: bool) -> dict:
     order = [key for group in itertools.zip_longest(*by_factor.values()) for key in group if key is not None]
     order = [(k0, m0, 1.0), *order, *held, (k0, m0, 1.0)]
 
+    head = git_head()
     print(f"preset {preset}: {k0} clients, {m0} modalities "
           f"({', '.join(f'{m.name}:{m.features}' for m in base.spec.modalities)}), "
           f"{preset_windows:.0f} windows a client; T={base.spec.steps}, hidden {base.spec.modalities[0].hidden}; "
-          f"{rounds} rounds a point; {len(order)} runs; {git_head()}; load average {os.getloadavg()[0]:.2f}",
+          f"{rounds} rounds a point; {len(order)} runs; {head}; load average {os.getloadavg()[0]:.2f}",
           flush=True)
     # warm-up (imports, first calls): not measured
     run_point(build_fleet(pool, preset, min(3, k0), ms[0], 1.0), 2)
@@ -354,7 +355,10 @@ def measure(preset: str, rounds: int, quick: bool) -> dict:
               f"  start-up {c['startup']:5.2f}s  round 0 {c['round0']:6.2f}s  later {c['later']:6.2f}s CPU"
               f"  (wall {wl['startup']:5.2f} / {wl['round0']:6.2f} / {wl['later']:6.2f})  load {load:.1f}",
               flush=True)
-    return {"benchmark": "cost_model", "preset": preset, "rounds": rounds, "quick": quick, "commit": git_head(),
+    if git_head() != head:       # the code changed under the run: lazily imported modules may be newer
+        print(f"warning: the checkout moved during the run, to {git_head()}", flush=True)
+    return {"benchmark": "cost_model", "preset": preset, "rounds": rounds, "quick": quick, "commit": head,
+            "commit_at_end": git_head(),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
             "base": {"K": k0, "M": m0, "windows_per_client": preset_windows,
                      "widths": {ms.name: ms.features for ms in base.spec.modalities}},
