@@ -15,7 +15,7 @@ its mask entry False (the fusion model multiplies them away and sees the mask).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +44,10 @@ _COALITION_IN = ("x_probs", "bg_probs", "mask", "coalitions")
 _COALITION_OUT = "coalition_probs"
 
 # Bound on the float32 elements ORT allocates in one modality-model call (its time-major copy of the
-# input and the LSTM workspace, see EdgeRuntime._rows_per_call): 2^19 = 2 MiB, i.e. 3 tactile windows
-# of 100 x 32 x 32 per call on ActionSense shapes, 16 eye windows.
-DEFAULT_INPUT_CHUNK_ELEMENTS = 1 << 19
+# input and the LSTM workspace, see EdgeRuntime._rows_per_call): 2^18 = 1 MiB, i.e. 1 tactile window
+# of 100 x 32 x 32 per call on ActionSense shapes, 8 eye windows (at 2^19, 3 tactile windows, the
+# modality step's peak RSS was 4-5 MB higher at about the same CPU time: docs/deploy.md).
+DEFAULT_INPUT_CHUNK_ELEMENTS = 1 << 18
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -111,6 +112,31 @@ def check_io(sess: ort.InferenceSession, what: str, inputs: dict[str, tuple], ou
         raise PayloadError(f"{what} does not fit the dataset spec: " + "; ".join(problems))
 
 
+class _OnDemand(Mapping[str, ort.InferenceSession]):
+    """Checked ONNX models kept as their bytes: each lookup opens a new session on one, which lives
+    as long as the caller holds it (``name in`` and iteration do not open anything)."""
+
+    def __init__(self, so: ort.SessionOptions):
+        self._so = so
+        self._models: dict[str, tuple[bytes, str]] = {}
+
+    def add(self, name: str, data: bytes, what: str) -> None:
+        self._models[name] = (data, what)
+
+    def __getitem__(self, name: str) -> ort.InferenceSession:
+        data, what = self._models[name]
+        return open_session(data, what, self._so)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
 class EdgeRuntime:
     """ONNX Runtime sessions for one device's model set.
 
@@ -152,16 +178,21 @@ class EdgeRuntime:
             raise ManifestError(f"models for unknown modalities {unknown}; the spec has {list(spec.names)}")
         so = session_options(threads)
         c, m = spec.num_classes, len(spec.modalities)
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        # each modality model is checked now, then kept as its bytes and opened only while it runs
+        # (_modality_logp): six open sessions held 14 MB on ActionSense shapes, opening one takes 1-2 ms
+        self._sessions = _OnDemand(so)
         self._tails = {ms.name: (spec.steps, *ms.feature_shape) for ms in spec.modalities}
         self._inputs = {ms.name: ms.onnx_input for ms in spec.modalities}
         for ms in spec.modalities:
             if ms.name not in modality_models:
                 continue
-            sess = open_session(modality_models[ms.name], f"modality model {ms.name!r}", so)
-            check_io(sess, f"modality model {ms.name!r}", {ms.onnx_input: (None, None, *ms.feature_shape)},
-                      {ms.onnx_output: (None, c)})
-            self._sessions[ms.name] = sess
+            what = f"modality model {ms.name!r}"
+            data = read_model(modality_models[ms.name], what)
+            sess = open_session(data, what, so)
+            check_io(sess, what, {ms.onnx_input: (None, None, *ms.feature_shape)}, {ms.onnx_output: (None, c)})
+            del sess
+            self._sessions.add(ms.name, data, what)
+        release_free_heap()
         self._fusion = None
         if fusion_model is not None:
             self._fusion = open_session(fusion_model, "fusion model", so)
@@ -207,7 +238,8 @@ class EdgeRuntime:
                 raise PayloadError(f"coalition graph: bad fusion_hidden metadata {meta.get('fusion_hidden')!r}") from e
         # the one-graph model is checked now but kept as bytes and opened on the first predict that
         # can use it: its session holds a second copy of every modality model's weights (+7 MB on
-        # ActionSense shapes), which a process that only scores modalities never needs
+        # ActionSense shapes), which a process that only scores modalities never needs; it stays open
+        # for the next predicts (batch-1 latency) until a call runs the modality models
         self._personalised: ort.InferenceSession | None = None
         self._personalised_bytes: bytes | None = None
         self._personalised_names: tuple[str, ...] = ()
@@ -308,7 +340,7 @@ class EdgeRuntime:
     def _modality_logp(self, name: str, a: np.ndarray, out: np.ndarray) -> None:
         """Write modality ``name``'s probabilities for the rows of ``a`` into ``out`` (N, C), one
         session call per row chunk. Chunks of float32 C-contiguous input are views, not copies."""
-        sess, ms = self._sessions[name], self.spec[name]
+        sess, ms = self._sessions[name], self.spec[name]   # opened for this call, closed after it
         rows = self._rows_per_call(name)
         # ORT's per-call buffers (~1.5 MB for 3 tactile windows) come from the heap once glibc's
         # dynamic mmap threshold has risen, and fragment it: without trims the heap grew by about
@@ -334,6 +366,9 @@ class EdgeRuntime:
         100 MB. Every problem is collected and reported together."""
         if not isinstance(x, Mapping):
             raise DataError(f"{what} must map modality names to arrays, got {type(x).__name__}")
+        if self._personalised is not None:   # the modality models run now: close the one-graph model
+            self._personalised = None
+            release_free_heap()
         m, c = len(self.spec.modalities), self.spec.num_classes
         problems: list[str] = []
         probs: np.ndarray | None = None
@@ -439,9 +474,8 @@ class EdgeRuntime:
         if problems:
             raise DataError("predict input: " + "; ".join(problems))
         if self._personalised is None:
-            assert self._personalised_bytes is not None, "a personalised model is opened once, from its bytes"
+            assert self._personalised_bytes is not None, "a personalised model is opened from its bytes"
             self._personalised = open_session(self._personalised_bytes, "personalised model", self._session_options)
-            self._personalised_bytes = None
         return self._personalised.run([_FUSION_OUT], feeds)[0]
 
     # ------------------------------------------------------------------ Shapley
