@@ -251,6 +251,7 @@ def measure(preset: str, fleet_dir: Path, client: int, rounds: int, work: Path, 
     try:
         files = write_fleet_configs(Fleet(spec, [data]), SimConfig.build("fedmfs", rounds=rounds), work,
                                     f"mqtt://127.0.0.1:{port}", f"bench-{os.getpid()}", protocol="auto")
+        _fit_train_table(files["edges"][data.name], tree)
         (work / "logs").mkdir(exist_ok=True)
         coord = subprocess.Popen([sys.executable, "-m", "fedmfs.coordinator.cli", "run", "--config",
                                   str(files["coordinator"]), "--exit-when-done", "--connect-timeout", "60"],
@@ -304,6 +305,34 @@ def measure(preset: str, fleet_dir: Path, client: int, rounds: int, work: Path, 
         inf[what] = {"peak_rss_mib": r["peak_rss_mib"], "cpu_s": r["cpu_s"],
                      "output_sha256": _sha(work / "logs" / f"{what}.out")}
     return {"training": train, "inference": inf, "work": str(work)}
+
+
+def _fit_train_table(edge_toml: Path, tree: str) -> None:
+    """Leave out of edge.toml's [train] the settings the measured code does not know (an older commit:
+    bddb5ac has no ``engine`` and refuses the key), when they have their default value (the old code's
+    behaviour); a setting set otherwise cannot be measured on that code."""
+    from dataclasses import fields
+
+    from fedmfs.core.settings import TrainConfig
+
+    probe = ("import dataclasses, json, sys; sys.path.insert(0, sys.argv[1]); "
+             "from fedmfs.core.settings import TrainConfig; "
+             "print(json.dumps([f.name for f in dataclasses.fields(TrainConfig)]))")
+    known = set(json.loads(subprocess.run([sys.executable, "-c", probe, tree], check=True, capture_output=True,
+                                          text=True).stdout))
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    out, section = [], None
+    for line in edge_toml.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip()
+        elif section == "[train]" and "=" in line:
+            key, value = (t.strip() for t in line.split("=", 1))
+            if key not in known:
+                if json.loads(value) != defaults.get(key):
+                    raise RuntimeError(f"[train] {key} = {value} is not known to the code measured ({tree})")
+                continue
+        out.append(line)
+    edge_toml.write_text("\n".join(out) + "\n")
 
 
 def _sha(p: Path) -> str:
