@@ -15,12 +15,13 @@ from torch import nn
 from fedmfs.core.data.synthetic import make_synthetic
 from fedmfs.core.modality import DatasetSpec, ModalitySpec
 from fedmfs.core.settings import TrainConfig
+from fedmfs.learner import batched
 from fedmfs.learner.batched import FusionJob, ModalityJob, _Adam, fit_fusion_reference, fit_fusions, train_modalities
 from fedmfs.learner.models import FusionModel, ModalityModel
 from fedmfs.learner.training import sgd_epochs
 
 
-def _reference(job: ModalityJob, cfg: TrainConfig) -> tuple[ModalityModel, int]:
+def _reference(job: ModalityJob, cfg: TrainConfig, losses: list[float] | None = None) -> tuple[ModalityModel, int]:
     model = copy.deepcopy(job.model)
     rng = copy.deepcopy(job.rng)
     x = torch.from_numpy(np.asarray(job.x)[job.rows])
@@ -30,7 +31,12 @@ def _reference(job: ModalityJob, cfg: TrainConfig) -> tuple[ModalityModel, int]:
     if job.val_rows is not None and len(job.val_rows):
         xv = torch.from_numpy(np.asarray(job.x)[job.val_rows])
         yv = torch.from_numpy(np.asarray(job.y)[job.val_rows])
-        val = lambda: float(loss(model(xv), yv))
+
+        def val() -> float:
+            v = float(loss(model(xv), yv))
+            if losses is not None:
+                losses.append(v)
+            return v
     steps = sgd_epochs(model, lambda b: loss(model(x[b]), y[b]), len(y), cfg, rng, val_loss=val)
     return model, steps
 
@@ -59,19 +65,61 @@ def _jobs(fleet, clients, val_every=5, seed=0):
     return jobs
 
 
-@pytest.mark.parametrize("cfg", [TrainConfig(min_steps=40), TrainConfig(patience=0, min_steps=20, epochs=2),
+def _near_tie(a: list[float], b: list[float]) -> bool:
+    """Whether two runs' validation losses (one per check) first part ways at an early-stopping decision
+    that floating-point noise can flip: the two runs' losses within 1e-5 of each other up to there, and
+    one of them within 1e-5 of its best minus 1e-6 (the improvement threshold of sgd_epochs)."""
+    best_a = best_b = float("inf")
+    for x, y in zip(a, b):
+        if abs(x - y) > 1e-5:
+            return False
+        up_a, up_b = x < best_a - 1e-6, y < best_b - 1e-6
+        if up_a != up_b:
+            return min(abs(x - (best_a - 1e-6)), abs(y - (best_b - 1e-6))) < 1e-5
+        best_a, best_b = (x if up_a else best_a), (y if up_b else best_b)
+    return False
+
+
+def test_near_tie_tells_noise_from_a_real_difference():
+    # the runs of the defaults case above: 2.984011173 vs 2.984010696, then both 2.984009981 (an
+    # improvement of 1.19e-6 for one, 0.72e-6 for the other)
+    a = [2.990046263, 2.984011173, 2.984009981, 2.984308004]
+    b = [2.990046501, 2.984010696, 2.984009981]
+    assert _near_tie(a, b)
+    assert not _near_tie(a, a)                                # no decision differs
+    assert not _near_tie([3.0, 2.9, 2.8], [3.0, 2.95, 2.8])  # losses apart by more than noise
+    assert not _near_tie([3.0, 2.9, 2.9], [3.0, 2.9, 2.8])
+
+
+@pytest.mark.parametrize("cfg", [TrainConfig(), TrainConfig(patience=0, min_steps=20, epochs=2),
                                  TrainConfig(batch_size=7, min_steps=0, epochs=3, patience=1, lr=0.05)],
                          ids=["defaults", "no-early-stop", "short-batches"])
-def test_every_model_is_the_one_it_trains_alone(headroom, cfg):
-    """Two clients, every modality (widths 2 to 256, tactile missing on one): the same steps and
-    weights within 1e-5 of the reference, whichever epoch each one stops at."""
+def test_every_model_is_the_one_it_trains_alone(headroom, cfg, monkeypatch):
+    """Two clients, every modality (widths 2 to 256, tactile missing on one): the same steps and weights
+    within 1e-5 of the reference, whichever epoch each one stops at. The one allowed exception: a
+    model whose validation loss came within float noise (1e-5) of the early-stopping threshold, where
+    the last bits of the sums decide whether an epoch counts as an improvement (it then keeps, or stops
+    at, another epoch, in either engine alike); such a model must be rare."""
     jobs = _jobs(headroom, [headroom.clients[0], headroom.clients[7]])
-    refs = [_reference(j, cfg) for j in jobs]
+    ref_losses: list[list[float]] = [[] for _ in jobs]
+    refs = [_reference(j, cfg, ref_losses[i]) for i, j in enumerate(jobs)]
+    seen: dict[int, list[float]] = {}
+    check = batched._Run.check
+
+    def spy(self, loss, patience, state):
+        seen.setdefault(id(self.job), []).append(loss)
+        return check(self, loss, patience, state)
+
+    monkeypatch.setattr(batched._Run, "check", spy)
     steps = train_modalities(jobs, cfg)
-    assert steps == [s for _, s in refs]
+    ties = 0
+    for j, (m, s), losses, got in zip(jobs, refs, ref_losses, steps, strict=True):
+        if got == s and _max_diff(j.model, m) < 1e-5:
+            continue
+        assert _near_tie(losses, seen.get(id(j), [])), (j.x.shape, got, s, list(zip(losses, seen.get(id(j), []))))
+        ties += 1
+    assert ties <= 1
     assert len(set(steps)) > 1 or cfg.patience == 0       # early stopping did differ between models
-    worst = max(_max_diff(j.model, m) for j, (m, _) in zip(jobs, refs, strict=True))
-    assert worst < 1e-5
     # and training moved models (some keep their start: their best validation loss was before training)
     fresh = _jobs(headroom, [headroom.clients[0], headroom.clients[7]])
     moved = [_max_diff(j.model, f.model) > 1e-3 for j, f in zip(jobs, fresh, strict=True)]
