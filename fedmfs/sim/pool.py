@@ -15,6 +15,7 @@ device's fault and fails every job of the pool, as fatal (a bug to see, not to r
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -44,9 +45,10 @@ class JobPool:
     def __init__(self, threads: int | None = None) -> None:
         self.pending: list[tuple[_PooledWorker, Job]] = []
         self.seconds = 0.0        # time spent running jobs
-        # the pooled steps are large batched matmuls: the simulation uses the machine's cores (a device's
-        # own setting, TrainConfig.threads, is for a device that trains alone)
-        self.threads = threads if threads is not None else 1
+        # the pooled steps are large batched matmuls: the simulation of a fleet uses this machine's cores
+        # (TrainConfig.threads is a device's setting, for a device that trains alone); measured on 2
+        # cores: a headroom round 1.5x faster with 2 threads than with 1
+        self.threads = threads if threads is not None else max(1, len(os.sched_getaffinity(0)))
 
     def worker(self, trainer: Trainer, post: Callable[[object], None]) -> _PooledWorker:
         """The ``worker_factory`` of an :class:`~fedmfs.edge.daemon.EdgeDaemon`."""
