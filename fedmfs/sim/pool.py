@@ -15,7 +15,6 @@ device's fault and fails every job of the pool, as fatal (a bug to see, not to r
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -45,10 +44,10 @@ class JobPool:
     def __init__(self, threads: int | None = None) -> None:
         self.pending: list[tuple[_PooledWorker, Job]] = []
         self.seconds = 0.0        # time spent running jobs
-        # the pooled steps are large batched matmuls: the simulation of a fleet uses this machine's cores
-        # (TrainConfig.threads is a device's setting, for a device that trains alone); measured on 2
-        # cores: a headroom round 1.5x faster with 2 threads than with 1
-        self.threads = threads if threads is not None else max(1, len(os.sched_getaffinity(0)))
+        # torch threads for the pooled steps: 1 by default. Two threads made a headroom round 1.5x faster on
+        # an idle 2-core machine, and 8x slower on a busy one (OpenMP's waiting threads spin: 62 s of CPU
+        # a round instead of 7.7), and sweeps run several simulations side by side
+        self.threads = threads if threads is not None else 1
 
     def worker(self, trainer: Trainer, post: Callable[[object], None]) -> _PooledWorker:
         """The ``worker_factory`` of an :class:`~fedmfs.edge.daemon.EdgeDaemon`."""
