@@ -63,12 +63,15 @@ class TrainConfig:
     # "onnx": the ONNX Runtime engine (the device's path); "numpy": the reference. Hard labels use numpy.
     shapley_backend: str = "onnx"
     threads: int = 1
-    # "batched": every modality model (and, in a simulated fleet, every device's) trains in the same
-    # batched steps (fedmfs.learner.batched: the same training, to float tolerance, at a fraction of
-    # the per-call overhead); "reference": one nn.LSTM at a time with torch.optim (the reference path)
+    # "batched": a simulated fleet trains every device's modality models in the same batched steps
+    # (fedmfs.learner.batched: each model as it trains alone, to float tolerance, at a fraction of the
+    # per-call overhead); a device alone trains a model whose training windows fit in memory (at most
+    # batched.COPY_LIMIT) with torch's fused LSTM, one at a time (faster for one model), and larger
+    # memory-mapped ones in batched steps read from the file; fusions are fitted with a written-out
+    # Adam. "reference": one nn.LSTM at a time and torch.optim's Adam (the reference path).
     engine: str = "batched"
-    # A device (Learner.local_round) trains its modality models in groups, one group after the other:
-    # smallest first, a group's models together while one step's batch of their windows (batch_size x
+    # A device (Learner.local_round) trains its large memory-mapped modality models in groups, one after
+    # the other: smallest first, a group's models together while one step's batch of their windows (batch_size x
     # steps x features float32) stays within this many MiB; a model whose batch alone is larger trains
     # by itself. The same models either way (each model's steps are its own); what it trades is memory
     # against per-step overhead: on the actionsense preset (two 32x32 tactile grids, T=100) 8 MiB
