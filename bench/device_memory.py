@@ -52,6 +52,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+from _trees import TREE_IMPORTS, checkout
 
 HERE = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -65,19 +66,7 @@ WRAPPER = textwrap.dedent("""
     import atexit, importlib.abc, importlib.util, json, os, sys
     tree, out, block_torch, module = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
     argv = sys.argv[5:]
-    if tree:
-        roots = {"fedmfs": "fedmfs", "fedmfs.edge": "edge", "fedmfs.coordinator": "coordinator",
-                 "fedmfs.export": "export"}
-
-        class Tree(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name in roots:
-                    d = os.path.join(tree, roots[name])
-                    return importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"),
-                                                                  submodule_search_locations=[d])
-                return None
-
-        sys.meta_path.insert(0, Tree())
+""") + TREE_IMPORTS + textwrap.dedent("""
     if block_torch:
         class Blocker(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
@@ -340,15 +329,6 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def _checkout(ref: str, into: Path) -> str:
-    sha = subprocess.run(["git", "-C", str(HERE), "rev-parse", ref], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(HERE), "archive", sha], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return sha
-
-
 def _fmt(r: dict) -> list[str]:
     t, i = r["training"], r["inference"]
     cpu = ", ".join(f"{c:.1f}" for c in t["cpu_s_per_round"])
@@ -376,9 +356,9 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     result: dict = {"rounds": a.rounds, "client": a.client, "seed": a.seed, "presets": {}}
     # committed code only (git archive): work in progress in this tree does not leak into the figures
-    trees = {"new": (str(tmp / "new"), _checkout(a.ref, tmp / "new"))}
+    trees = {"new": (str(tmp / "new"), checkout(a.ref, tmp / "new"))}
     if a.baseline:
-        trees["baseline"] = (str(tmp / "baseline"), _checkout(a.baseline, tmp / "baseline"))
+        trees["baseline"] = (str(tmp / "baseline"), checkout(a.baseline, tmp / "baseline"))
     result["commits"] = {k: v[1] for k, v in trees.items()}
     try:
         for preset in presets:

@@ -31,27 +31,17 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent
+from _trees import TREE_IMPORTS, checkout
+
 BASELINE = "bddb5ac"      # main before issue 16
 
 # The child: imports fedmfs from TREE if given (another commit's source), runs one simulation, writes
 # its timings, uploads and where the devices' state went.
 CHILD = r"""
-import importlib.abc, importlib.util, json, os, sys, time
+import json, sys, time
 t_start = time.perf_counter()
 tree, out, variant, preset, rounds, seed, clients, work = sys.argv[1:9]
-if tree:
-    roots = {"fedmfs": "fedmfs", "fedmfs.edge": "edge", "fedmfs.coordinator": "coordinator", "fedmfs.export": "export"}
-
-    class Tree(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name in roots:
-                d = os.path.join(tree, roots[name])
-                return importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"),
-                                                              submodule_search_locations=[d])
-            return None
-
-    sys.meta_path.insert(0, Tree())
+""" + TREE_IMPORTS + r"""
 import logging
 import torch
 torch.set_num_threads(1)
@@ -83,15 +73,6 @@ json.dump({"startup_s": t0 - t_start, "run_s": t1 - t0, "cpu_s": time.process_ti
            "accuracy": rep["final_accuracy"], "work": work,
            "fedmfs": sys.modules["fedmfs"].__file__}, open(out, "w"))
 """
-
-
-def _checkout(ref: str, into: Path) -> str:
-    sha = subprocess.run(["git", "-C", str(HERE), "rev-parse", ref], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(HERE), "archive", sha], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return sha
 
 
 def _run(tree: str, variant: str, args, tmp: Path) -> dict:
@@ -139,7 +120,7 @@ def main(argv=None) -> int:
     runs: dict[str, dict] = {}
     sha = None
     if args.baseline:
-        sha = _checkout(args.baseline, tmp / "baseline")
+        sha = checkout(args.baseline, tmp / "baseline")
         runs["before"] = _run(str(tmp / "baseline"), "before", args, tmp)
     runs["reference"] = _run("", "reference", args, tmp)
     runs["fast"] = _run("", "fast", args, tmp)
