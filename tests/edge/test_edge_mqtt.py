@@ -44,7 +44,7 @@ def _check_same(ref, rep):
 
 def test_simulation_over_mosquitto_equals_inproc_and_caps_hold(fleet, mosquitto, tmp_path):
     cfg = SimConfig.build(rounds=3, gamma=2, seed=1, cap_bytes=60000, train=TRAIN)
-    ref = run_simulation(fleet, cfg)
+    ref = run_simulation(fleet, cfg, pooled=False)    # per device, as each daemon process trains
     rep = run_mqtt_simulation(fleet, cfg, mosquitto.url, workdir=tmp_path / "run", timeout=240)
     _check_same(ref, rep)
     assert rep["transport"] == "mqtt" and len(rep["rounds"]) == 3
@@ -98,7 +98,7 @@ def _wait(pred, timeout, what):
 
 def test_restarts_mid_round_and_mid_upload_lose_and_double_count_nothing(fleet, mosquitto, tmp_path):
     cfg = SimConfig.build(rounds=2, gamma=2, seed=2, train=TRAIN)
-    ref = run_simulation(fleet, cfg)
+    ref = run_simulation(fleet, cfg, pooled=False)    # per device, as each daemon process trains
     work = tmp_path / "run"
     (work / "logs").mkdir(parents=True)
     files = write_fleet_configs(fleet, cfg, work, mosquitto.url, "restart", round_seconds=120, chunk_bytes=2048)
