@@ -186,7 +186,7 @@ class Learner:
             rt = model_set_runtime(
                 self.spec,
                 {m: state_to_numpy(self.models[m]) for m in self.present},
-                state_to_numpy(f), cfg.fusion_hidden, threads=cfg.threads,
+                state_to_numpy(f), cfg.fusion_hidden, threads=cfg.threads, personalised=False,
             )
             xs = {m: gather_rows(self.data.x[m], rows[idx]) for m in self.present}
             res = rt.shapley(xs, {m: gather_rows(self.data.x[m], rows[bg]) for m in self.present}, kind=kind,
