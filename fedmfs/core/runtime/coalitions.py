@@ -15,10 +15,13 @@ Two ways to evaluate coalitions (a :data:`CoalitionFn`):
 * :func:`graph_coalition_fn` -- calls the coalition role of the coalition graph of
   :func:`fedmfs.core.runtime.graphs.fusion_coalition_onnx`, which exploits the fusion model's affine first
   layer (the engine of model sets built before issue 16, and of graphs built with ``tiles=False``);
-* :func:`split_coalition_fn` (:class:`SplitCoalitions`) -- the default for graphs with the split
-  role: hidden units always on or off over a coalition's rows become an affine part, only the mixed
-  ones go through the ReLU and the second layer (dense groups take the tile role);
-* :func:`tiled_coalition_fn` (:class:`TiledCoalitions`) -- graphs with terms and tile roles only:
+* :func:`split_coalition_fn` (:class:`SplitCoalitions`) -- for graphs with the split role, when asked
+  for (``EdgeRuntime(shapley_engine="split")``): hidden units always on or off over a coalition's rows
+  become an affine part, only the mixed ones go through the ReLU and the second layer (dense groups
+  take the tile role). Faster only when few units are mixed (near-uniform modality outputs); 4x slower
+  than tiled on trained models' sharp outputs (docs/benchmarks.md), so not the default;
+* :func:`tiled_coalition_fn` (:class:`TiledCoalitions`) -- the default for graphs with terms and tile
+  roles (with or without the split role):
   for exact values the players split in two halves, so a coalition's first-layer
   pre-activation is one add of two precomputed tables, and phi is reduced block by block. At
   M = 12 on ActionSense shapes it is ~1.6x to 2x faster than the coalition role (docs/benchmarks.md).

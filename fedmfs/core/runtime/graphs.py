@@ -325,7 +325,8 @@ def fusion_coalition_onnx(
       ``tile_onehot`` (K,C,1) the explained samples' true classes, ``tile_loglik`` (G,K,1) the
       true class's log-probability, clipped at log(1e-12) as the reference clips, summed over B'.
 
-    With ``tiles`` and ``split`` (the default since the split engine) one more role, and the second
+    With ``tiles`` and ``split`` (both built by default; the runtime uses the split role only when
+    asked for) one more role, and the second
     layer's weights ``out_weight`` (H,C) and ``out_bias`` (C,) as outputs of any call:
 
     * **split**: for G coalitions on K explained x B' background rows, only the hidden units whose
