@@ -88,6 +88,13 @@ class JobPool:
                 w._post(w._execute_failed(j, e))
         return out
 
+    @staticmethod
+    def _fail_all(begun, what: str, e: Exception) -> None:
+        """The pooled step failed: no device's fault, so every job of the pool fails, fatally (a bug)."""
+        log.exception("the pooled %s of %d devices failed", what, len(begun))
+        for w, j, _ in begun:
+            w._post(JobFailed(job_kind(j), j.round, f"pooled {what}: {type(e).__name__}: {e}", False, time.time(), 1))
+
     def _train(self, jobs) -> None:
         from fedmfs.edge.machine import Trained
         from fedmfs.learner.fleet import local_rounds
@@ -104,10 +111,7 @@ class JobPool:
         try:
             updates = local_rounds([(c, j.round, dict(j.starts), j.config.policy.codec) for _, j, c in begun])
         except Exception as e:
-            log.exception("the pooled training of %d devices failed", len(begun))
-            for w, j, _ in begun:
-                w._post(JobFailed(job_kind(j), j.round, f"pooled training: {type(e).__name__}: {e}", False,
-                                  time.time(), 1))
+            self._fail_all(begun, "training", e)
             return
         seconds = (time.perf_counter() - t0) / len(begun)
         for (w, j, _), upd in zip(begun, updates, strict=True):
@@ -122,10 +126,7 @@ class JobPool:
         try:
             stage2_all([(c, dict(j.deploy), j.round) for _, j, c in begun])
         except Exception as e:
-            log.exception("the pooled Stage #2 of %d devices failed", len(begun))
-            for w, j, _ in begun:
-                w._post(JobFailed(job_kind(j), j.round, f"pooled Stage #2: {type(e).__name__}: {e}", False,
-                                  time.time(), 1))
+            self._fail_all(begun, "Stage #2", e)
             return
         for w, j, _ in begun:
             w._post(w._execute(j, lambda job, tr=w.trainer: tr.end_stage2(job)))

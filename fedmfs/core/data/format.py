@@ -273,27 +273,6 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
-def _read_npz(p: Path) -> dict[str, np.ndarray]:
-    try:
-        z = np.load(p, allow_pickle=False)
-    except _UNREADABLE as e:
-        raise DataError(f"{p}: not a readable .npz archive ({_first_line(e)}). {_NPZ_FIX}") from e
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise DataError(f"{p}: not an .npz archive (numpy reads one array from it, a .npy file). {_NPZ_FIX}")
-    try:
-        with z:
-            files = dict(z.items())
-    except _UNREADABLE as e:
-        raise DataError(f"{p}: not a readable .npz archive ({_first_line(e)}). {_NPZ_FIX}") from e
-    # numpy hands back a member without the .npy magic as its raw bytes (found by fuzzing: validate() then
-    # raised AttributeError on bytes.shape)
-    raw = sorted(k for k, v in files.items() if not isinstance(v, np.ndarray))
-    if raw:
-        raise DataError(f"{p}: {', '.join(f'{k}.npy' for k in raw)} in the archive {'is' if len(raw) == 1 else 'are'} "
-                        f"not .npy arrays. {_NPZ_FIX}")
-    return files
-
-
 def _map_member(p: Path, f, info: zipfile.ZipInfo | None) -> np.ndarray | None:
     """The array of an archive member stored uncompressed (what ``numpy.savez`` and :func:`save_fleet`
     write) as a read-only memory map of the archive, or None where that cannot be done (compressed,
@@ -325,8 +304,9 @@ def _map_member(p: Path, f, info: zipfile.ZipInfo | None) -> np.ndarray | None:
         return None
 
 
-def _read_npz_mapped(p: Path) -> dict[str, np.ndarray]:
-    """:func:`_read_npz`, the ``x_<modality>`` arrays memory-mapped where they are stored uncompressed."""
+def _read_npz(p: Path, mmap: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of the client file ``p``; with ``mmap`` the ``x_<modality>`` arrays memory-mapped where
+    they are stored uncompressed (the others, and compressed members, read)."""
     try:
         z = np.load(p, allow_pickle=False)
     except _UNREADABLE as e:
@@ -336,12 +316,14 @@ def _read_npz_mapped(p: Path) -> dict[str, np.ndarray]:
     files: dict[str, Any] = {}
     try:
         with z, open(p, "rb") as f:
-            infos = {i.filename: i for i in z.zip.infolist()} if z.zip is not None else {}
+            infos = {i.filename: i for i in z.zip.infolist()} if mmap and z.zip is not None else {}
             for key in z.files:
-                mapped = _map_member(p, f, infos.get(key + ".npy")) if key.startswith("x_") else None
+                mapped = _map_member(p, f, infos.get(key + ".npy")) if mmap and key.startswith("x_") else None
                 files[key] = mapped if mapped is not None else z[key]
     except _UNREADABLE as e:
         raise DataError(f"{p}: not a readable .npz archive ({_first_line(e)}). {_NPZ_FIX}") from e
+    # numpy hands back a member without the .npy magic as its raw bytes (found by fuzzing: validate() then
+    # raised AttributeError on bytes.shape)
     raw = sorted(k for k, v in files.items() if not isinstance(v, np.ndarray))
     if raw:
         raise DataError(f"{p}: {', '.join(f'{k}.npy' for k in raw)} in the archive {'is' if len(raw) == 1 else 'are'} "
@@ -380,7 +362,7 @@ def load_client(path: str | os.PathLike, spec: DatasetSpec, name: str | None = N
     p = Path(path)
     if not p.is_file():
         raise DataError(f"client file {p} does not exist")
-    files = _read_npz_mapped(p) if mmap else _read_npz(p)
+    files = _read_npz(p, mmap)
     for key in ("y", "train"):
         if key not in files:
             raise DataError(f"{p}: missing array {key!r} (expected y, train and x_<modality> arrays)")

@@ -262,12 +262,10 @@ class TiledCoalitions:
     def _shape(self) -> tuple[int, ...]:
         return (self.c,) if self.kind == "prob" else ()
 
-    # -- any coalitions (permutation sampling)
-    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
-        coal = np.asarray(coalitions, dtype=np.float64)
-        s = coal.shape[0]
-        a = np.tensordot(coal, self.xt, 1)                          # (S,N,H)
-        bc = np.tensordot(1.0 - coal, self.bt, 1) + self.const     # (S,B,H)
+    def _dense(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Values of coalitions through the tile role (every hidden unit), summed over the background:
+        ``a`` (S,N,H) their explained samples' first-layer terms, ``c`` (S,B,H) the background's."""
+        s = a.shape[0]
         bb, k, g = self._blocks(s)
         out = np.zeros((s, self.n) + self._shape())
         shared = np.zeros((k, bb, self.hidden), np.float32)
@@ -276,9 +274,16 @@ class TiledCoalitions:
             for b0 in range(0, self.b, bb):
                 b1 = min(self.b, b0 + bb)
                 for s0 in range(0, s, g):
-                    pre = np.add(a[s0:s0 + g, n0:n1, None, :], bc[s0:s0 + g, None, b0:b1, :], dtype=np.float32)
+                    pre = np.add(a[s0:s0 + g, n0:n1, None, :], c[s0:s0 + g, None, b0:b1, :], dtype=np.float32)
                     out[s0:s0 + g, n0:n1] += self._tile(pre, shared[:n1 - n0, :b1 - b0], n0)
-        return out / self.b
+        return out
+
+    # -- any coalitions (permutation sampling)
+    def __call__(self, coalitions: np.ndarray) -> np.ndarray:
+        coal = np.asarray(coalitions, dtype=np.float64)
+        a = np.tensordot(coal, self.xt, 1)                          # (S,N,H)
+        bc = np.tensordot(1.0 - coal, self.bt, 1) + self.const     # (S,B,H)
+        return self._dense(a, bc) / self.b
 
     # -- all coalitions, reduced to Shapley values on the fly
     def exact_phi(self, weights: np.ndarray) -> np.ndarray:
@@ -436,21 +441,6 @@ class SplitCoalitions(TiledCoalitions):
                     else:
                         vals[s0:s1, n0:n1] += value
         out[sparse] = vals
-        return out
-
-    def _dense(self, a: np.ndarray, c: np.ndarray) -> np.ndarray:
-        """Values of a group through the tile role (every hidden unit), summed over the background."""
-        s = a.shape[0]
-        bb, k, g = self._blocks(s)
-        out = np.zeros((s, self.n) + self._shape())
-        shared = np.zeros((k, bb, self.hidden), np.float32)
-        for n0 in range(0, self.n, k):
-            n1 = min(self.n, n0 + k)
-            for b0 in range(0, self.b, bb):
-                b1 = min(self.b, b0 + bb)
-                for s0 in range(0, s, g):
-                    pre = np.add(a[s0:s0 + g, n0:n1, None, :], c[s0:s0 + g, None, b0:b1, :], dtype=np.float32)
-                    out[s0:s0 + g, n0:n1] += self._tile(pre, shared[:n1 - n0, :b1 - b0], n0)
         return out
 
     def __call__(self, coalitions: np.ndarray) -> np.ndarray:
