@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from fedmfs.core.data import PRESETS, load_fleet, make_synthetic, save_fleet
-from fedmfs.core.data.synthetic import SUBJECTS, TACTILE_MISSING
+from fedmfs.core.data.synthetic import FAMILIES, SUBJECTS, TACTILE_MISSING
 from fedmfs.core.modality import ACTIONSENSE_MODALITIES
 
 
@@ -303,3 +304,142 @@ def test_a_cover_must_leave_no_class_to_the_gloves_alone():
         _check_cover(dataclasses.replace(p, cover=cover, truth=truth))
     with pytest.raises(ValueError, match="covers 5 classes, truth says 6"):
         _check_cover(dataclasses.replace(p, cover=cover))
+
+
+# --- the fleet families (issue 17): noisy, redundant, largeweak ---
+
+TRUTH_KEYS = ("informativeness", "informativeness_order", "shapley_truth", "class_gain", "shapley_truth_fleet",
+              "shapley_truth_value_all", "encoded_classes")
+
+
+@pytest.fixture(scope="module")
+def families():
+    return {name: make_synthetic(name, 0) for name in FAMILIES}
+
+
+def _arrays_digest(fleet) -> str:
+    h = hashlib.sha256()
+    for c in fleet.clients:
+        h.update(c.name.encode())
+        h.update(c.y.tobytes())
+        h.update(c.train.tobytes())
+        for k in sorted(c.x):
+            h.update(k.encode())
+            h.update(c.x[k].tobytes())
+    return h.hexdigest()
+
+
+def test_existing_presets_are_unchanged_bit_for_bit(small, headroom):
+    """The arrays of `small` and `headroom` (seed 0) as generated before the families were added. If a
+    numpy upgrade changes its random streams this fails too: check the generator did not change before
+    writing new digests."""
+    assert _arrays_digest(small) == "f4754c17a1521558fc1d468a2412da25c57e341da3d862bf978f89efa9795b4c"
+    assert _arrays_digest(headroom) == "352e0f4bf11d2d46dc083cabf907751448c3c46a6be349883b9c0402fdcf405c"
+    assert "redundant_pairs" not in small.metadata and "redundant_pairs" not in headroom.metadata
+    assert small.spec.names == tuple(m.name for m in ACTIONSENSE_MODALITIES)
+
+
+def test_families_are_presets():
+    assert set(FAMILIES) <= set(PRESETS)
+    for name in FAMILIES:
+        p = PRESETS[name]
+        spec = p.spec()
+        assert p.name == name and spec.steps == 12 and all(m.hidden == 16 for m in spec.modalities)
+        assert p.windows_per_class == 15 and len(spec.modalities) <= 10
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_deterministic_and_seed_dependent(name, families):
+    fleet, again, other = families[name], make_synthetic(name, 0), make_synthetic(name, 1)
+    assert _arrays_digest(fleet) == _arrays_digest(again)
+    assert fleet.metadata == again.metadata
+    assert _arrays_digest(fleet) != _arrays_digest(other)
+    assert fleet.metadata["encoded_classes"] != other.metadata["encoded_classes"]  # the seed's class permutation
+    assert json.loads(json.dumps(fleet.metadata)) == fleet.metadata
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_has_the_ground_truth_headroom_has(name, families):
+    fleet = families[name]
+    md = fleet.metadata
+    assert fleet.spec == PRESETS[name].spec() and md["preset"] == name
+    assert all(k in md for k in TRUTH_KEYS)
+    assert sorted(md["informativeness_order"]) == sorted(fleet.spec.names)
+    whole = md["shapley_truth_fleet"]
+    vals = [whole[m] for m in md["informativeness_order"]]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    gain = {m: np.asarray(v) for m, v in md["class_gain"].items()}
+    assert set(md["shapley_truth"]) == set(SUBJECTS)
+    for c in fleet.clients:
+        assert set(md["shapley_truth"][c.name]) == set(c.x)
+        assert {m for m in c.x if m.startswith("tactile")} == (
+            set() if c.name in TACTILE_MISSING else {m for m in fleet.spec.names if m.startswith("tactile")})
+        v_all = float(np.max(np.stack([gain[m] for m in c.x]), axis=0).mean())
+        assert abs(sum(md["shapley_truth"][c.name].values()) - v_all) < 1e-9
+        assert 0.6 < v_all < 0.95  # informative, but no modality set is certain of every class
+        for m, x in c.x.items():
+            assert x.dtype == np.float32 and x.shape == (len(c), 12, *fleet.spec[m].feature_shape)
+            assert -1.0 <= x.min() and x.max() <= 1.0
+    # every class is encoded by a modality every client has; no modality alone suffices
+    enc = _encoded(fleet)
+    assert set().union(*(enc[m] for m in enc if not m.startswith("tactile"))) == set(range(20))
+    assert max(len(v) for v in enc.values()) <= 8
+
+
+def test_noisy_noise_modalities_get_zero_truth(families):
+    fleet = families["noisy"]
+    md, feats = fleet.metadata, {m.name: m.features for m in fleet.spec.modalities}
+    noise = md["noise_modalities"]
+    widths = sorted(feats[m] for m in noise)
+    assert len(noise) >= 4 and widths[0] <= 4 and widths[-1] >= 256  # spread over 3..256 features
+    informative = [m for m in fleet.spec.names if m not in noise]
+    assert len(informative) >= 4 and max(feats[m] for m in informative) >= 50 * min(feats[m] for m in informative)
+    assert md["informativeness_order"][-len(noise):] == noise
+    for c in fleet.clients:
+        phi = md["shapley_truth"][c.name]
+        assert all(phi[m] == 0.0 for m in noise)
+        assert min(phi[m] for m in informative if m in phi) > 0.01
+    assert all(md["class_gain"][m] == [0.0] * 20 and md["encoded_classes"][m] == [] for m in noise)
+
+
+def test_noisy_noise_is_noise_on_the_data(families):
+    single = _ncc_accuracy(families["noisy"])
+    noise = families["noisy"].metadata["noise_modalities"]
+    assert max(single[m] for m in noise) < 0.12 < min(single[m] for m in single if m not in noise), single
+
+
+def test_redundant_pairs_share_their_classes_and_differ_in_size(families):
+    fleet = families["redundant"]
+    md, feats, enc = fleet.metadata, {m.name: m.features for m in fleet.spec.modalities}, _encoded(fleet)
+    pairs = [tuple(p) for p in md["redundant_pairs"]]
+    assert len(pairs) >= 2
+    gain = {m: np.asarray(v) for m, v in md["class_gain"].items()}
+    for small_m, large_m in pairs:
+        assert enc[small_m] == enc[large_m] and len(enc[small_m]) >= 5  # the same classes
+        assert feats[large_m] >= 8 * feats[small_m]  # one much larger
+        classes = sorted(enc[small_m])
+        assert gain[small_m][classes].min() > 0 and gain[large_m][classes].min() > 0  # both informative
+        for c in fleet.clients:
+            phi = md["shapley_truth"][c.name]
+            if large_m in phi:
+                assert phi[small_m] > 0.01 and phi[large_m] > 0.01
+    paired = {m for p in pairs for m in p}
+    own = [m for m in fleet.spec.names if m not in paired]
+    assert own and all(enc[m] != enc[o] for m in own for o in fleet.spec.names if o != m)
+    assert any(sorted(enc[m] - set().union(*(enc[o] for o in enc if o != m))) for m in own)  # classes of its own
+    assert "noise_modalities" not in md
+
+
+def test_largeweak_largest_is_the_weakest_informative(families):
+    fleet = families["largeweak"]
+    md, feats = fleet.metadata, {m.name: m.features for m in fleet.spec.modalities}
+    largest, smallest = max(feats, key=feats.get), min(feats, key=feats.get)
+    assert md["informativeness_order"][-1] == largest and md["informativeness_order"][0] == smallest
+    assert "noise_modalities" not in md
+    assert max(md["class_gain"][largest]) > 0.05 and md["informativeness"][largest] > 0.05  # not pure noise
+    for c in fleet.clients:
+        phi = md["shapley_truth"][c.name]
+        assert 0 < phi[largest] == min(phi.values())
+    truth = md["shapley_truth_fleet"]
+    rho = spearmanr([truth[m] for m in feats], [feats[m] for m in feats]).statistic
+    assert rho < -0.9, rho

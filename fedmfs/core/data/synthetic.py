@@ -51,6 +51,22 @@ something to get right and the ``all`` baseline stays well below its ceiling:
   pattern is not credited), so noise modalities get exactly 0. ``metadata["class_gain"]`` holds ``g``
   ({modality: [20 floats]}), ``metadata["shapley_truth_fleet"]`` the truth of a client with every
   modality, and ``informativeness_order`` follows it (most -> least, noise modalities last).
+
+The **fleet families** (``FAMILIES``, issue 17) are presets built like ``headroom`` (its sizes, cover,
+Shapley truth and difficulty) with modalities of their own (``SyntheticPreset.modalities``; any
+``tactile*`` one is absent on S06-S09), each stressing one thing a selection rule can get wrong:
+
+* ``noisy``: five pure-noise modalities (3, 9, 32, 64, 256 features) beside five informative ones of 2 to
+  144 features; the noise gets exactly 0 in the truth.
+* ``redundant``: three pairs (``SyntheticPreset.pairs``, ``metadata["redundant_pairs"]``), a small and a
+  much larger modality encoding the same classes (2 / 144, 8 / 144, 8 / 66 features), and one modality
+  with classes of its own.
+* ``largeweak``: informativeness falls as size grows; the largest modality (16x16) is the weakest, yet
+  not noise.
+
+The seed drives the data and which classes each modality encodes (the class permutation); the
+structure (names, shapes, cover slots, amplitudes) is the preset's, so ``PRESETS[name].spec()`` is
+every seed's spec.
 """
 
 from __future__ import annotations
@@ -65,6 +81,7 @@ from fedmfs.core.data.partition import stratified_split
 from fedmfs.core.modality import ACTIONSENSE_MODALITIES, DatasetSpec, ModalitySpec
 
 __all__ = [
+    "FAMILIES",
     "GENERATOR",
     "PRESETS",
     "SUBJECTS",
@@ -128,12 +145,19 @@ class SyntheticPreset:
     cover: dict[str, tuple[int, ...]] | None = None
     # Pure-noise modalities ``noise<w>`` added to every client (add_noise_modalities), one per width.
     noise_widths: tuple[int, ...] = ()
+    # The generated modalities (name, per-step shape) in spec order; () = the six ActionSense ones,
+    # tactile grids of ``tactile_shape``. Whatever the names, ``tactile*`` ones are absent on S06-S09.
+    modalities: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # Redundant pairs (smaller, larger) encoding the same classes, recorded in the metadata.
+    pairs: tuple[tuple[str, str], ...] = ()
 
     def spec(self) -> DatasetSpec:
         """The DatasetSpec of this preset: the feature shapes actually generated and the hidden size
-        (the noise modalities, if any, after the six ActionSense ones)."""
+        (the noise modalities, if any, after the generated ones)."""
         mods = []
-        for m in ACTIONSENSE_MODALITIES:
+        if self.modalities:
+            mods = [ModalitySpec(name, tuple(shape), self.hidden) for name, shape in self.modalities]
+        for m in () if self.modalities else ACTIONSENSE_MODALITIES:
             shape = self.tactile_shape if m.name.startswith("tactile") else m.feature_shape
             mods.append(ModalitySpec(m.name, tuple(shape), self.hidden))
         mods += [ModalitySpec(f"noise{w}", (w,), self.hidden) for w in self.noise_widths]
@@ -180,7 +204,83 @@ PRESETS: dict[str, SyntheticPreset] = {
         },
         noise_widths=(3, 16, 64, 256),
     ),
+    # --- fleet families (issue 17): headroom's sizes and difficulty, one property each, a Shapley truth ---
+    "noisy": SyntheticPreset(
+        name="noisy", steps=12, windows_per_class=15, tactile_shape=(12, 12), hidden=16, grid_noise_rank=0,
+        description=("family: five pure-noise modalities (3, 9, 32, 64, 256 features) next to five informative "
+                     "ones of 2 to 144 features; noise gets Shapley truth 0 (T=12, hidden 16)"),
+        modalities=(("eye", (2,)), ("emg", (8,)), ("imu", (24,)), ("xsens", (66,)), ("tactile", (12, 12))),
+        truth={
+            "eye": ModalityTruth(amplitude=1.3, classes=7, active_fraction=1.0),
+            "imu": ModalityTruth(amplitude=1.0, classes=7),
+            "emg": ModalityTruth(amplitude=1.1, classes=6),
+            "xsens": ModalityTruth(amplitude=0.95, classes=8),
+            "tactile": ModalityTruth(amplitude=0.8, classes=6),
+        },
+        cover={
+            "eye": (0, 1, 2, 3, 4, 5, 6),
+            "emg": (7, 8, 9, 10, 11, 12),
+            "imu": (13, 14, 15, 16, 17, 18, 19),
+            "xsens": (3, 4, 5, 10, 11, 12, 16, 17),
+            "tactile": (0, 1, 8, 9, 14, 15),
+        },
+        noise_widths=(3, 9, 32, 64, 256),
+    ),
+    "redundant": SyntheticPreset(
+        name="redundant", steps=12, windows_per_class=15, tactile_shape=(12, 12), hidden=16, grid_noise_rank=0,
+        description=("family: three redundant pairs, a small and a much larger modality encoding the same "
+                     "classes (2 / 144, 8 / 144, 8 / 66 features), and one modality of its own (T=12, hidden 16)"),
+        modalities=(("eye", (2,)), ("emg_left", (8,)), ("emg_right", (8,)), ("imu", (24,)), ("xsens", (66,)),
+                    ("tactile_left", (12, 12)), ("tactile_right", (12, 12))),
+        truth={
+            "eye": ModalityTruth(amplitude=1.1, classes=6, active_fraction=1.0),
+            "emg_right": ModalityTruth(amplitude=1.0, classes=6),
+            "imu": ModalityTruth(amplitude=0.9, classes=6),
+            "xsens": ModalityTruth(amplitude=1.1, classes=5),
+            "tactile_right": ModalityTruth(amplitude=1.0, classes=6),
+            "tactile_left": ModalityTruth(amplitude=0.9, classes=6),
+            "emg_left": ModalityTruth(amplitude=0.7, classes=5),
+        },
+        cover={
+            "eye": (0, 1, 2, 3, 4, 5),
+            "tactile_right": (0, 1, 2, 3, 4, 5),  # pair: eye (2 features) / tactile_right (144)
+            "emg_right": (6, 7, 8, 9, 10, 11),
+            "tactile_left": (6, 7, 8, 9, 10, 11),  # pair: emg_right (8) / tactile_left (144)
+            "imu": (17, 18, 19, 0, 6, 12),  # of its own: three classes nothing else encodes
+            "xsens": (12, 13, 14, 15, 16),
+            "emg_left": (12, 13, 14, 15, 16),  # pair: emg_left (8) / xsens (66)
+        },
+        pairs=(("eye", "tactile_right"), ("emg_right", "tactile_left"), ("emg_left", "xsens")),
+    ),
+    "largeweak": SyntheticPreset(
+        name="largeweak", steps=12, windows_per_class=15, tactile_shape=(12, 12), hidden=16, grid_noise_rank=0,
+        description=("family: informativeness falls as size grows, from a 2-feature modality (the strongest) to "
+                     "a 16x16 one (the weakest, not noise) (T=12, hidden 16)"),
+        modalities=(("eye", (2,)), ("emg_left", (8,)), ("emg_right", (8,)), ("imu", (24,)), ("xsens", (66,)),
+                    ("tactile", (12, 12)), ("camera", (16, 16))),
+        truth={
+            "eye": ModalityTruth(amplitude=1.3, classes=8, active_fraction=1.0),
+            "emg_right": ModalityTruth(amplitude=1.1, classes=7),
+            "emg_left": ModalityTruth(amplitude=1.0, classes=6),
+            "imu": ModalityTruth(amplitude=0.9, classes=6),
+            "xsens": ModalityTruth(amplitude=0.85, classes=6),
+            "tactile": ModalityTruth(amplitude=0.8, classes=5),
+            "camera": ModalityTruth(amplitude=0.7, classes=6),
+        },
+        cover={
+            "eye": (0, 1, 2, 3, 4, 5, 6, 7),
+            "emg_right": (8, 9, 10, 11, 12, 13, 14),
+            "emg_left": (14, 15, 16, 17, 18, 19),
+            "imu": (2, 3, 9, 10, 16, 17),
+            "xsens": (4, 5, 11, 12, 18, 19),
+            "tactile": (0, 6, 7, 13, 15),
+            "camera": (1, 4, 8, 11, 14, 18),
+        },
+    ),
 }
+
+# The fleet families of issue 17: every one a preset (make_synthetic(name, seed), --preset NAME).
+FAMILIES = ("noisy", "redundant", "largeweak")
 
 
 def _rng(seed: int, *parts: int) -> np.random.Generator:
@@ -447,6 +547,8 @@ def make_synthetic(preset: str = "small", seed: int = 0) -> Fleet:
         "window_noise": p.window_noise,
         "step_noise": p.step_noise,
     }
+    if p.pairs:
+        metadata["redundant_pairs"] = [list(pair) for pair in p.pairs]
     fleet = Fleet(base, clients, metadata)
     if p.noise_widths:
         fleet = add_noise_modalities(fleet, p.noise_widths, seed=seed, hidden=p.hidden)  # validates
