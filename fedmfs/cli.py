@@ -34,8 +34,11 @@ def _simulate_parser(sub) -> None:
     )
     p.add_argument("--config", type=Path, help="TOML file with the same keys as these options (and a [train] table)")
     p.add_argument("--preset", default=None,
-                   help="synthetic data preset: small (fast), actionsense (paper size) or headroom "
-                        "(overlapping and noise modalities, a Shapley ground truth; docs/data.md) [small]")
+                   help="synthetic data preset: small (fast), actionsense (paper size), headroom "
+                        "(overlapping and noise modalities, a Shapley ground truth), or a fleet family with "
+                        "headroom's sizes and truth: noisy (five noise modalities of 3-256 features), redundant "
+                        "(small/large pairs with the same classes), largeweak (the largest modality the "
+                        "weakest); docs/data.md [small]")
     p.add_argument("--data", type=Path, default=None, help="a fleet directory (docs/data.md) instead of a preset")
     d, a = SelectionPolicy(), SimConfig()
     p.add_argument("--method", default=None,
@@ -342,7 +345,8 @@ def _data_parser(sub) -> None:
     s = src.add_parser("synthetic", help="a synthetic ActionSense-shaped fleet",
                        description="Write a synthetic ActionSense-shaped fleet (docs/data.md, Synthetic fleet).")
     s.add_argument("--preset", default="small",
-                   help="small (fast), actionsense (paper size) or headroom (docs/data.md) [small]")
+                   help="small (fast), actionsense (paper size), headroom, or a fleet family: noisy, "
+                        "redundant, largeweak (docs/data.md) [small]")
     s.add_argument("--seed", type=int, default=0, help="seed of the generator [0]")
     s.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write (created if needed)")
     a = src.add_parser(

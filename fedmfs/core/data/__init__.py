@@ -8,10 +8,11 @@ from fedmfs.core.data.partition import (
     drop_modalities,
     stratified_split,
 )
-from fedmfs.core.data.synthetic import PRESETS, SyntheticPreset, make_synthetic
+from fedmfs.core.data.synthetic import FAMILIES, PRESETS, SyntheticPreset, make_synthetic
 from fedmfs.core.data.ucihar import load_uci_har
 
 __all__ = [
+    "FAMILIES",
     "PRESETS",
     "ClientData",
     "Fleet",
