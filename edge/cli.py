@@ -19,7 +19,9 @@ def _run(args) -> int:
 
     cfg = load_edge_config(args.config)
     logging.getLogger().setLevel(args.log_level or cfg.log_level)
-    return EdgeDaemon(cfg, exit_when_done=args.exit_when_done).run(connect_timeout=args.connect_timeout)
+    daemon = EdgeDaemon(cfg, exit_when_done=args.exit_when_done)
+    daemon.trainer.own_process = True
+    return daemon.run(connect_timeout=args.connect_timeout)
 
 
 def _predict(args) -> int:
