@@ -56,6 +56,13 @@ def _simulate_parser(sub) -> None:
                         "least the smallest model's encoded size, or nothing is uploaded (refused) [no cap]")
     p.add_argument("--cap-rule", default=None,
                    help=f"what a binding cap maximises: impact (Shapley, recency bonus) | priority (0.1.0) [{d.cap_rule}]")
+    p.add_argument("--priority", default=None,
+                   help=f"the priority's form: evidence (a modality is sent only if its Shapley score is above 0 "
+                        f"and at least --evidence times the client's best; then impact, size and recency rank "
+                        f"them) | paper (the paper's min-max formula over every modality) [{d.priority}]")
+    p.add_argument("--evidence", type=float, default=None,
+                   help=f"with --priority evidence: the share of the client's best score a modality needs to be "
+                        f"sent, in [0, 1] [{d.evidence:g}]")
     p.add_argument("--codec", default=None, help=f"encoding of the uploaded weights: fp32 | fp16 | int8 [{d.codec}]")
     p.add_argument("--seed", type=int, default=None, help=f"seed of data, initial models and training [{a.seed}]")
     p.add_argument("--aggregation", default=None,
@@ -188,7 +195,8 @@ def cmd_simulate(args) -> int:
     # every check of the options and the data before any work: a refusal is one line, not a lost run
     conf = _resolve(args)
     _check_alphas(args, conf)
-    kw = {k: conf[k] for k in ("gamma", "cap_bytes", "codec", "cap_rule", "rounds", "seed", "aggregation") if k in conf}
+    kw = {k: conf[k] for k in ("gamma", "cap_bytes", "codec", "cap_rule", "priority", "evidence", "rounds", "seed",
+                               "aggregation") if k in conf}
     if any(f"alpha_{x}" in conf for x in "scr"):
         d = Alphas()
         kw["alphas"] = Alphas(conf.get("alpha_s", d.s), conf.get("alpha_c", d.c), conf.get("alpha_r", d.r))

@@ -29,6 +29,8 @@ __all__ = [
     "SelectionPolicy",
     "POLICY_KEYS",
     "CAP_RULES",
+    "PRIORITIES",
+    "evidence_priority",
     "impact_value",
     "Selector",
     "knapsack",
@@ -82,6 +84,40 @@ def priority(
     if alphas.r and rounds_since_upload is not None:
         p = p + alphas.r * np.asarray(rounds_since_upload, dtype=np.float64) / (round_index + 1)
     return p
+
+
+def evidence_priority(
+    shapley: np.ndarray,
+    sizes: np.ndarray,
+    alphas: Alphas,
+    rounds_since_upload: np.ndarray | None = None,
+    round_index: int = 0,
+    evidence: float = 0.2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The priority whose terms cannot override the evidence: ``(P, eligible)``.
+
+    A modality is **eligible** when its score is above zero and at least ``evidence`` times the client's
+    best score: a modality with no evidence of value (pure noise scores about 0 on held-out windows,
+    above or below by chance) is never sent because it is small or overdue. Among the eligible ones
+
+        P_m = a_s * phi_m / max(phi) + a_c * (1 - size_m / max(size)) + a_r * (t - last_m) / (t + 1)
+
+    and P_m = 0 for the others. Impact is a share of the best (not min-max: the weakest of several good
+    modalities keeps most of its value, where min-max gave it the 0 of noise), size a share of the
+    largest model (the smallest one scores about 1, the largest 0), recency as in the paper.
+    :func:`priority` is the paper's formula (``priority = "paper"``)."""
+    phi = np.asarray(shapley, dtype=np.float64)
+    if phi.size == 0:
+        return phi, np.zeros(0, bool)
+    best = float(phi.max())
+    eligible = (phi > 0) & (phi >= evidence * best) if best > 0 else np.zeros(phi.shape, bool)
+    size = np.asarray(sizes, dtype=np.float64)
+    top = float(size.max()) if size.size else 0.0
+    p = alphas.s * (phi / best if best > 0 else np.zeros_like(phi))
+    p = p + alphas.c * (1.0 - size / top if top > 0 else np.zeros_like(size))
+    if alphas.r and rounds_since_upload is not None:
+        p = p + alphas.r * np.asarray(rounds_since_upload, dtype=np.float64) / (round_index + 1)
+    return np.where(eligible, p, 0.0), eligible
 
 
 def top_gamma(prio: np.ndarray, gamma: int) -> list[int]:
@@ -149,13 +185,23 @@ class PrioritySelector:
     alphas: Alphas
     name: str = "fedmfs"
     cap_rule: str = "impact"
+    kind: str = "evidence"          # PRIORITIES: evidence_priority, or the paper's priority()
+    evidence: float = 0.2
 
     def select(self, inp: SelectionInput, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
-        p = priority(inp.shapley, inp.sizes, self.alphas, inp.rounds_since_upload, inp.round_index)
-        idx = top_gamma(p, inp.gamma)
+        if self.kind == "paper":
+            p = priority(inp.shapley, inp.sizes, self.alphas, inp.rounds_since_upload, inp.round_index)
+            eligible = np.ones(len(p), bool)
+        else:
+            p, eligible = evidence_priority(inp.shapley, inp.sizes, self.alphas, inp.rounds_since_upload,
+                                            inp.round_index, self.evidence)
+        # top-gamma among the eligible: fewer than gamma when fewer modalities show value
+        idx = [i for i in top_gamma(np.where(eligible, p, -np.inf), inp.gamma) if eligible[i]]
         if inp.cap_bytes is not None and sum(int(inp.sizes[i]) for i in idx) > inp.cap_bytes:
             value = p if self.cap_rule == "priority" else impact_value(inp, self.alphas)
-            idx = knapsack(value, inp.sizes, inp.cap_bytes, inp.gamma)
+            # an ineligible modality is worth nothing: the knapsack (fewer bytes at equal value) skips it
+            idx = knapsack(np.where(eligible, value, 0.0), inp.sizes, inp.cap_bytes, inp.gamma)
+            idx = [i for i in idx if eligible[i]]
         return [inp.modalities[i] for i in idx], p
 
 
@@ -228,23 +274,30 @@ class Method:
 
 
 METHODS: Mapping[str, Method] = {m.name: m for m in (
-    Method("fedmfs", "FedMFS: top-gamma modalities by priority (Shapley vs size vs recency); under a byte cap "
-           "that they exceed, the subset of most impact that fits",
-           lambda p: PrioritySelector(p.alphas, cap_rule=p.cap_rule)),
+    Method("fedmfs", "FedMFS: top-gamma modalities by priority (Shapley vs size vs recency) among those whose "
+           "score shows value (priority = evidence; `paper`: the paper's formula over all); under a byte "
+           "cap that they exceed, the subset of most impact that fits",
+           lambda p: PrioritySelector(p.alphas, cap_rule=p.cap_rule, kind=p.priority, evidence=p.evidence)),
     Method("all", "every modality model every round (gamma = M)", lambda p: AllSelector(), every_modality=True),
     Method("random", "FLASH-style: gamma modalities chosen uniformly at random", lambda p: RandomSelector()),
-    Method("size_only", "priority from model size alone (alpha_s = 0)",
-           lambda p: PrioritySelector(Alphas(0.0, 1.0, p.alphas.r), name="size_only", cap_rule="priority")),
+    Method("size_only", "priority from model size alone (alpha_s = 0; the paper's formula: no Shapley gate)",
+           lambda p: PrioritySelector(Alphas(0.0, 1.0, p.alphas.r), name="size_only", cap_rule="priority",
+                                      kind="paper")),
     Method("shapley_only", "priority from Shapley impact alone (alpha_c = 0)",
-           lambda p: PrioritySelector(Alphas(1.0, 0.0, p.alphas.r), name="shapley_only", cap_rule=p.cap_rule)),
+           lambda p: PrioritySelector(Alphas(1.0, 0.0, p.alphas.r), name="shapley_only", cap_rule=p.cap_rule,
+                                      kind=p.priority, evidence=p.evidence)),
     Method("local", "no federation: every client keeps its local models", lambda p: NoneSelector()),
 )}
 
 
 # the flat keys of a policy (fleet file tables, config messages, simulate options) and their TOML types
 POLICY_KEYS: Mapping[str, type] = {"method": str, "gamma": int, "alpha_s": float, "alpha_c": float,
-                                   "alpha_r": float, "cap_bytes": int, "codec": str, "cap_rule": str}
+                                   "alpha_r": float, "cap_bytes": int, "codec": str, "cap_rule": str,
+                                   "priority": str, "evidence": float}
 CAP_RULES = ("impact", "priority")
+# the priority's form: "evidence" (evidence_priority: a modality must show value to be sent) or "paper"
+# (the paper's P = a_s norm(phi) + a_c (1 - norm(size)) + a_r recency over every modality)
+PRIORITIES = ("evidence", "paper")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,10 +313,18 @@ class SelectionPolicy:
     cap_bytes: int | None = None
     codec: str = "fp32"
     cap_rule: str = "impact"     # what a binding cap maximises (PrioritySelector); CAP_RULES
+    priority: str = "evidence"   # PRIORITIES
+    # the share of the client's best score a modality needs to be sent (priority = "evidence")
+    evidence: float = 0.2
 
     def __post_init__(self) -> None:
         if self.cap_rule not in CAP_RULES:
             raise ValueError(f"cap_rule must be one of {', '.join(CAP_RULES)}, got {self.cap_rule!r}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
+        if (isinstance(self.evidence, bool) or not isinstance(self.evidence, (int, float))
+                or not 0.0 <= self.evidence <= 1.0):
+            raise ValueError(f"evidence must be a number in [0, 1] (a share of the best score), got {self.evidence!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or self.gamma < 0:
@@ -286,7 +347,7 @@ class SelectionPolicy:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "gamma": self.gamma, "alpha_s": self.alphas.s, "alpha_c": self.alphas.c,
                 "alpha_r": self.alphas.r, "cap_bytes": self.cap_bytes, "codec": self.codec,
-                "cap_rule": self.cap_rule}
+                "cap_rule": self.cap_rule, "priority": self.priority, "evidence": self.evidence}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SelectionPolicy:
@@ -298,4 +359,5 @@ class SelectionPolicy:
                    alphas=Alphas(float(d.get("alpha_s", a.s)), float(d.get("alpha_c", a.c)),
                                  float(d.get("alpha_r", a.r))),
                    cap_bytes=d.get("cap_bytes", base.cap_bytes), codec=d.get("codec", base.codec),
-                   cap_rule=d.get("cap_rule", base.cap_rule))
+                   cap_rule=d.get("cap_rule", base.cap_rule), priority=d.get("priority", base.priority),
+                   evidence=d.get("evidence", base.evidence))

@@ -58,7 +58,8 @@ class SimConfig:
     def build(cls, method: str | None = None, **kw: Any) -> SimConfig:
         """From flat settings (``method``, ``gamma``, ``alphas``, ``cap_bytes``, ``codec``, ``rounds``,
         ``seed``, ``aggregation``, ``train``); what is not given takes its one declared default."""
-        pol: dict[str, Any] = {k: kw.pop(k) for k in ("gamma", "cap_bytes", "codec", "alphas", "cap_rule") if k in kw}
+        keys = ("gamma", "cap_bytes", "codec", "alphas", "cap_rule", "priority", "evidence")
+        pol: dict[str, Any] = {k: kw.pop(k) for k in keys if k in kw}
         baseline = method if method in BASELINES else None
         if method is not None and baseline is None:
             pol["method"] = method
@@ -83,5 +84,6 @@ class SimConfig:
         p = self.policy
         return {"method": self.method, "rounds": self.rounds, "gamma": p.gamma,
                 "alphas": {"s": p.alphas.s, "c": p.alphas.c, "r": p.alphas.r}, "cap_bytes": p.cap_bytes,
-                "codec": p.codec, "cap_rule": p.cap_rule, "seed": self.seed, "aggregation": self.aggregation,
+                "codec": p.codec, "cap_rule": p.cap_rule, "priority": p.priority, "evidence": p.evidence,
+                "seed": self.seed, "aggregation": self.aggregation,
                 "train": asdict(self.train)}

@@ -15,6 +15,7 @@ from fedmfs.core.selection import (
     RandomSelector,
     SelectionInput,
     SelectionPolicy,
+    evidence_priority,
     knapsack,
     minmax,
     priority,
@@ -78,8 +79,12 @@ def test_selectors():
     assert chosen == ["emg"]
     chosen, _ = PrioritySelector(Alphas(1.0, 0.0)).select(_inp(), rng)
     assert chosen == ["tactile"]
-    chosen, _ = PrioritySelector(Alphas(0.5, 0.5)).select(_inp(cap=1000, gamma=3), rng)
+    # the paper's formula sends eye (the weakest) beside emg under a cap; the evidence priority does
+    # not: eye's score is below a fifth of the best
+    chosen, _ = PrioritySelector(Alphas(0.5, 0.5), kind="paper").select(_inp(cap=1000, gamma=3), rng)
     assert chosen == ["eye", "emg"]
+    chosen, _ = PrioritySelector(Alphas(0.5, 0.5)).select(_inp(cap=1000, gamma=3), rng)
+    assert chosen == ["emg"]
     assert AllSelector().select(_inp(), rng)[0] == ["eye", "emg", "tactile"]
     assert AllSelector().select(_inp(cap=400), rng)[0] == ["eye", "emg"]
     assert NoneSelector().select(_inp(), rng)[0] == []
@@ -103,9 +108,10 @@ def test_a_slack_cap_changes_nothing():
     capped = SelectionInput(*[getattr(inp, f) for f in ("modalities", "shapley", "sizes", "rounds_since_upload",
                                                           "round_index", "gamma")], cap_bytes=10**6)
     for rule in ("impact", "priority"):
-        sel = PrioritySelector(Alphas(1.0, 0.0, 0.0), cap_rule=rule)
-        assert sel.select(capped, np.random.default_rng(0))[0] == sel.select(inp, np.random.default_rng(0))[0] \
-            == ["a", "b", "c"]
+        for kind, want in (("paper", ["a", "b", "c"]), ("evidence", ["a", "b"])):   # c: below a fifth of a
+            sel = PrioritySelector(Alphas(1.0, 0.0, 0.0), cap_rule=rule, kind=kind)
+            assert sel.select(capped, np.random.default_rng(0))[0] == sel.select(inp, np.random.default_rng(0))[0] \
+                == want
 
 
 def test_under_a_binding_cap_the_impact_rule_sends_the_informative_model():
@@ -114,7 +120,7 @@ def test_under_a_binding_cap_the_impact_rule_sends_the_informative_model():
     mods = ("big", "n1", "n2", "n3", "n4", "n5", "n6")
     inp = SelectionInput(mods, np.array([10.0] + [0.5] * 6), np.array([50_000] + [5_000] * 6), np.ones(7),
                          3, 8, cap_bytes=55_000)
-    old, _ = PrioritySelector(Alphas(), cap_rule="priority").select(inp, np.random.default_rng(0))
+    old, _ = PrioritySelector(Alphas(), cap_rule="priority", kind="paper").select(inp, np.random.default_rng(0))
     new, _ = PrioritySelector(Alphas(), cap_rule="impact").select(inp, np.random.default_rng(0))
     assert "big" not in old and len(old) == 6
     assert "big" in new and sum(inp.sizes[mods.index(m)] for m in new) <= 55_000
@@ -142,3 +148,63 @@ def test_under_a_binding_cap_the_impact_rule_spends_no_bytes_on_what_has_no_impa
     inp2 = SelectionInput(("a", "b"), np.array([1.0, 0.9]), np.array([10_000, 10_000]), np.array([1.0, 6.0]),
                           5, 2, cap_bytes=15_000)
     assert PrioritySelector(Alphas(), cap_rule="impact").select(inp2, np.random.default_rng(0))[0] == ["b"]
+
+
+def test_the_evidence_priority_by_hand():
+    phi = np.array([4.0, 1.0, 0.5, -0.2, 0.0])
+    sizes = np.array([1000, 250, 500, 100, 100])
+    since = np.array([1.0, 2.0, 4.0, 4.0, 4.0])
+    p, ok = evidence_priority(phi, sizes, Alphas(0.2, 0.2, 0.6), since, 3, evidence=0.2)
+    # eligible: phi > 0 and phi >= 0.2 * 4 = 0.8: the first two; impact phi / 4, size 1 - size / 1000
+    np.testing.assert_array_equal(ok, [True, True, False, False, False])
+    np.testing.assert_allclose(p, [0.2 * 1 + 0.2 * 0 + 0.6 * 0.25, 0.2 * 0.25 + 0.2 * 0.75 + 0.6 * 0.5, 0, 0, 0])
+    # nothing helps: nothing is eligible
+    p, ok = evidence_priority(np.array([-1.0, 0.0]), np.array([10, 20]), Alphas(), np.ones(2), 0)
+    assert not ok.any() and not p.any()
+    # evidence 0: every modality above zero
+    _, ok = evidence_priority(phi, sizes, Alphas(), since, 3, evidence=0.0)
+    np.testing.assert_array_equal(ok, [True, True, True, False, False])
+
+
+def test_small_or_overdue_noise_is_never_sent_under_the_evidence_priority():
+    """Issue 17: P = 0.2 norm(phi) + 0.2 (1 - norm(size)) + 0.6 recency sent a small noise model as often
+    as a large informative one (0 + 0.2 + recency against 0.2 + 0 + recency), and min-max gave the
+    weakest informative modality the same 0 as noise; recency then lifted every modality in turn.
+    Under the evidence priority a modality without evidence of value is never sent, however small or
+    stale; recency and size re-rank the modalities that help."""
+    mods = ("big_good", "small_good", "weak_good", "noise4", "noise64")
+    phi = np.array([1.0, 0.6, 0.25, 0.01, -0.02])
+    sizes = np.array([80_000, 3_000, 20_000, 1_500, 9_000])
+    rng = np.random.default_rng(0)
+    sent_paper, sent_evidence = set(), set()
+    last = {m: -1 for m in mods}
+    for paper in (True, False):
+        last = {m: -1 for m in mods}
+        for t in range(30):
+            since = np.array([t - last[m] for m in mods], dtype=float)
+            inp = SelectionInput(mods, phi, sizes, since, t, 1)
+            chosen, _ = PrioritySelector(Alphas(), kind="paper" if paper else "evidence").select(inp, rng)
+            for m in chosen:
+                last[m] = t
+            (sent_paper if paper else sent_evidence).update(chosen)
+    assert {"noise4", "noise64"} <= sent_paper          # the paper's formula sends noise in turn
+    assert sent_evidence == {"big_good", "small_good", "weak_good"}   # every helpful one, never noise
+    # the paper's formula stays selectable, through the policy the coordinator sends
+    pol = SelectionPolicy(priority="paper")
+    assert pol.selector().kind == "paper"
+    assert SelectionPolicy.from_dict(pol.to_dict()) == pol
+    assert SelectionPolicy.from_dict({"evidence": 0.5}).selector().evidence == 0.5
+    with pytest.raises(ValueError, match="priority must be one of"):
+        SelectionPolicy(priority="greedy")
+    with pytest.raises(ValueError, match="evidence must be"):
+        SelectionPolicy(evidence=1.5)
+
+
+def test_fewer_than_gamma_are_sent_when_fewer_show_value():
+    inp = SelectionInput(("a", "b", "c"), np.array([1.0, -0.1, 0.05]), np.array([10, 20, 30]), np.ones(3), 2, 3)
+    assert PrioritySelector(Alphas()).select(inp, None)[0] == ["a"]
+    assert PrioritySelector(Alphas(), kind="paper").select(inp, None)[0] == ["a", "b", "c"]
+    # under a cap too: the knapsack never fills the bytes left with what shows no value
+    capped = SelectionInput(inp.modalities, inp.shapley, inp.sizes, inp.rounds_since_upload, 2, 3, cap_bytes=45)
+    for rule in ("impact", "priority"):
+        assert PrioritySelector(Alphas(), cap_rule=rule).select(capped, None)[0] == ["a"]

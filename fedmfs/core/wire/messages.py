@@ -173,9 +173,12 @@ class DeviceConfig:
         for k in ("method", "codec"):
             get_field(d, k, str)
         get_field(d, "cap_rule", str, optional=True)
+        get_field(d, "priority", str, optional=True)
         get_field(d, "gamma", int)
         for k in ("alpha_s", "alpha_c", "alpha_r"):
             finite(d, k)
+        if "evidence" in d:
+            finite(d, "evidence")
         nonneg_int(d, "cap_bytes", optional=True)
         try:
             policy = SelectionPolicy.from_dict(d)
