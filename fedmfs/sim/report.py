@@ -6,6 +6,22 @@ evaluations, refusals and the global models), whatever the transport that carrie
 
 Headline fields scripts may rely on: ``rounds[i].accuracy`` (mean test accuracy over clients, 0..1)
 and ``rounds[i].upload_bytes`` (bytes uploaded by all clients in round i).
+
+Accuracy by modality set (:func:`modality_groups`, :func:`group_accuracy`): a wrong selection hurts
+first the clients of a modality few others hold (its global model is averaged over few uploads), and
+the mean over all clients hides them. Clients whose present modalities are the same form one
+*modality set*, named by its modalities in spec order joined by ``+`` (``eye+emg_left+...``). A
+modality is *rare* when some clients lack it and at most :data:`RARE_SHARE` (two thirds) of the
+clients hold it: in the synthetic presets the tactile gloves, held by 5 of the 9 clients. Fields:
+
+* ``modality_groups`` (once): ``rare_share``, ``rare_modalities`` (spec order), ``rare_clients``
+  (the clients holding at least one rare modality), ``holders`` (per modality, the clients that have
+  it) and ``sets`` (per set name: its ``modalities`` and ``clients``), all in the fleet's order.
+* per round: ``modality_set_accuracy`` (set name -> mean accuracy of its clients),
+  ``modality_accuracy`` (modality -> mean accuracy of the clients that have it) and
+  ``rare_accuracy`` (mean accuracy of ``rare_clients``; None when no modality is rare). Means are
+  over the clients that evaluated that round (as ``accuracy``), None when none of the group did.
+* ``final_rare_accuracy``: the last round's ``rare_accuracy``.
 """
 
 from __future__ import annotations
@@ -13,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +37,50 @@ import numpy as np
 
 from fedmfs.core.fsio import atomic_write
 
-__all__ = ["report_envelope", "build_report", "write_report", "plot_report", "report_json", "summary_markdown"]
+__all__ = ["RARE_SHARE", "modality_groups", "group_accuracy", "report_envelope", "build_report", "write_report",
+           "plot_report", "report_json", "summary_markdown"]
+
+# A modality held by at most this share of the clients (and not by all of them) is rare.
+RARE_SHARE = 2 / 3
+
+
+def modality_groups(clients: Mapping[str, Sequence[str]], names: Sequence[str],
+                    rare_share: float = RARE_SHARE) -> dict[str, Any]:
+    """The fleet's clients grouped by their present modalities (``clients``: name -> modalities,
+    ``names``: the spec's modalities in order): ``rare_share``, ``rare_modalities``, ``rare_clients``,
+    ``holders`` and ``sets``, as the module docstring says. A modality is rare when 0 < holders < n
+    and holders <= ``rare_share`` * n, n the number of clients: a fleet where every client has every
+    modality has none."""
+    n = len(clients)
+    holders = {m: [c for c, ms in clients.items() if m in ms] for m in names}
+    rare = [m for m in names if 0 < len(holders[m]) < n and len(holders[m]) <= rare_share * n]
+    sets: dict[str, dict[str, list[str]]] = {}
+    for c, ms in clients.items():
+        present = [m for m in names if m in ms]
+        sets.setdefault("+".join(present), {"modalities": present, "clients": []})["clients"].append(c)
+    return {"rare_share": rare_share, "rare_modalities": rare,
+            "rare_clients": [c for c, ms in clients.items() if any(m in ms for m in rare)],
+            "holders": holders, "sets": sets}
+
+
+def group_accuracy(groups: Mapping[str, Any], client_accuracy: Mapping[str, float | None]) -> dict[str, Any]:
+    """One round's accuracy per group of :func:`modality_groups`: ``modality_set_accuracy``,
+    ``modality_accuracy`` and ``rare_accuracy``, each the plain mean over the group's clients that
+    have an accuracy that round (None when none has; ``rare_accuracy`` None without rare modalities)."""
+    def mean(members: Sequence[str]) -> float | None:
+        v = [client_accuracy[c] for c in members if client_accuracy.get(c) is not None]
+        return float(np.mean(v)) if v else None
+
+    return {"modality_set_accuracy": {k: mean(s["clients"]) for k, s in groups["sets"].items()},
+            "modality_accuracy": {m: mean(cs) for m, cs in groups["holders"].items()},
+            "rare_accuracy": mean(groups["rare_clients"]) if groups["rare_modalities"] else None}
 
 
 def report_envelope(fleet, cfg, rounds: list[dict], digests: dict[str, str], transport: str, **extra) -> dict:
-    """The report every transport returns: config, data set, per-round rows, headline totals."""
+    """The report every transport returns: config, data set, per-round rows (each with its accuracy
+    per modality group added), headline totals."""
+    groups = modality_groups({c.name: list(c.modalities) for c in fleet.clients}, fleet.spec.names)
+    rounds = [{**r, **group_accuracy(groups, r.get("client_accuracy") or {})} for r in rounds]
     return {
         "fedmfs_report": 1,
         "config": cfg.to_dict(),
@@ -34,8 +90,10 @@ def report_envelope(fleet, cfg, rounds: list[dict], digests: dict[str, str], tra
                                  "test": int((~c.train).sum())} for c in fleet.clients},
             "metadata": fleet.metadata,
         },
+        "modality_groups": groups,
         "rounds": rounds,
         "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
+        "final_rare_accuracy": rounds[-1]["rare_accuracy"] if rounds else None,
         "total_upload_bytes": int(sum(r["upload_bytes"] for r in rounds)),
         "global_digests": digests,
         "transport": transport,
@@ -200,6 +258,30 @@ def _pct(accuracy: float | None) -> str:
     return "-" if accuracy is None else f"{accuracy * 100:.2f}%"
 
 
+def _modality_set_table(report: dict) -> list[str]:
+    """The final round's accuracy per modality set, per modality and of the rare modalities' clients
+    (recomputed from ``dataset.clients`` for a report written before these fields)."""
+    groups = report.get("modality_groups") or modality_groups(
+        {c: d["modalities"] for c, d in report["dataset"]["clients"].items()}, _modalities(report))
+    last = report["rounds"][-1]
+    acc = group_accuracy(groups, last.get("client_accuracy") or {})
+    rare = groups["rare_modalities"]
+    share = f"{groups['rare_share']:.0%}"
+    lines = ["", f"Final round ({last['round']}) by modality set (rare: a modality some clients lack and at most "
+                 f"{share} of them hold: {', '.join(rare) if rare else 'none'}):", "",
+             "| modality set | clients | has a rare modality | accuracy |", "|---|---|---|---|"]
+    for name, g in groups["sets"].items():
+        flag = "yes" if any(m in rare for m in g["modalities"]) else "no"
+        lines.append(f"| {name} | {', '.join(g['clients'])} | {flag} | {_pct(acc['modality_set_accuracy'][name])} |")
+    lines.append("")
+    if rare:
+        lines.append(f"- clients holding a rare modality ({', '.join(groups['rare_clients'])}): "
+                     f"**{_pct(acc['rare_accuracy'])}** (all clients: {_pct(last['accuracy'])})")
+    lines.append("- per modality, the clients that have it: "
+                 + ", ".join(f"{m} {_pct(a)}" for m, a in acc["modality_accuracy"].items()))
+    return lines
+
+
 def summary_markdown(report: dict) -> str:
     cfg = report["config"]
     rounds = report["rounds"]
@@ -219,6 +301,8 @@ def summary_markdown(report: dict) -> str:
     for r in rounds:
         lines.append(f"| {r['round']} | {_pct(r['accuracy'])} | {r['upload_bytes'] / 1e6:.4f} | "
                      f"{r['cumulative_bytes'] / 1e6:.4f} |")
+    if rounds:
+        lines += _modality_set_table(report)
     counts: dict[str, int] = {}
     for r in rounds:
         for u in r["uploads"]:
