@@ -21,6 +21,12 @@ The protocol (docs/benchmarks.md):
   The default budgets are the reference variant's (FedMFS's) largest total upload over the seeds
   (every FedMFS run fits it whole) and half of it, so every method that spends more per round than
   FedMFS is cut short.
+* **Rare modalities.** Next to the mean over clients, the accuracy of the clients holding a rare
+  modality (a modality some clients lack and at most two thirds hold: the synthetic presets' tactile
+  gloves; :func:`fedmfs.sim.report.modality_groups`), where a wrong selection hurts first: mean and
+  CI over seeds, and the reference's paired differences to each of ``against``, at equal rounds and at
+  equal bytes (the same Table II rule, :func:`accuracy_at_bytes` with ``key="rare_accuracy"``). Runs
+  saved before the field count as n/a for it.
 * **Pareto plot** (:func:`pareto_plot`): final accuracy against mean cumulative MB, every variant with
   its confidence intervals, and the front of variants no other beats on both.
 """
@@ -38,6 +44,7 @@ import numpy as np
 from fedmfs.core.data.format import Fleet
 from fedmfs.core.modality import DatasetSpec
 from fedmfs.core.selection import Alphas, SelectionPolicy
+from fedmfs.sim.report import RARE_SHARE
 
 if TYPE_CHECKING:
     from fedmfs.sim.config import SimConfig
@@ -108,19 +115,21 @@ def paired_diff_ci(a: Sequence[float | None], b: Sequence[float | None],
     return mean_ci(d, level)
 
 
-def accuracy_at_bytes(rounds: Sequence[Mapping[str, Any]], budget: float) -> float | None:
+def accuracy_at_bytes(rounds: Sequence[Mapping[str, Any]], budget: float, key: str = "accuracy") -> float | None:
     """The paper's Table II rule: the accuracy of the last round whose cumulative upload bytes (the
     sum of ``rounds[j]["upload_bytes"]`` for j <= i) is at most ``budget``: the run stopped before the
     round that would overspend. None when round 0 alone exceeds the budget (no round fits), or when the
     round found has no accuracy. A budget above the run's total gives its final round: the run did
-    not spend the budget, so budgets are meant to be at most the totals of the runs compared."""
+    not spend the budget, so budgets are meant to be at most the totals of the runs compared.
+    ``key`` names the round's accuracy read (``rare_accuracy``: the rare modalities' clients; a
+    round without it has none)."""
     acc = None
     cumulative = 0
     for r in rounds:
         cumulative += int(r["upload_bytes"])
         if cumulative > budget:
             break
-        acc = r["accuracy"]
+        acc = r.get(key)
     return None if acc is None else float(acc)
 
 
@@ -208,6 +217,11 @@ def default_variants() -> list[Variant]:
                     (0.1, 0.1, 0.8)):
         if Alphas(s, c, r) != Alphas():
             v.append(Variant(f"fedmfs-a{s:.2g}-{c:.2g}-{r:.2g}", "fedmfs", {"alphas": Alphas(s, c, r)}, "alpha"))
+    # the paper's priority formula (min-max over every modality, no evidence gate) with the same alphas,
+    # and the evidence gate's share of the best score swept around its default
+    v.append(Variant("fedmfs-paper", "fedmfs", {"priority": "paper"}, "priority"))
+    v += [Variant(f"fedmfs-ev{e:g}", "fedmfs", {"evidence": e}, "evidence") for e in (0.0, 0.1, 0.35, 0.5)
+          if e != SelectionPolicy().evidence]
     # binding caps: every modality may go, as long as the round's uploads fit the cap; relative to the
     # largest model (tactile): a quarter (only the small models fit), a half (xsens fits), one
     v += [Variant(f"fedmfs-cap{f:g}", "fedmfs", {}, "cap", cap_of_largest=f, gamma_all=True)
@@ -252,8 +266,9 @@ def run_grid(fleet_factory: Callable[[int], Fleet], variants: Sequence[Variant],
              on_resume: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Run every (variant, seed) for ``rounds`` rounds; return one row per run, variant-major in the
     given orders: ``variant``, ``method``, ``family``, ``seed``, ``split``, ``config``, ``rounds`` (per
-    round: ``accuracy``, ``upload_bytes``, ``cumulative_bytes``), ``final_accuracy``,
-    ``total_upload_bytes``, ``last_shapley``, and where and how fast it ran (``seconds``, ``ran_on``).
+    round: ``accuracy``, ``upload_bytes``, ``cumulative_bytes``, ``rare_accuracy``,
+    ``modality_set_accuracy``), ``final_accuracy``, ``rare_modalities``, ``total_upload_bytes``,
+    ``last_shapley``, and where and how fast it ran (``seconds``, ``ran_on``).
 
     ``split="test"`` runs on the fleet as made (reporting); ``split="validation"`` on its
     :meth:`~Fleet.validation_view` (tuning). ``workers`` <= 1 without ``ray_address`` runs the grid
@@ -364,7 +379,13 @@ def summarize(runs: Sequence[Mapping[str, Any]], *, baseline: str = "all", refer
     ``equal_bytes``: one entry per budget (``budgets`` in bytes, or ``budget_fractions`` of
     ``reference``'s largest total over the seeds, so that 1.0 leaves every run of it whole): each
     variant's accuracy at the budget and the paired differences of ``reference`` against each of
-    ``against``. Accuracies are fractions (0..1)."""
+    ``against``. Accuracies are fractions (0..1).
+
+    The clients holding a rare modality, beside the mean: ``variants[name]["rare_accuracy"]`` (its
+    final round, mean, ci, n) and ``rare_diff_vs_baseline``; per budget ``rare_accuracy`` and
+    ``rare_diff`` (as ``accuracy`` and ``diff``); ``rare``: ``modalities`` (the runs' rare modalities),
+    ``runs_without`` (runs saved without the field: n/a, left out of n) and ``diff`` (``reference``
+    against each of ``against`` at equal rounds)."""
     order: list[str] = []
     by: dict[str, dict[int, Mapping[str, Any]]] = {}
     for r in runs:
@@ -373,6 +394,7 @@ def summarize(runs: Sequence[Mapping[str, Any]], *, baseline: str = "all", refer
             by[r["variant"]] = {}
         by[r["variant"]][int(r["seed"])] = r
     final = {v: {s: r["final_accuracy"] for s, r in rs.items()} for v, rs in by.items()}
+    rare = {v: {s: _final_rare(r) for s, r in rs.items()} for v, rs in by.items()}
     totals = {v: [float(r["total_upload_bytes"]) for r in rs.values()] for v, rs in by.items()}
     base_total = float(np.mean(totals[baseline])) if baseline in totals else math.nan
     variants: dict[str, Any] = {}
@@ -386,6 +408,8 @@ def summarize(runs: Sequence[Mapping[str, Any]], *, baseline: str = "all", refer
             "total_mb": _est(mb, level),
             "bytes_ratio": float(np.mean(totals[v])) / base_total if base_total else math.nan,
             "diff_vs_baseline": _paired(final[v], final[baseline], level) if baseline in final else None,
+            "rare_accuracy": _est(list(rare[v].values()), level),
+            "rare_diff_vs_baseline": _paired(rare[v], rare[baseline], level) if baseline in rare else None,
             "seconds": float(np.mean([r.get("seconds", math.nan) for r in by[v].values()])),
         }
     if budgets is None:   # the reference's largest total: its whole run fits on every seed
@@ -393,19 +417,35 @@ def summarize(runs: Sequence[Mapping[str, Any]], *, baseline: str = "all", refer
     equal = []
     for b in budgets:
         acc = {v: {s: accuracy_at_bytes(r["rounds"], b) for s, r in rs.items()} for v, rs in by.items()}
+        rare_b = {v: {s: accuracy_at_bytes(r["rounds"], b, "rare_accuracy") for s, r in rs.items()}
+                  for v, rs in by.items()}
         equal.append({
             "budget_bytes": float(b),
             "accuracy": {v: _est(list(acc[v].values()), level) for v in order},
             "rounds_used": {v: float(np.mean([sum(1 for _ in _fitting(r["rounds"], b)) for r in by[v].values()]))
                             for v in order},
             "diff": {o: _paired(acc[reference], acc[o], level) for o in against if o in acc and reference in acc},
+            "rare_accuracy": {v: _est(list(rare_b[v].values()), level) for v in order},
+            "rare_diff": {o: _paired(rare_b[reference], rare_b[o], level)
+                          for o in against if o in rare_b and reference in rare_b},
         })
     seeds = sorted({int(r["seed"]) for r in runs})
     rounds = sorted({len(r["rounds"]) for r in runs})
     splits = sorted({r.get("split", "test") for r in runs})
+    rare_summary = {
+        "modalities": list(dict.fromkeys(m for r in runs for m in r.get("rare_modalities", ()))),
+        "runs_without": sum(1 for r in runs if "rare_modalities" not in r),
+        "diff": {o: _paired(rare[reference], rare[o], level) for o in against if o in rare and reference in rare},
+    }
     return {"seeds": seeds, "rounds": rounds, "splits": splits, "level": level, "baseline": baseline,
-            "reference": reference, "variants": variants, "equal_bytes": equal,
+            "reference": reference, "variants": variants, "equal_bytes": equal, "rare": rare_summary,
             "headline": headline_checks(variants, baseline)}
+
+
+def _final_rare(run: Mapping[str, Any]) -> float | None:
+    """The accuracy of a run's clients holding a rare modality after its last round; None for a run
+    saved without it, or whose fleet has no rare modality."""
+    return run["rounds"][-1].get("rare_accuracy") if run["rounds"] else None
 
 
 def _fitting(rounds: Sequence[Mapping[str, Any]], budget: float) -> Iterable[Mapping[str, Any]]:
@@ -446,26 +486,47 @@ def _pm(e: Mapping[str, Any] | None, scale: float = 100.0, fmt: str = "{:.2f}", 
     return m if not math.isfinite(e["ci"]) else f"{m} ± {fmt.format(e['ci'] * scale)}"
 
 
+def _rare_line(rare: Mapping[str, Any]) -> str:
+    """What the ``rare acc %`` column is, or why it is n/a."""
+    without = f"; {rare['runs_without']} runs saved without it count as n/a" if rare["runs_without"] else ""
+    if rare["modalities"]:
+        return (f"rare acc %: mean accuracy of the clients holding a rare modality ({', '.join(rare['modalities'])}: "
+                f"some clients lack it, at most {RARE_SHARE:.0%} hold it){without}")
+    if rare["runs_without"]:
+        return f"rare acc %: n/a: {rare['runs_without']} runs were saved without the rare-modality accuracy"
+    return f"rare acc %: n/a: no modality is rare in these fleets (every client holds it, or more than {RARE_SHARE:.0%} do)"
+
+
 def format_summary(s: Mapping[str, Any]) -> str:
     """The summary as the plain-text tables the command prints (accuracies in %, ± = CI half width)."""
     pct = f"{s['level'] * 100:g}%"
     lines = [f"seeds {s['seeds']}, rounds {s['rounds']}, split {'/'.join(s['splits'])}; "
              f"mean ± {pct} CI half width (Student t) over seeds; differences paired by seed",
              "", "At equal rounds (final round):",
-             f"{'variant':22s} {'final acc %':>16s} {'upload MB':>18s} {'bytes/' + s['baseline']:>10s} "
-             f"{'acc - ' + s['baseline'] + ' (points)':>22s} {'n':>3s} {'s/run':>7s}"]
+             f"{'variant':22s} {'final acc %':>16s} {'rare acc %':>16s} {'upload MB':>18s} "
+             f"{'bytes/' + s['baseline']:>10s} {'acc - ' + s['baseline'] + ' (points)':>22s} {'n':>3s} {'s/run':>7s}"]
     for name, v in s["variants"].items():
-        lines.append(f"{name:22s} {_pm(v['final_accuracy']):>16s} {_pm(v['total_mb'], 1.0, '{:.3f}'):>18s} "
+        lines.append(f"{name:22s} {_pm(v['final_accuracy']):>16s} {_pm(v.get('rare_accuracy')):>16s} "
+                     f"{_pm(v['total_mb'], 1.0, '{:.3f}'):>18s} "
                      f"{v['bytes_ratio']:10.4f} {_pm(v['diff_vs_baseline'], sign=True):>22s} "
                      f"{v['final_accuracy']['n']:3d} {v['seconds']:7.1f}")
+    rare = s.get("rare") or {"modalities": [], "runs_without": 0, "diff": {}}
+    lines += ["", _rare_line(rare)]
+    for o, d in rare["diff"].items():
+        lines.append(f"  {s['reference']} - {o} (rare-modality clients): {_pm(d, sign=True)} points (n = {d['n']})")
     for e in s["equal_bytes"]:
         lines += ["", f"At equal cumulative upload: {e['budget_bytes'] / 1e6:.3f} MB "
                       "(accuracy of the last round that fits; n/a: not even round 0 fits)",
-                  f"{'variant':22s} {'accuracy %':>16s} {'rounds used':>11s} {'n':>3s}"]
+                  f"{'variant':22s} {'accuracy %':>16s} {'rare acc %':>16s} {'rounds used':>11s} {'n':>3s}"]
+        rare_acc = e.get("rare_accuracy", {})
         for name, a in e["accuracy"].items():
-            lines.append(f"{name:22s} {_pm(a):>16s} {e['rounds_used'][name]:11.1f} {a['n']:3d}")
+            lines.append(f"{name:22s} {_pm(a):>16s} {_pm(rare_acc.get(name)):>16s} "
+                         f"{e['rounds_used'][name]:11.1f} {a['n']:3d}")
         for o, d in e["diff"].items():
             lines.append(f"  {s['reference']} - {o}: {_pm(d, sign=True)} points (n = {d['n']})")
+        for o, d in e.get("rare_diff", {}).items():
+            lines.append(f"  {s['reference']} - {o} (rare-modality clients): {_pm(d, sign=True)} points "
+                         f"(n = {d['n']})")
     if s["headline"]:
         lines += ["", "Targets:"]
         for h in s["headline"]:

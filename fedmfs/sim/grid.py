@@ -50,6 +50,8 @@ WALL_CLOCK_FIELDS = ("seconds", "ran_on")
 # a variant's name is a file name in the results directory
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 _RAY_OBJECT_STORE_MB = 200
+# a round's accuracy by modality group (fedmfs.sim.report), kept in a saved run's rows
+_GROUP_ROUND_FIELDS = ("rare_accuracy", "modality_set_accuracy")
 _POLL_S = 5.0            # how long one ray.wait blocks: Ctrl-C stays responsive
 _CONNECT_TIMEOUT_S = 5.0
 _LOOPBACK_HOSTS = ("localhost", "::1")
@@ -95,8 +97,11 @@ def _json_roundtrip(value: Any) -> Any:
 def run_job(job: Job) -> dict[str, Any]:
     """Run one job here, with one torch thread (restored after), and return its row: ``variant``,
     ``method``, ``family``, ``seed``, ``split``, ``config``, ``rounds`` (per round ``round``,
-    ``accuracy``, ``upload_bytes``, ``cumulative_bytes``), ``final_accuracy``, ``total_upload_bytes``,
-    ``last_shapley`` (each client's scores after the last round) and ``seconds`` (wall clock)."""
+    ``accuracy``, ``upload_bytes``, ``cumulative_bytes``, and the accuracy by modality group:
+    ``rare_accuracy``, ``modality_set_accuracy``), ``final_accuracy``, ``rare_modalities``,
+    ``total_upload_bytes``, ``last_shapley`` (each client's scores after the last round) and
+    ``seconds`` (wall clock). The modality-group fields (:mod:`fedmfs.sim.report`) are results, not
+    settings: a run saved before them still stands for its job, and reads as n/a for them."""
     import torch
 
     from fedmfs.sim.driver import run_simulation
@@ -114,10 +119,12 @@ def run_job(job: Job) -> dict[str, Any]:
         torch.set_num_threads(threads)
     cfg = job.config
     rows = [{"round": r["round"], "accuracy": r["accuracy"], "upload_bytes": int(r["upload_bytes"]),
-             "cumulative_bytes": int(r["cumulative_bytes"])} for r in rep["rounds"]]
+             "cumulative_bytes": int(r["cumulative_bytes"]),
+             **{k: r[k] for k in _GROUP_ROUND_FIELDS if k in r}} for r in rep["rounds"]]
+    groups = {"rare_modalities": rep["modality_groups"]["rare_modalities"]} if "modality_groups" in rep else {}
     return _json_roundtrip({
         "variant": job.variant, "method": cfg.method, "family": job.family, "seed": job.seed, "split": job.split,
-        "config": cfg.to_dict(), "rounds": rows, "final_accuracy": rep["final_accuracy"],
+        "config": cfg.to_dict(), "rounds": rows, "final_accuracy": rep["final_accuracy"], **groups,
         "total_upload_bytes": int(rep["total_upload_bytes"]), "seconds": seconds,
         # what the scores were after the last round (ranking checks against the preset's truth)
         "last_shapley": {d: c.get("shapley", {}) for d, c in rep["rounds"][-1].get("clients", {}).items()}
