@@ -38,11 +38,16 @@ class RoundRecord:
     priorities: Mapping[str, float] = field(default_factory=dict)
     chosen: tuple[str, ...] = ()
     stage1_accuracy: float | None = None
+    # the modalities the device did not train this round (idle: TrainConfig.idle_every)
+    skipped: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device": self.device, "round": self.round, "samples": self.samples,
-                "shapley": dict(self.shapley), "sizes": dict(self.sizes), "priorities": dict(self.priorities),
-                "chosen": list(self.chosen), "stage1_accuracy": self.stage1_accuracy}
+        d = {"device": self.device, "round": self.round, "samples": self.samples,
+             "shapley": dict(self.shapley), "sizes": dict(self.sizes), "priorities": dict(self.priorities),
+             "chosen": list(self.chosen), "stage1_accuracy": self.stage1_accuracy}
+        if self.skipped:
+            d["skipped"] = list(self.skipped)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RoundRecord:
@@ -52,8 +57,12 @@ class RoundRecord:
         rec = cls(device=validate_name("device", d.get("device")), round=nonneg_int(d, "round"),
                   samples=nonneg_int(d, "samples"), shapley=float_map(d, "shapley"), sizes=int_map(d, "sizes"),
                   priorities=float_map(d, "priorities"), chosen=modality_list(d, "chosen"),
-                  stage1_accuracy=finite(d, "stage1_accuracy", optional=True))
+                  stage1_accuracy=finite(d, "stage1_accuracy", optional=True),
+                  skipped=modality_list(d, "skipped") if "skipped" in d else ())
         unknown = [m for m in rec.chosen if m not in rec.sizes]
         if unknown:
             raise PayloadError(f"round record chooses {unknown}, which have no size")
+        unknown = [m for m in rec.skipped if m not in rec.sizes]
+        if unknown:
+            raise PayloadError(f"round record skipped {unknown}, which have no size")
         return rec

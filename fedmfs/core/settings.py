@@ -79,6 +79,12 @@ class TrainConfig:
     # +124 MiB instead of +234 MiB with all six pooled, at the same CPU time (each model alone: +99 MiB,
     # +28% CPU). docs/deploy.md. A simulated fleet pools every device's models regardless.
     pool_batch_mb: float = 8.0
+    # Compute saving: a modality is *idle* in a round when the device did not send it and its priority
+    # was at most half the gamma-th highest (under the evidence priority: it showed no value). An idle
+    # modality trains only every `idle_every`-th round of its idle streak (its model is kept, still
+    # scored every round, and trained again then, so that a modality that became useful is seen);
+    # the round's record names what it skipped. 0: every modality trains every round.
+    idle_every: int = 0
 
     def __post_init__(self) -> None:
         if self.value_kind not in VALUE_KINDS:
@@ -95,7 +101,7 @@ class TrainConfig:
             raise ConfigError(f"pool_batch_mb must be >= 0, got {self.pool_batch_mb}")
         if self.shapley_backend not in ("onnx", "numpy"):
             raise ConfigError(f"shapley_backend must be 'onnx' or 'numpy', got {self.shapley_backend!r}")
-        for k in ("min_steps", "patience"):
+        for k in ("min_steps", "patience", "idle_every"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
         for k in ("epochs", "batch_size", "fusion_hidden", "fusion_steps", "shapley_samples",

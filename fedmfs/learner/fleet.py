@@ -46,7 +46,7 @@ def local_rounds(items: Sequence[tuple[Learner, int, dict[str, State], str]]) ->
     pools: dict[tuple, list] = {}
     for (lr, *_), plan in zip(items, plans):
         if lr.config.engine == "reference":
-            for m in lr.present:
+            for m in plan.train:
                 lr._train_modality(m, plan.round_index, plan.train_rows, plan.val_rows)
         else:
             pools.setdefault(_train_key(lr), []).extend(lr.training_jobs(plan))

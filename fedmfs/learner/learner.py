@@ -49,6 +49,8 @@ class LocalUpdate:
     codec: str                # of the payloads (the policy's, as the coordinator sent it)
     # the encoded upload of every modality (what ``sizes`` measures), encoded once
     payloads: dict[str, bytes] = field(default_factory=dict)
+    # the modalities not trained this round (idle: TrainConfig.idle_every)
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -63,6 +65,8 @@ class RoundPlan:
     val_rows: np.ndarray
     score_rows: np.ndarray | None = None
     probs: np.ndarray | None = None
+    # the modalities that train this round (all present ones but the idle: TrainConfig.idle_every)
+    train: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,9 @@ class _History:
     synced: dict[str, str] = field(default_factory=dict)
     # each modality's smoothed score (TrainConfig.score_smoothing), what selection uses
     scores: dict[str, float] = field(default_factory=dict)
+    # modality -> the first round of its current idle streak (not sent, priority at most half the
+    # gamma-th's); absent: not idle
+    idle_since: dict[str, int] = field(default_factory=dict)
 
 
 class Learner:
@@ -226,7 +233,15 @@ class Learner:
                     self.history.synced[m] = d
         train_rows = np.nonzero(~held)[0]
         val_rows = np.nonzero(held)[0] if cfg.patience > 0 else np.zeros(0, np.int64)
-        return RoundPlan(round_index, held, train_rows, val_rows)
+        return RoundPlan(round_index, held, train_rows, val_rows,
+                         train=[m for m in self.present if self._trains(m, round_index)])
+
+    def _trains(self, m: str, round_index: int) -> bool:
+        """Whether modality ``m`` trains in round ``round_index``: always, unless it is idle
+        (TrainConfig.idle_every), then every ``idle_every``-th round of its idle streak."""
+        k = self.config.idle_every
+        since = self.history.idle_since.get(m)
+        return k <= 0 or since is None or (round_index - since) % k == 0
 
     def training_jobs(self, plan: RoundPlan) -> list[ModalityJob]:
         """The round's training of every modality model, for :func:`~fedmfs.learner.batched.train_modalities`
@@ -236,7 +251,7 @@ class Learner:
         y = np.asarray(self.data.y, dtype=np.int64)
         return [ModalityJob(self.models[m], self.data.x[m], y,
                             np.random.default_rng(seed_for(self.seed, self.index, plan.round_index, self.spec.index(m))),
-                            idx[plan.train_rows], idx[plan.val_rows]) for m in self.present]
+                            idx[plan.train_rows], idx[plan.val_rows]) for m in plan.train]
 
     def stage1_fit(self, plan: RoundPlan) -> FusionJob:
         """After training: the Stage #1 fusion model to fit (and the scoring rows' modality outputs,
@@ -273,6 +288,7 @@ class Learner:
             stage1_accuracy=self._fusion_accuracy(f1, plan.probs, ys),
             payloads=payloads,
             codec=codec,
+            skipped=tuple(m for m in self.present if m not in plan.train),
         )
 
     def local_round(self, round_index: int, globals: dict[str, State], codec: str) -> LocalUpdate:
@@ -281,7 +297,7 @@ class Learner:
         :func:`fedmfs.learner.fleet.local_rounds` runs the same phases for many devices at once."""
         plan = self.begin_round(round_index, globals)
         if self.config.engine == "reference":
-            for m in self.present:
+            for m in plan.train:
                 self._train_modality(m, round_index, plan.train_rows, plan.val_rows)
         else:
             # A device alone: a model whose training windows fit in memory trains with torch's fused LSTM
@@ -291,7 +307,7 @@ class Learner:
             jobs = self.training_jobs(plan)
             big = [j for j in jobs if isinstance(j.x, np.memmap)
                    and len(j.rows) * int(np.prod(j.x.shape[1:])) * 4 > COPY_LIMIT]
-            for m, j in zip(self.present, jobs, strict=True):     # training_jobs: one per present modality
+            for m, j in zip(plan.train, jobs, strict=True):     # training_jobs: one per modality that trains
                 if j not in big:
                     self._train_modality(m, round_index, plan.train_rows, plan.val_rows)
             for group in self.training_groups(big):
@@ -352,13 +368,28 @@ class Learner:
         )
         rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, 0x5E1))
         chosen, prio = policy.selector().select(inp, rng)
+        self._note_idle(mods, chosen, np.asarray(prio, dtype=np.float64), inp.gamma, round_index)
         return Choice(tuple(chosen), {m: float(p) for m, p in zip(mods, prio)})
+
+    def _note_idle(self, mods: tuple[str, ...], chosen: list[str], prio: np.ndarray, gamma: int,
+                   round_index: int) -> None:
+        """Idle this round: not sent, and a priority at most half the gamma-th highest (under the evidence
+        priority, a modality that showed no value has 0). Idempotent for a round (a choice made again
+        after a restart notes the same)."""
+        top = np.sort(prio)[::-1]
+        kth = float(top[min(max(gamma, 1), len(top)) - 1]) if len(top) else 0.0
+        for m, p in zip(mods, prio):
+            if m not in chosen and kth > 0 and p <= 0.5 * kth:
+                if self.history.idle_since.get(m, round_index + 1) > round_index:
+                    self.history.idle_since[m] = round_index
+            else:
+                self.history.idle_since.pop(m, None)
 
     def record(self, update: LocalUpdate, choice: Choice) -> RoundRecord:
         """The round's record, as the device reports it."""
         return RoundRecord(self.data.name, update.round_index, update.samples, dict(update.shapley),
                            dict(update.sizes), dict(choice.priorities), tuple(choice.modalities),
-                           update.stage1_accuracy)
+                           update.stage1_accuracy, update.skipped)
 
     def mark_uploaded(self, modalities, round_index: int) -> None:
         for m in modalities:

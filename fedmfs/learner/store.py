@@ -36,7 +36,7 @@ def save_learner(learner: Learner, directory: str | os.PathLike) -> None:
         atomic_write(d / "fusion.safetensors", st_save(state_to_numpy(learner.fusion)))
     atomic_write(d / "client.json", json.dumps({
         "last_upload": learner.history.last_upload, "synced": learner.history.synced,
-        "scores": learner.history.scores,
+        "scores": learner.history.scores, "idle_since": learner.history.idle_since,
         "config": asdict(learner.config)}).encode())
 
 
@@ -54,6 +54,7 @@ def restore_learner(learner: Learner, directory: str | os.PathLike,
         learner.history.last_upload = {k: int(v) for k, v in saved["last_upload"].items()}
         learner.history.synced = {k: str(v) for k, v in saved.get("synced", {}).items()}
         learner.history.scores = {k: float(v) for k, v in saved.get("scores", {}).items()}
+        learner.history.idle_since = {k: int(v) for k, v in saved.get("idle_since", {}).items()}
     p = d / "fusion.safetensors"
     if p.exists():
         f = FusionModel(len(learner.spec.names), learner.spec.num_classes, learner.config.fusion_hidden)

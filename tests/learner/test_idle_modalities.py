@@ -1,0 +1,86 @@
+"""Compute saving (issue 17 point 4): a device skips training the modalities it neither sends nor will
+send soon, and says so in its record; the pooled simulator skips exactly what a device alone skips."""
+
+import numpy as np
+import pytest
+
+from fedmfs.core.data.format import Fleet
+from fedmfs.core.data.synthetic import make_synthetic
+from fedmfs.core.errors import PayloadError
+from fedmfs.core.records import RoundRecord
+from fedmfs.core.selection import SelectionPolicy
+from fedmfs.core.settings import TrainConfig
+from fedmfs.learner.fleet import local_rounds
+from fedmfs.learner.learner import Learner
+
+CFG = TrainConfig(min_steps=20, fusion_steps=30, shapley_samples=20, idle_every=3)
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    f = make_synthetic("headroom", 2)        # ten modalities, four of them pure noise
+    return Fleet(f.spec, [f.clients[i] for i in (0, 7)], f.metadata)
+
+
+def _round(lr, r, policy):
+    before = {m: {k: v.detach().numpy().copy() for k, v in lr.models[m].state_dict().items()} for m in lr.present}
+    upd = lr.local_round(r, {}, "fp32")
+    choice = lr.choose(upd, policy)
+    rec = lr.record(upd, choice)
+    changed = {m for m in lr.present
+               if any(not np.array_equal(before[m][k], upd.states[m][k]) for k in before[m])}
+    return upd, choice, rec, changed
+
+
+def test_an_idle_modality_trains_every_idle_every_th_round_and_the_record_says_so(fleet):
+    lr = Learner(fleet.spec, fleet.clients[0], CFG, 5, 0)
+    policy = SelectionPolicy(gamma=2)
+    upd, choice, rec, changed = _round(lr, 0, policy)
+    assert upd.skipped == () and rec.skipped == () and changed == set(lr.present)
+    idle = {m for m, r in lr.history.idle_since.items() if r == 0}
+    # what was idle: not sent, and a priority at most half the gamma-th's (0 under the evidence priority)
+    kth = sorted(choice.priorities.values())[-2]
+    assert idle and idle == {m for m in lr.present if m not in choice.modalities and choice.priorities[m] <= 0.5 * kth}
+    assert any(m.startswith("noise") for m in idle), "pure noise shows no value"
+    retrained = False
+    for r in (1, 2, 3, 4):
+        since = dict(lr.history.idle_since)
+        # idle since round s: it skips the rounds r with (r - s) % 3 != 0 and trains on the others
+        # (its third round idle: a modality that became useful is seen)
+        expect = {m for m, s0 in since.items() if (r - s0) % 3 != 0}
+        upd, choice, rec, changed = _round(lr, r, policy)
+        assert set(upd.skipped) == set(rec.skipped) == expect
+        assert changed == set(lr.present) - expect        # a skipped model is the one it kept
+        retrained |= any((r - s0) % 3 == 0 for s0 in since.values())
+        assert set(rec.skipped) <= set(rec.sizes) and rec.shapley.keys() == rec.sizes.keys()
+    assert retrained, "an idle streak reached its third round"
+    # off by default: every modality trains every round, idle or not
+    lr0 = Learner(fleet.spec, fleet.clients[0], TrainConfig(), 5, 0)
+    lr0.history.idle_since = dict(lr.history.idle_since)
+    assert lr0.begin_round(5, {}).train == lr0.present
+
+
+def test_pooled_rounds_skip_what_each_device_skips_alone(fleet):
+    alone = [Learner(fleet.spec, c, CFG, 5, i) for i, c in enumerate(fleet.clients)]
+    pooled = [Learner(fleet.spec, c, CFG, 5, i) for i, c in enumerate(fleet.clients)]
+    policy = SelectionPolicy(gamma=1)
+    for r in range(3):
+        ua = [lr.local_round(r, {}, "fp32") for lr in alone]
+        ub = local_rounds([(lr, r, {}, "fp32") for lr in pooled])
+        for a, b, la, lb in zip(ua, ub, alone, pooled, strict=True):
+            assert a.skipped == b.skipped
+            for m in a.states:
+                for k in a.states[m]:
+                    np.testing.assert_allclose(a.states[m][k], b.states[m][k], atol=1e-5, rtol=0)
+            assert la.choose(a, policy).modalities == lb.choose(b, policy).modalities
+    assert any(u.skipped for u in ua), "something was idle by round 2"
+
+
+def test_a_record_names_what_it_skipped_and_refuses_what_it_does_not_have():
+    rec = RoundRecord("d1", 3, 40, {"a": 0.5, "b": 0.0}, {"a": 3, "b": 5}, {"a": 1.0, "b": 0.0}, ("a",), 0.5, ("b",))
+    assert RoundRecord.from_dict(rec.to_dict()) == rec
+    old = rec.to_dict()
+    del old["skipped"]                   # a record from a device that skips nothing (or an older one)
+    assert RoundRecord.from_dict(old).skipped == ()
+    with pytest.raises(PayloadError, match="skipped"):
+        RoundRecord.from_dict({**rec.to_dict(), "skipped": ["c"]})
