@@ -411,6 +411,13 @@ def summarize(runs: Sequence[Mapping[str, Any]], *, baseline: str = "all", refer
             "rare_accuracy": _est(list(rare[v].values()), level),
             "rare_diff_vs_baseline": _paired(rare[v], rare[baseline], level) if baseline in rare else None,
             "seconds": float(np.mean([r.get("seconds", math.nan) for r in by[v].values()])),
+            # the share of the uploads that were pure noise (modalities named noise<w>), per seed
+            "noise_upload_share": _est([x for x in (_noise_share(r) for r in by[v].values()) if x is not None], level),
+            # CPU seconds of the run per round, and the (device, modality) trainings skipped as idle
+            "cpu_per_round": _est([r["cpu_seconds"] / max(1, len(r["rounds"])) for r in by[v].values()
+                                   if "cpu_seconds" in r], level),
+            "skipped_per_round": _est([_skipped_per_round(r) for r in by[v].values()
+                                       if all("skipped" in x for x in r["rounds"])], level),
         }
     if budgets is None:   # the reference's largest total: its whole run fits on every seed
         budgets = ([f * max(totals[reference]) for f in budget_fractions] if reference in totals else [])
@@ -497,6 +504,20 @@ def _rare_line(rare: Mapping[str, Any]) -> str:
     return f"rare acc %: n/a: no modality is rare in these fleets (every client holds it, or more than {RARE_SHARE:.0%} do)"
 
 
+def _skipped_per_round(run: Mapping[str, Any]) -> float:
+    return sum(sum(r["skipped"].values()) for r in run["rounds"]) / max(1, len(run["rounds"]))
+
+
+def _noise_share(run: Mapping[str, Any]) -> float | None:
+    """Uploads of pure-noise modalities (the synthetic presets name them ``noise<width>``) over all
+    uploads of a run; None for a run saved without per-round uploads, or one that uploaded nothing."""
+    if not all("uploaded" in r for r in run["rounds"]):
+        return None
+    total = sum(sum(r["uploaded"].values()) for r in run["rounds"])
+    noise = sum(n for r in run["rounds"] for m, n in r["uploaded"].items() if m.startswith("noise"))
+    return noise / total if total else None
+
+
 def format_summary(s: Mapping[str, Any]) -> str:
     """The summary as the plain-text tables the command prints (accuracies in %, ± = CI half width)."""
     pct = f"{s['level'] * 100:g}%"
@@ -510,6 +531,16 @@ def format_summary(s: Mapping[str, Any]) -> str:
                      f"{_pm(v['total_mb'], 1.0, '{:.3f}'):>18s} "
                      f"{v['bytes_ratio']:10.4f} {_pm(v['diff_vs_baseline'], sign=True):>22s} "
                      f"{v['final_accuracy']['n']:3d} {v['seconds']:7.1f}")
+    extra = [(n, v) for n, v in s["variants"].items() if v.get("noise_upload_share", {}).get("n")
+             or v.get("cpu_per_round", {}).get("n")]
+    if extra:
+        lines += ["", "What went up and what it cost (noise: uploads of modalities named noise<w>, of all uploads; "
+                      "CPU: the run's process, per round; skipped: idle modality trainings per round)",
+                  f"{'variant':22s} {'noise uploads %':>16s} {'CPU s/round':>14s} {'skipped/round':>14s}"]
+        for name, v in extra:
+            lines.append(f"{name:22s} {_pm(v.get('noise_upload_share')):>16s} "
+                         f"{_pm(v.get('cpu_per_round'), 1.0, '{:.2f}'):>14s} "
+                         f"{_pm(v.get('skipped_per_round'), 1.0, '{:.1f}'):>14s}")
     rare = s.get("rare") or {"modalities": [], "runs_without": 0, "diff": {}}
     lines += ["", _rare_line(rare)]
     for o, d in rare["diff"].items():
@@ -605,7 +636,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 _FAMILY_COLOURS = {"method": "tab:blue", "gamma": "tab:orange", "codec": "tab:green", "alpha": "tab:purple",
-                   "cap": "tab:red"}
+                   "cap": "tab:red", "priority": "tab:brown", "evidence": "tab:olive"}
 
 
 def pareto_plot(summary: Mapping[str, Any], path: str | Path) -> Path:

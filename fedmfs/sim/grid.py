@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 RUN_FORMAT = "fedmfs.compare.run/1"
 # what a row says about where and how fast it ran, not what it computed: left out of every equality
-WALL_CLOCK_FIELDS = ("seconds", "ran_on")
+WALL_CLOCK_FIELDS = ("seconds", "cpu_seconds", "ran_on")
 # a variant's name is a file name in the results directory
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 _RAY_OBJECT_STORE_MB = 200
@@ -97,11 +97,13 @@ def _json_roundtrip(value: Any) -> Any:
 def run_job(job: Job) -> dict[str, Any]:
     """Run one job here, with one torch thread (restored after), and return its row: ``variant``,
     ``method``, ``family``, ``seed``, ``split``, ``config``, ``rounds`` (per round ``round``,
-    ``accuracy``, ``upload_bytes``, ``cumulative_bytes``, and the accuracy by modality group:
-    ``rare_accuracy``, ``modality_set_accuracy``), ``final_accuracy``, ``rare_modalities``,
-    ``total_upload_bytes``, ``last_shapley`` (each client's scores after the last round) and
-    ``seconds`` (wall clock). The modality-group fields (:mod:`fedmfs.sim.report`) are results, not
-    settings: a run saved before them still stands for its job, and reads as n/a for them."""
+    ``accuracy``, ``upload_bytes``, ``cumulative_bytes``, the accuracy by modality group
+    (``rare_accuracy``, ``modality_set_accuracy``), ``uploaded`` (modality -> uploads that round) and
+    ``skipped`` (modality -> devices that did not train it)), ``final_accuracy``, ``rare_modalities``,
+    ``total_upload_bytes``, ``last_shapley`` (each client's scores after the last round), ``seconds``
+    (wall clock) and ``cpu_seconds`` (this process's CPU time for the run). The per-round groups,
+    uploads and skips are results, not settings: a run saved before them still stands for its job,
+    and reads as n/a for them."""
     import torch
 
     from fedmfs.sim.driver import run_simulation
@@ -112,23 +114,34 @@ def run_job(job: Job) -> dict[str, Any]:
         fleet = job.fleet_factory(job.seed)
         if job.split == "validation":
             fleet = fleet.validation_view(job.validation_fraction, seed=job.seed)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rep = run_simulation(fleet, job.config, "inproc")
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         torch.set_num_threads(threads)
     cfg = job.config
     rows = [{"round": r["round"], "accuracy": r["accuracy"], "upload_bytes": int(r["upload_bytes"]),
              "cumulative_bytes": int(r["cumulative_bytes"]),
-             **{k: r[k] for k in _GROUP_ROUND_FIELDS if k in r}} for r in rep["rounds"]]
+             **{k: r[k] for k in _GROUP_ROUND_FIELDS if k in r},
+             # what went up (uploads per modality) and what the devices did not train (idle modalities)
+             "uploaded": _count(u["modality"] for u in r.get("uploads", [])),
+             "skipped": _count(m for c in r.get("clients", {}).values() for m in c.get("skipped", []))}
+            for r in rep["rounds"]]
     groups = {"rare_modalities": rep["modality_groups"]["rare_modalities"]} if "modality_groups" in rep else {}
     return _json_roundtrip({
         "variant": job.variant, "method": cfg.method, "family": job.family, "seed": job.seed, "split": job.split,
         "config": cfg.to_dict(), "rounds": rows, "final_accuracy": rep["final_accuracy"], **groups,
-        "total_upload_bytes": int(rep["total_upload_bytes"]), "seconds": seconds,
+        "total_upload_bytes": int(rep["total_upload_bytes"]), "seconds": seconds, "cpu_seconds": cpu,
         # what the scores were after the last round (ranking checks against the preset's truth)
         "last_shapley": {d: c.get("shapley", {}) for d, c in rep["rounds"][-1].get("clients", {}).items()}
         if rep["rounds"] else {}})
+
+
+def _count(names) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in names:
+        out[str(n)] = out.get(str(n), 0) + 1
+    return dict(sorted(out.items()))
 
 
 def _ray_task(job: Job) -> dict[str, Any]:

@@ -148,7 +148,9 @@ def test_default_variants_build_for_the_small_fleet():
     for need in ("fedmfs", "all", "random", "holistic", "fedmfs-g2", "fedmfs-g3", "fedmfs-fp16", "fedmfs-int8"):
         assert need in names
     fams = {v.family for v in vs}
-    assert fams == {"method", "gamma", "codec", "alpha", "cap"}
+    assert fams == {"method", "gamma", "codec", "alpha", "cap", "priority", "evidence"}
+    # the paper's priority formula and the evidence gate's share, around the default (issue 17)
+    assert {"fedmfs-paper", "fedmfs-ev0.1", "fedmfs-ev0.35"} <= set(names)
     spec = PRESETS["small"].spec()
     sizes = modality_payload_sizes(spec)
     largest = max(sizes.values())
@@ -196,7 +198,8 @@ def test_run_grid_plumbing(monkeypatch):
     assert sum(len(c) for c in fleet.clients) == sum(c.n_train for c in orig.clients)
     r = rows[2]
     assert r["split"] == "validation" and r["family"] == "codec" and r["config"]["codec"] == "int8"
-    assert r["rounds"][1] == {"round": 1, "accuracy": 0.5, "upload_bytes": 7, "cumulative_bytes": 14}
+    assert r["rounds"][1] == {"round": 1, "accuracy": 0.5, "upload_bytes": 7, "cumulative_bytes": 14, "uploaded": {},
+                              "skipped": {}}
     assert r["total_upload_bytes"] == 14 and r["final_accuracy"] == 0.5
     seen.clear()
     run_grid(factory, vs[:1], [0], 1, "test")
@@ -245,3 +248,33 @@ def test_saved_grids_load_as_one_and_refuse_to_mix(tmp_path):
         load_runs([a, grid("c.json", 20, [("random", 0)])])
     with pytest.raises(ValueError, match="fedmfs seed 0 is also in"):
         load_runs([a, grid("d.json", 8, [("fedmfs", 0)])])
+
+
+def test_the_summary_counts_noise_uploads_cpu_and_skipped_trainings():
+    """Issue 17: the share of uploads that were pure noise, CPU per round and idle trainings skipped, per
+    variant (mean ± CI over seeds); runs saved without them read as n/a."""
+    from fedmfs.sim.compare import format_summary, summarize
+
+    def run(variant, seed, ups, skipped, cpu):
+        rows = [{"round": r, "accuracy": 0.5, "upload_bytes": 10, "cumulative_bytes": 10 * (r + 1),
+                 "uploaded": ups[r], "skipped": skipped[r]} for r in range(2)]
+        return {"variant": variant, "method": "fedmfs", "seed": seed, "rounds": rows, "final_accuracy": 0.5,
+                "total_upload_bytes": 20, "seconds": 1.0, "cpu_seconds": cpu}
+
+    runs = [run("fedmfs", 0, [{"eye": 3, "noise3": 1}, {"eye": 4}], [{"noise3": 2}, {"noise3": 2}], 4.0),
+            run("fedmfs", 1, [{"eye": 4}, {"xsens": 4}], [{}, {"noise64": 1}], 6.0),
+            run("all", 0, [{"eye": 2, "noise3": 2}, {"eye": 2, "noise3": 2}], [{}, {}], 8.0),
+            run("all", 1, [{"eye": 2, "noise3": 2}, {"eye": 2, "noise3": 2}], [{}, {}], 8.0)]
+    old = run("random", 0, [{}, {}], [{}, {}], 1.0)
+    for r in old["rounds"]:
+        del r["uploaded"], r["skipped"]
+    del old["cpu_seconds"]
+    s = summarize(runs + [old], baseline="all", reference="fedmfs")
+    v = s["variants"]
+    assert v["fedmfs"]["noise_upload_share"]["mean"] == pytest.approx((1 / 8 + 0) / 2)
+    assert v["all"]["noise_upload_share"]["mean"] == pytest.approx(0.5)
+    assert v["fedmfs"]["cpu_per_round"]["mean"] == pytest.approx((2.0 + 3.0) / 2)
+    assert v["fedmfs"]["skipped_per_round"]["mean"] == pytest.approx((2.0 + 0.5) / 2)
+    assert v["random"]["noise_upload_share"]["n"] == 0 and v["random"]["cpu_per_round"]["n"] == 0
+    text = format_summary(s)
+    assert "noise uploads %" in text and "6.25" in text
