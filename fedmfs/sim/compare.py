@@ -44,6 +44,7 @@ import numpy as np
 from fedmfs.core.data.format import Fleet
 from fedmfs.core.modality import DatasetSpec
 from fedmfs.core.selection import Alphas, SelectionPolicy
+from fedmfs.core.settings import TrainConfig
 from fedmfs.sim.report import RARE_SHARE
 
 if TYPE_CHECKING:
@@ -222,6 +223,8 @@ def default_variants() -> list[Variant]:
     v.append(Variant("fedmfs-paper", "fedmfs", {"priority": "paper"}, "priority"))
     v += [Variant(f"fedmfs-ev{e:g}", "fedmfs", {"evidence": e}, "evidence") for e in (0.0, 0.1, 0.35, 0.5)
           if e != SelectionPolicy().evidence]
+    # compute saving: idle modalities (neither sent nor near the gamma-th priority) train every 3rd round
+    v.append(Variant("fedmfs-idle3", "fedmfs", {"train": TrainConfig(idle_every=3)}, "compute"))
     # binding caps: every modality may go, as long as the round's uploads fit the cap; relative to the
     # largest model (tactile): a quarter (only the small models fit), a half (xsens fits), one
     v += [Variant(f"fedmfs-cap{f:g}", "fedmfs", {}, "cap", cap_of_largest=f, gamma_all=True)
@@ -636,7 +639,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 _FAMILY_COLOURS = {"method": "tab:blue", "gamma": "tab:orange", "codec": "tab:green", "alpha": "tab:purple",
-                   "cap": "tab:red", "priority": "tab:brown", "evidence": "tab:olive"}
+                   "cap": "tab:red", "priority": "tab:brown", "evidence": "tab:olive",
+                   "compute": "tab:cyan"}
 
 
 def pareto_plot(summary: Mapping[str, Any], path: str | Path) -> Path:

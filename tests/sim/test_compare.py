@@ -148,7 +148,7 @@ def test_default_variants_build_for_the_small_fleet():
     for need in ("fedmfs", "all", "random", "holistic", "fedmfs-g2", "fedmfs-g3", "fedmfs-fp16", "fedmfs-int8"):
         assert need in names
     fams = {v.family for v in vs}
-    assert fams == {"method", "gamma", "codec", "alpha", "cap", "priority", "evidence"}
+    assert fams == {"method", "gamma", "codec", "alpha", "cap", "priority", "evidence", "compute"}
     # the paper's priority formula and the evidence gate's share, around the default (issue 17)
     assert {"fedmfs-paper", "fedmfs-ev0.1", "fedmfs-ev0.35"} <= set(names)
     spec = PRESETS["small"].spec()
