@@ -47,7 +47,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -704,6 +704,19 @@ class EdgeMachine:
             since, got = now, 0
         self._rx = (since, got)
 
+    def _round_config(self) -> DeviceConfig:
+        """The config a round trains and selects with: the coordinator's, with the byte cap lowered to
+        what the link carries in the policy's ``upload_seconds`` (dynamic bandwidth) once the device has
+        measured its link (the rate its fetched chunks arrived at)."""
+        assert self.config is not None
+        p = self.config.policy
+        cap = p.link_cap(self.download_rate)
+        if cap == p.cap_bytes:
+            return self.config
+        log.info("link %.0f B/s x %g s: this round's cap %d bytes (the coordinator's: %s)", self.download_rate or 0,
+                 p.upload_seconds, cap, p.cap_bytes)
+        return replace(self.config, policy=replace(p, cap_bytes=cap))
+
     def window_bytes(self) -> int:
         """How many chunk bytes to keep asked for: about 2 s of the measured rate, within bounds."""
         if self.download_rate is None:
@@ -823,7 +836,7 @@ class EdgeMachine:
         if pending is None and self.progress["reported"] < ann.round:
             starts = {m: st for m, (sha, st) in self.globals.items() if m in ann.globals}
             return out + self._start(_Job(JobKind.TRAIN, ann.round, ann.chunk_bytes),
-                                     StartTraining(ann.round, starts, self.deploy_states(), self.config), now)
+                                     StartTraining(ann.round, starts, self.deploy_states(), self._round_config()), now)
         if pending is not None:
             out += self._drive_uploads(pending, now)
         return out

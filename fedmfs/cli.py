@@ -63,6 +63,9 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--evidence", type=float, default=None,
                    help=f"with --priority evidence: the share of the client's best score a modality needs to be "
                         f"sent, in [0, 1] [{d.evidence:g}]")
+    p.add_argument("--upload-seconds", type=float, default=None,
+                   help="dynamic bandwidth: the seconds a round's uploads may take; a device caps its round at "
+                        "its measured link rate x this (and at --cap-bytes) [no time budget]")
     p.add_argument("--codec", default=None, help=f"encoding of the uploaded weights: fp32 | fp16 | int8 [{d.codec}]")
     p.add_argument("--seed", type=int, default=None, help=f"seed of data, initial models and training [{a.seed}]")
     p.add_argument("--aggregation", default=None,
@@ -195,8 +198,8 @@ def cmd_simulate(args) -> int:
     # every check of the options and the data before any work: a refusal is one line, not a lost run
     conf = _resolve(args)
     _check_alphas(args, conf)
-    kw = {k: conf[k] for k in ("gamma", "cap_bytes", "codec", "cap_rule", "priority", "evidence", "rounds", "seed",
-                               "aggregation") if k in conf}
+    kw = {k: conf[k] for k in ("gamma", "cap_bytes", "codec", "cap_rule", "priority", "evidence", "upload_seconds",
+                               "rounds", "seed", "aggregation") if k in conf}
     if any(f"alpha_{x}" in conf for x in "scr"):
         d = Alphas()
         kw["alphas"] = Alphas(conf.get("alpha_s", d.s), conf.get("alpha_c", d.c), conf.get("alpha_r", d.r))

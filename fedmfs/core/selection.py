@@ -8,6 +8,7 @@ selects with exactly what it was sent, and the simulator and the fleet file take
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -293,7 +294,7 @@ METHODS: Mapping[str, Method] = {m.name: m for m in (
 # the flat keys of a policy (fleet file tables, config messages, simulate options) and their TOML types
 POLICY_KEYS: Mapping[str, type] = {"method": str, "gamma": int, "alpha_s": float, "alpha_c": float,
                                    "alpha_r": float, "cap_bytes": int, "codec": str, "cap_rule": str,
-                                   "priority": str, "evidence": float}
+                                   "priority": str, "evidence": float, "upload_seconds": float}
 CAP_RULES = ("impact", "priority")
 # the priority's form: "evidence" (evidence_priority: a modality must show value to be sent) or "paper"
 # (the paper's P = a_s norm(phi) + a_c (1 - norm(size)) + a_r recency over every modality)
@@ -316,6 +317,10 @@ class SelectionPolicy:
     priority: str = "evidence"   # PRIORITIES
     # the share of the client's best score a modality needs to be sent (priority = "evidence")
     evidence: float = 0.2
+    # dynamic bandwidth: the seconds a round's uploads may take on the device's link. A device that has
+    # measured its link rate caps its round at rate x upload_seconds bytes (and at cap_bytes); None:
+    # the cap is cap_bytes alone
+    upload_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.cap_rule not in CAP_RULES:
@@ -325,6 +330,9 @@ class SelectionPolicy:
         if (isinstance(self.evidence, bool) or not isinstance(self.evidence, (int, float))
                 or not 0.0 <= self.evidence <= 1.0):
             raise ValueError(f"evidence must be a number in [0, 1] (a share of the best score), got {self.evidence!r}")
+        u = self.upload_seconds
+        if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u < 1e6):
+            raise ValueError(f"upload_seconds must be a number of seconds > 0 (or absent: no time budget), got {u!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or self.gamma < 0:
@@ -347,7 +355,8 @@ class SelectionPolicy:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "gamma": self.gamma, "alpha_s": self.alphas.s, "alpha_c": self.alphas.c,
                 "alpha_r": self.alphas.r, "cap_bytes": self.cap_bytes, "codec": self.codec,
-                "cap_rule": self.cap_rule, "priority": self.priority, "evidence": self.evidence}
+                "cap_rule": self.cap_rule, "priority": self.priority, "evidence": self.evidence,
+                "upload_seconds": self.upload_seconds}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SelectionPolicy:
@@ -360,4 +369,13 @@ class SelectionPolicy:
                                  float(d.get("alpha_r", a.r))),
                    cap_bytes=d.get("cap_bytes", base.cap_bytes), codec=d.get("codec", base.codec),
                    cap_rule=d.get("cap_rule", base.cap_rule), priority=d.get("priority", base.priority),
-                   evidence=d.get("evidence", base.evidence))
+                   evidence=d.get("evidence", base.evidence),
+                   upload_seconds=d.get("upload_seconds", base.upload_seconds))
+
+    def link_cap(self, rate: float | None) -> int | None:
+        """The byte cap of a round on a link of ``rate`` bytes/s: ``cap_bytes``, lowered to
+        ``rate x upload_seconds`` when both are known (dynamic bandwidth)."""
+        if self.upload_seconds is None or rate is None or not math.isfinite(rate) or rate <= 0:
+            return self.cap_bytes
+        budget = max(1, int(rate * self.upload_seconds))
+        return budget if self.cap_bytes is None else min(self.cap_bytes, budget)

@@ -58,7 +58,7 @@ class SimConfig:
     def build(cls, method: str | None = None, **kw: Any) -> SimConfig:
         """From flat settings (``method``, ``gamma``, ``alphas``, ``cap_bytes``, ``codec``, ``rounds``,
         ``seed``, ``aggregation``, ``train``); what is not given takes its one declared default."""
-        keys = ("gamma", "cap_bytes", "codec", "alphas", "cap_rule", "priority", "evidence")
+        keys = ("gamma", "cap_bytes", "codec", "alphas", "cap_rule", "priority", "evidence", "upload_seconds")
         pol: dict[str, Any] = {k: kw.pop(k) for k in keys if k in kw}
         baseline = method if method in BASELINES else None
         if method is not None and baseline is None:
@@ -85,5 +85,6 @@ class SimConfig:
         return {"method": self.method, "rounds": self.rounds, "gamma": p.gamma,
                 "alphas": {"s": p.alphas.s, "c": p.alphas.c, "r": p.alphas.r}, "cap_bytes": p.cap_bytes,
                 "codec": p.codec, "cap_rule": p.cap_rule, "priority": p.priority, "evidence": p.evidence,
+                "upload_seconds": p.upload_seconds,
                 "seed": self.seed, "aggregation": self.aggregation,
                 "train": asdict(self.train)}

@@ -493,3 +493,26 @@ def test_old_state_files_without_evaluated_are_read():
     assert check_progress({"reported": 3, "stage2": 2, "pending": None})["evaluated"] == 2
     with pytest.raises(ConfigError, match="evaluated"):
         check_progress({"reported": 3, "stage2": 2, "evaluated": "x", "pending": None})
+
+
+def test_dynamic_bandwidth_caps_a_round_at_the_link_rate_times_its_time_budget():
+    """Issue 17 (the paper's future work): with ``upload_seconds`` in its policy a device caps a round at
+    what its measured link carries in that time (and at the coordinator's cap); unmeasured, or without
+    a time budget, the coordinator's cap is the cap."""
+    pol = SelectionPolicy(gamma=2, cap_bytes=5_000, upload_seconds=2.0)
+    assert pol.link_cap(None) == 5_000 and pol.link_cap(1_000.0) == 2_000 and pol.link_cap(10_000.0) == 5_000
+    assert SelectionPolicy(upload_seconds=3.0).link_cap(100.0) == 300                      # no fixed cap
+    assert SelectionPolicy(cap_bytes=7).link_cap(1.0) == 7                                  # no time budget
+    assert SelectionPolicy.from_dict(pol.to_dict()) == pol
+    assert DeviceConfig.from_dict(DeviceConfig(DEV, pol).to_dict()).policy.upload_seconds == 2.0
+    with pytest.raises(ValueError, match="upload_seconds"):
+        SelectionPolicy(upload_seconds=0)
+    m = machine()
+    m.handle(ConfigArrived(DeviceConfig(DEV, pol)))
+    for mod, sha in G.items():
+        m.handle(GlobalArrived(mod, sha, f"state-{mod}", b"frame", stored=True))
+    m.handle(ann(0))
+    m.download_rate = 1_500.0            # what its fetched chunks arrived at (bytes/s)
+    [job] = of(m.handle(Tick(0.0)), StartTraining)
+    assert job.config.policy.cap_bytes == 3_000 and job.config.policy.gamma == 2
+    assert m.config.policy.cap_bytes == 5_000           # the coordinator's config is kept as it was sent

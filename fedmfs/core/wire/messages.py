@@ -177,8 +177,9 @@ class DeviceConfig:
         get_field(d, "gamma", int)
         for k in ("alpha_s", "alpha_c", "alpha_r"):
             finite(d, k)
-        if "evidence" in d:
-            finite(d, "evidence")
+        for k in ("evidence", "upload_seconds"):
+            if d.get(k) is not None:
+                finite(d, k)
         nonneg_int(d, "cap_bytes", optional=True)
         try:
             policy = SelectionPolicy.from_dict(d)
