@@ -15,7 +15,7 @@ from torch import nn
 from fedmfs.core.data.synthetic import make_synthetic
 from fedmfs.core.payload import Codec, decode_model, state_digest
 from fedmfs.core.records import RoundRecord
-from fedmfs.core.selection import Alphas, SelectionPolicy, priority
+from fedmfs.core.selection import Alphas, SelectionPolicy, evidence_priority, priority
 from fedmfs.core.settings import TrainConfig
 from fedmfs.learner.learner import Choice, Learner, LocalUpdate
 from fedmfs.learner.models import state_to_numpy
@@ -144,21 +144,30 @@ def test_local_round_starts_from_a_new_global(fleet, client, trained):
 def test_choose_default_priorities_and_gamma(trained):
     lr, u = trained
     present = tuple(lr.present)
-    c1 = lr.choose(u, SelectionPolicy(gamma=1))
+    phi, sizes = np.array([u.shapley[m] for m in present]), np.array([u.sizes[m] for m in present])
+    # the paper's formula (priority = "paper"): every modality ranked by it, gamma of them sent
+    paper = SelectionPolicy(gamma=1, priority="paper")
+    c1 = lr.choose(u, paper)
     assert isinstance(c1, Choice)
     assert set(c1.priorities) == set(present)
     # the priorities are the core formula on this update (never uploaded: t - (-1) = t + 1)
-    want = priority(np.array([u.shapley[m] for m in present]), np.array([u.sizes[m] for m in present]),
-                    Alphas(), np.full(len(present), 1.0), 0)
+    want = priority(phi, sizes, Alphas(), np.full(len(present), 1.0), 0)
     np.testing.assert_allclose([c1.priorities[m] for m in present], want, rtol=0, atol=1e-12)
     ranked = sorted(present, key=lambda m: (-c1.priorities[m], present.index(m)))
     assert c1.modalities == (ranked[0],)
-    c2 = lr.choose(u, SelectionPolicy(gamma=2))
+    c2 = lr.choose(u, dataclasses.replace(paper, gamma=2))
     assert len(c2.modalities) == 2
     assert set(c2.modalities) == set(ranked[:2])
     assert list(c2.modalities) == [m for m in present if m in c2.modalities]   # modality order
-    assert lr.choose(u, SelectionPolicy(gamma=0)).modalities == ()
-    assert lr.choose(u, SelectionPolicy(gamma=99)).modalities == present
+    assert lr.choose(u, dataclasses.replace(paper, gamma=0)).modalities == ()
+    assert lr.choose(u, dataclasses.replace(paper, gamma=99)).modalities == present
+    # the default, the evidence priority: only modalities whose score shows value, ranked among themselves
+    pe, ok = evidence_priority(phi, sizes, Alphas(), np.full(len(present), 1.0), 0, SelectionPolicy().evidence)
+    d1 = lr.choose(u, SelectionPolicy(gamma=1))
+    np.testing.assert_allclose([d1.priorities[m] for m in present], pe, rtol=0, atol=1e-12)
+    eligible = [m for m, e in zip(present, ok) if e]
+    assert eligible and d1.modalities == (max(eligible, key=lambda m: (d1.priorities[m], -present.index(m))),)
+    assert lr.choose(u, SelectionPolicy(gamma=99)).modalities == tuple(eligible)
 
 
 def test_choose_other_methods(trained):
@@ -178,13 +187,15 @@ def test_choose_honours_the_byte_cap(trained):
     # a cap that only the smallest model fits under
     cap = sizes[smallest]
     assert sorted(sizes.values())[1] > cap
-    c = lr.choose(u, SelectionPolicy(gamma=3, cap_bytes=cap))
+    # (the paper's formula: every modality may go; the evidence priority's own cap tests: test_selection.py)
+    c = lr.choose(u, SelectionPolicy(gamma=3, cap_bytes=cap, priority="paper"))
     assert c.modalities == (smallest,)
     # nothing fits
     assert lr.choose(u, SelectionPolicy(gamma=3, cap_bytes=cap - 1)).modalities == ()
     # a cap that fits everything: gamma decides
     total = sum(sizes.values())
-    assert lr.choose(u, SelectionPolicy(gamma=len(sizes), cap_bytes=total)).modalities == tuple(lr.present)
+    assert lr.choose(u, SelectionPolicy(gamma=len(sizes), cap_bytes=total, priority="paper")).modalities == \
+        tuple(lr.present)
     # every subset the knapsack returns fits the cap and gamma
     for cap in (total // 4, total // 2, total - 1):
         for gamma in (1, 2, 3):
@@ -210,7 +221,7 @@ def test_recency_enters_the_priority_after_mark_uploaded(fleet, client, trained)
     assert lr.history.last_upload == {present[0]: 0}
     # the same scores one round later: the uploaded modality is 1 round old, the others never uploaded
     u1 = dataclasses.replace(u, round_index=1)
-    ch = lr.choose(u1, SelectionPolicy(gamma=1))
+    ch = lr.choose(u1, SelectionPolicy(gamma=1, priority="paper"))
     a = Alphas()
     base = priority(np.array([u.shapley[m] for m in present]), np.array([u.sizes[m] for m in present]), a)
     since = np.array([1.0] + [2.0] * (len(present) - 1))

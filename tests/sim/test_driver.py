@@ -104,16 +104,24 @@ def test_shapley_ranks_follow_the_generators_ground_truth(fleet, fedmfs_report):
         assert helps and all(s["emg_left"] < s[m] for m in helps), (name, s)
 
 
-def test_cap_is_never_exceeded(fleet):
+@pytest.mark.parametrize("kind", ["evidence", "paper"])
+def test_cap_is_never_exceeded(fleet, kind):
     cap = 50_000  # small preset sizes: eye ~22 kB, emg ~25 kB, tactile ~53 kB, xsens ~54 kB
     rep = run_simulation(fleet, SimConfig.build(method="fedmfs", rounds=1, gamma=6, cap_bytes=cap, seed=0,
-                                          alphas=Alphas(0.5, 0.5)))
+                                          alphas=Alphas(0.5, 0.5), priority=kind))
     per_device: dict[str, int] = {}
     for u in rep["rounds"][0]["uploads"]:
         per_device[u["device"]] = per_device.get(u["device"], 0) + u["bytes"]
     assert per_device and max(per_device.values()) <= cap
-    # with gamma = 6 and a cap, clients upload more than one model when it fits
-    assert max(len(c["chosen"]) for c in rep["rounds"][0]["clients"].values()) > 1
+    clients = rep["rounds"][0]["clients"].values()
+    if kind == "paper":
+        # with gamma = 6 and a cap, clients upload more than one model when it fits
+        assert max(len(c["chosen"]) for c in clients) > 1
+    else:
+        # only what shows value goes, within the cap
+        for c in clients:
+            best = max(c["shapley"].values())
+            assert all(c["shapley"][m] >= 0.2 * best > 0 for m in c["chosen"])
 
 
 @pytest.mark.parametrize("method", ["all", "random", "local", "holistic", "size_only", "shapley_only"])
