@@ -79,8 +79,9 @@ class TrainConfig:
     # +124 MiB instead of +234 MiB with all six pooled, at the same CPU time (each model alone: +99 MiB,
     # +28% CPU). docs/deploy.md. A simulated fleet pools every device's models regardless.
     pool_batch_mb: float = 8.0
-    # Compute saving: a modality is *idle* in a round when the device did not send it and its priority
-    # was at most half the gamma-th highest (under the evidence priority: it showed no value). An idle
+    # Compute saving: a modality is *idle* in a round when the device did not send it and it showed no
+    # value (under the evidence priority: a score at or below 0, or below its share of the best; under
+    # the paper's formula: a priority at most half the gamma-th highest). An idle
     # modality trains only every `idle_every`-th round of its idle streak (its model is kept, still
     # scored every round, and trained again then, so that a modality that became useful is seen);
     # the round's record names what it skipped. 0: every modality trains every round.

@@ -17,7 +17,7 @@ from fedmfs.core.modality import DatasetSpec
 from fedmfs.core.payload import Codec, ModelHeader, encode_model, state_digest
 from fedmfs.core.records import RoundRecord
 from fedmfs.core.seeds import seed_for
-from fedmfs.core.selection import SelectionInput, SelectionPolicy
+from fedmfs.core.selection import SelectionInput, SelectionPolicy, evidence_priority
 from fedmfs.core.settings import TrainConfig
 from fedmfs.core.shapley import modality_gains
 from fedmfs.learner.batched import (
@@ -368,20 +368,30 @@ class Learner:
         )
         rng = np.random.default_rng(seed_for(self.seed, self.index, round_index, 0x5E1))
         chosen, prio = policy.selector().select(inp, rng)
-        self._note_idle(mods, chosen, np.asarray(prio, dtype=np.float64), inp.gamma, round_index)
+        self._note_idle(mods, chosen, np.asarray(prio, dtype=np.float64), inp, policy)
         return Choice(tuple(chosen), {m: float(p) for m, p in zip(mods, prio)})
 
-    def _note_idle(self, mods: tuple[str, ...], chosen: list[str], prio: np.ndarray, gamma: int,
-                   round_index: int) -> None:
-        """Idle this round: not sent, and a priority at most half the gamma-th highest (under the evidence
-        priority, a modality that showed no value has 0). Idempotent for a round (a choice made again
-        after a restart notes the same)."""
-        top = np.sort(prio)[::-1]
-        kth = float(top[min(max(gamma, 1), len(top)) - 1]) if len(top) else 0.0
-        for m, p in zip(mods, prio):
-            if m not in chosen and kth > 0 and p <= 0.5 * kth:
-                if self.history.idle_since.get(m, round_index + 1) > round_index:
-                    self.history.idle_since[m] = round_index
+    def _note_idle(self, mods: tuple[str, ...], chosen: list[str], prio: np.ndarray, inp: SelectionInput,
+                   policy: SelectionPolicy) -> None:
+        """Note which modalities are idle this round (TrainConfig.idle_every): not sent, and without
+        evidence of value under the evidence priority (a score at or below 0, or below ``evidence`` times
+        the best: what that priority never sends); under the paper's formula, a priority at most half the
+        gamma-th highest. A modality that helps but ranks below others is not idle: it keeps training, as
+        the fusion leans on it. Idempotent for a round (a choice made again after a restart notes the
+        same)."""
+        if policy.priority == "evidence":
+            _, eligible = evidence_priority(inp.shapley, inp.sizes, policy.alphas, inp.rounds_since_upload,
+                                            inp.round_index, policy.evidence)
+            idle = ~eligible
+        else:
+            top = np.sort(prio)[::-1]
+            kth = float(top[min(max(inp.gamma, 1), len(top)) - 1]) if len(top) else 0.0
+            idle = (prio <= 0.5 * kth) if kth > 0 else np.zeros(len(prio), bool)
+        r = inp.round_index
+        for m, i in zip(mods, idle):
+            if i and m not in chosen:
+                if self.history.idle_since.get(m, r + 1) > r:
+                    self.history.idle_since[m] = r
             else:
                 self.history.idle_since.pop(m, None)
 
