@@ -81,10 +81,11 @@ class TrainConfig:
     pool_batch_mb: float = 8.0
     # Compute saving: a modality is *idle* in a round when the device did not send it and it showed no
     # value (under the evidence priority: a score at or below 0, or below its share of the best; under
-    # the paper's formula: a priority at most half the gamma-th highest). An idle
-    # modality trains only every `idle_every`-th round of its idle streak (its model is kept, still
-    # scored every round, and trained again then, so that a modality that became useful is seen);
-    # the round's record names what it skipped. 0: every modality trains every round.
+    # the paper's formula: a priority at most half the gamma-th highest). A modality idle for
+    # `idle_every` rounds in a row (while it still trained) then trains only every `idle_every`-th
+    # round of its idle streak (its model is kept, still scored every round, and trained again then, so
+    # that a modality that became useful is seen); the round's record names what it skipped. 0: every
+    # modality trains every round.
     idle_every: int = 0
 
     def __post_init__(self) -> None:

@@ -237,11 +237,16 @@ class Learner:
                          train=[m for m in self.present if self._trains(m, round_index)])
 
     def _trains(self, m: str, round_index: int) -> bool:
-        """Whether modality ``m`` trains in round ``round_index``: always, unless it is idle
-        (TrainConfig.idle_every), then every ``idle_every``-th round of its idle streak."""
+        """Whether modality ``m`` trains in round ``round_index``: always, unless it has been idle
+        (TrainConfig.idle_every) for at least ``idle_every`` rounds in a row while it trained; then only
+        every ``idle_every``-th round of its idle streak. A model that is merely slow to learn (early
+        rounds, noisy scores) keeps training until its streak shows it has nothing to give."""
         k = self.config.idle_every
         since = self.history.idle_since.get(m)
-        return k <= 0 or since is None or (round_index - since) % k == 0
+        if k <= 0 or since is None:
+            return True
+        streak = round_index - since
+        return streak < k or streak % k == 0
 
     def training_jobs(self, plan: RoundPlan) -> list[ModalityJob]:
         """The round's training of every modality model, for :func:`~fedmfs.learner.batched.train_modalities`
