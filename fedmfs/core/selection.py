@@ -82,9 +82,14 @@ def priority(
     ``rounds_since_upload`` is t - (last round m was uploaded); for a never-uploaded modality pass t + 1.
     """
     p = alphas.s * minmax(shapley) + alphas.c * (1.0 - minmax(sizes))
-    if alphas.r and rounds_since_upload is not None:
-        p = p + alphas.r * np.asarray(rounds_since_upload, dtype=np.float64) / (round_index + 1)
-    return p
+    return p + _recency(alphas, rounds_since_upload, round_index)
+
+
+def _recency(alphas: Alphas, rounds_since_upload: np.ndarray | None, round_index: int) -> np.ndarray | float:
+    """a_r * (t - last_m) / (t + 1), the paper's recency term (0 without a history)."""
+    if not alphas.r or rounds_since_upload is None:
+        return 0.0
+    return alphas.r * np.asarray(rounds_since_upload, dtype=np.float64) / (round_index + 1)
 
 
 def evidence_priority(
@@ -116,8 +121,7 @@ def evidence_priority(
     top = float(size.max()) if size.size else 0.0
     p = alphas.s * (phi / best if best > 0 else np.zeros_like(phi))
     p = p + alphas.c * (1.0 - size / top if top > 0 else np.zeros_like(size))
-    if alphas.r and rounds_since_upload is not None:
-        p = p + alphas.r * np.asarray(rounds_since_upload, dtype=np.float64) / (round_index + 1)
+    p = p + _recency(alphas, rounds_since_upload, round_index)
     return np.where(eligible, p, 0.0), eligible
 
 
