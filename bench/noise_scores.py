@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmfs.core.data.synthetic import add_noise_modalities, make_synthetic
+from fedmfs.core.data.synthetic import PRESETS, add_noise_modalities, make_synthetic
 from fedmfs.core.settings import TrainConfig
 from fedmfs.sim.compare import client_ranking
 from fedmfs.sim.config import SimConfig
@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=100, help="data and run seed (100+: tuning seeds)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--preset", default="small",
-                    help="'headroom' (noise built in, Spearman against its Shapley truth) or a preset to add noise to")
+                    help="a preset with noise built in (headroom, noisy: Spearman against its Shapley truth) or one to "
+                         "add noise to")
     ap.add_argument("--widths", type=int, nargs="+", default=[3, 16, 64, 256])
     ap.add_argument("--rules", nargs="*", default=list(RULES), help="which scoring rules (names above)")
     ap.add_argument("--split", choices=("validation", "test"), default="validation",
@@ -76,8 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
-    if args.preset == "headroom":
-        fleet = make_synthetic("headroom", args.seed)     # noise modalities built in, a per-client truth
+    if PRESETS[args.preset].noise_widths:
+        # noise modalities built in (headroom, the noisy family), a per-client truth
+        fleet = make_synthetic(args.preset, args.seed)
         meta = fleet.metadata
         noise = set(meta["noise_modalities"])
         truth: dict | list = meta["shapley_truth"]
